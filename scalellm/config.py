@@ -1,0 +1,51 @@
+"""Engine configuration: frozen, validated at construction, with a docstring per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes one engine instance."""
+
+    model: str | None = None
+    """A Hugging Face directory, a .gguf file, or None for the default model (SmolLM2-135M-Instruct)."""
+    dtype: str = "auto"
+    """"auto" is bfloat16 on CUDA and on CPUs with AVX512-BF16, float32 otherwise."""
+    device: str = "auto"
+    """"auto" picks CUDA when available, else the CPU."""
+    kv_cache_gib: float = 1.0
+    """Memory for the paged KV cache, in GiB; it fixes the number of blocks."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_model_len: int | None = None
+    """Context length cap; None uses the model's own (capped at 8192)."""
+    max_num_seqs: int = 128
+    """Most requests in one batch."""
+    max_num_batched_tokens: int = 512
+    """Token budget per step: decodes first, then prefill chunks."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes."""
+    num_threads: int | None = None
+    """torch intra-op threads; None leaves torch's default."""
+    seed: int = 0
+    """Seed for requests that bring none."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError("kv_cache_gib must be > 0")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be >= 1")

@@ -1,0 +1,54 @@
+"""The asynchronous engine interface a replica serves from."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import AsyncIterator
+
+from scalellm.protocol.types import EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput, SamplingParams
+
+
+class EngineClient(ABC):
+    """An engine driven from asyncio: the real engine (`AsyncLLM`) and the synthetic one implement it.
+
+    The replica's gRPC service only talks to this interface, so it can serve either without knowing which.
+    Implementations own tokenization, the chat template and detokenization.
+    """
+
+    model_name: str
+    """The name the model is served under (what `/v1/models` lists)."""
+    max_model_len: int
+    """Most tokens (prompt plus output) a request may hold."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the engine's step loop. Called once, inside the running event loop."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Abort everything in flight and stop the step loop."""
+
+    @abstractmethod
+    def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
+                 metrics: RequestMetrics | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and stream its outputs in delta mode.
+
+        Each yielded `RequestOutput` holds only what is new since the previous one (text, token ids,
+        logprobs per sample index); the last has `finished=True` and carries `metrics`.
+        `num_prompt_tokens` is set on every output. Raises `ValueError` (before the first output) for
+        input that cannot be served: an empty prompt, a prompt longer than the context, a chat that the
+        template rejects. Closing the iterator early (the caller cancelled) aborts the request and frees
+        its KV blocks. `metrics`, when given, carries timestamps taken before the engine saw the request.
+        """
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Abort a request if it is still in flight; its stream ends with finish_reason "abort"."""
+
+    @abstractmethod
+    def health(self) -> EngineHealth:
+        """The engine loop's real state: unhealthy when it died or has work but stopped making progress."""
+
+    @abstractmethod
+    def load(self) -> EngineLoad:
+        """Current load, for the gateway's routing."""

@@ -1,0 +1,202 @@
+"""The project's own request and output types, shared by the engine, the replica and the gateway.
+
+These are plain dataclasses: no torch, no protobuf. `replica/convert.py` is the only module that
+maps them to and from the wire format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. Validated at construction (`ValueError` on bad input)."""
+
+    n: int = 1
+    """Number of independent samples for the prompt; they share the prompt's KV blocks."""
+    temperature: float = 1.0
+    """0 means greedy (argmax); otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to at least top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 or -1 disables it."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens already seen in the prompt or output (divides positive logits, multiplies negative)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was already generated."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation; the stop string itself is not returned (unless include_stop_str_in_output)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end generation, besides EOS."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the text."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks use it to fix the output length)."""
+    max_tokens: int | None = 16
+    """Most tokens to generate per sample; None means up to the model's context length."""
+    min_tokens: int = 0
+    """EOS and stop token ids are suppressed until this many tokens were generated."""
+    logprobs: int | None = None
+    """None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives."""
+    skip_special_tokens: bool = True
+    """Leave special tokens (like <|im_end|>) out of the detokenized text."""
+
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        _check(isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1")
+        _check(_finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be -1, 0 or a positive integer")
+        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]")
+        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+               "repetition_penalty must be > 0")
+        _check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+               "presence_penalty must be in [-2, 2]")
+        _check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+               "frequency_penalty must be in [-2, 2]")
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+               "max_tokens must be an integer >= 1")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be >= 0")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int)
+                                         and 0 <= self.logprobs <= self.MAX_LOGPROBS),
+               f"logprobs must be between 0 and {self.MAX_LOGPROBS}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids must be non-negative integers")
+        if self.seed is not None:
+            _check(isinstance(self.seed, int), "seed must be an integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ChatPrompt:
+    """A chat conversation, turned into tokens by the replica's chat template."""
+
+    messages: list[dict]
+    """OpenAI-style messages: {"role": "system"|"user"|"assistant"|"tool", "content": str | [parts]}."""
+    add_generation_prompt: bool = True
+    """Append the assistant turn's opening so the model answers."""
+
+
+PromptInput = Union[str, list[int], ChatPrompt]
+"""Text (tokenized as is), token ids (used as is), or a chat conversation."""
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability under the model's raw distribution (before temperature and penalties)."""
+
+    logprob: float
+    rank: int
+    """1 for the most likely token."""
+    decoded_token: str | None = None
+
+
+@dataclass
+class RequestMetrics:
+    """Stage timestamps of one request, wall-clock seconds (time.time()); 0.0 when not reached."""
+
+    gateway_receive_time: float = 0.0
+    """When the gateway received the HTTP request (sent over the wire by the gateway)."""
+    replica_receive_time: float = 0.0
+    """When the replica received the request, before tokenization."""
+    scheduled_time: float = 0.0
+    """When the scheduler first put the request in a batch."""
+    first_token_time: float = 0.0
+    """When the first output token was sampled."""
+    last_token_time: float = 0.0
+    """When the last output token was sampled."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request. In a stream (delta mode) text, token_ids and logprobs are only the new part."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    """Per output token: the chosen token and the top alternatives, keyed by token id."""
+    finish_reason: str | None = None
+    """None while running, then "stop" (EOS, stop token or string), "length" or "abort"."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended the sample, if any."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """What the engine reports about a request: the whole result, or in a stream one step's increment."""
+
+    request_id: str
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    prompt: str | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    metrics: RequestMetrics | None = None
+    """Filled on the last output of a request."""
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """Whether the engine can serve: its step loop is alive and made progress recently when it had work."""
+
+    healthy: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """A snapshot of the engine's load, for routing."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_tokens_in_flight: int
+    """Prompt tokens still to prefill plus output tokens still to generate, over all requests."""
+    prefix_cache_queried_tokens: int = 0
+    """Cumulative prompt tokens looked up in the prefix cache."""
+    prefix_cache_hit_tokens: int = 0
+    """Cumulative prompt tokens found there."""
+    num_preemptions: int = 0
+    """Cumulative requests preempted for lack of KV blocks."""
