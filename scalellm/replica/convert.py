@@ -1,0 +1,273 @@
+"""Maps the project's own types to and from the wire format (proto/scalellm/v1/replica.proto).
+
+This is the only module that imports the generated protobuf code; the replica server and the
+gateway's replica client hold protobuf messages only as opaque values they got from here.
+
+After editing the proto, regenerate the code and commit it (tests/unit/test_proto_current.py checks
+that the committed files are current):
+
+    .venv/bin/python -m scalellm.replica.codegen
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+from scalellm.protocol.types import (
+    ChatPrompt,
+    CompletionOutput,
+    EngineHealth,
+    EngineLoad,
+    Logprob,
+    PromptInput,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+)
+from scalellm.replica.pb import replica_pb2 as pb
+
+SERVICE_NAME = "scalellm.v1.Replica"
+
+
+@dataclass(frozen=True)
+class RpcMethod:
+    """One method of the Replica service: its path and how its messages are (de)serialized."""
+
+    name: str
+    request_type: Any
+    response_type: Any
+
+    @property
+    def path(self) -> str:
+        """The method's HTTP/2 path, e.g. "/scalellm.v1.Replica/Generate"."""
+        return f"/{SERVICE_NAME}/{self.name}"
+
+    @property
+    def request_serializer(self) -> Callable[[Any], bytes]:
+        return self.request_type.SerializeToString
+
+    @property
+    def request_deserializer(self) -> Callable[[bytes], Any]:
+        return self.request_type.FromString
+
+    @property
+    def response_serializer(self) -> Callable[[Any], bytes]:
+        return self.response_type.SerializeToString
+
+    @property
+    def response_deserializer(self) -> Callable[[bytes], Any]:
+        return self.response_type.FromString
+
+    def new_request(self) -> Any:
+        """An empty request message (Health, Load and Info take no fields)."""
+        return self.request_type()
+
+
+GENERATE = RpcMethod("Generate", pb.GenerateRequest, pb.GenerateChunk)
+HEALTH = RpcMethod("Health", pb.HealthRequest, pb.HealthResponse)
+LOAD = RpcMethod("Load", pb.LoadRequest, pb.LoadResponse)
+INFO = RpcMethod("Info", pb.InfoRequest, pb.InfoResponse)
+
+_FINISH_TO_PB = {None: pb.FINISH_REASON_NONE, "stop": pb.FINISH_REASON_STOP,
+                 "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+_FINISH_FROM_PB = {value: key for key, value in _FINISH_TO_PB.items()}
+
+
+class GenerateArgs(NamedTuple):
+    """A decoded GenerateRequest: the arguments of `EngineClient.generate` plus the gateway's timestamp."""
+
+    request_id: str
+    prompt: PromptInput
+    params: SamplingParams
+    gateway_receive_time: float
+
+
+# --- GenerateRequest ---------------------------------------------------------------------------
+
+def encode_request(request_id: str, prompt: PromptInput, params: SamplingParams,
+                   gateway_receive_time: float) -> Any:
+    """Build a GenerateRequest. Raises ValueError for chat content that is not text."""
+    request = pb.GenerateRequest(request_id=request_id, params=_encode_params(params),
+                                 gateway_receive_time=gateway_receive_time)
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif isinstance(prompt, ChatPrompt):
+        messages = [pb.ChatMessage(role=m.get("role", ""), content=_content_text(m.get("content")))
+                    for m in prompt.messages]
+        request.chat.messages.extend(messages)
+        request.add_generation_prompt = prompt.add_generation_prompt
+    else:
+        request.token_ids.ids.extend(prompt)
+    return request
+
+
+def decode_request(request: Any) -> GenerateArgs:
+    """Unpack a GenerateRequest. Raises ValueError for a missing prompt or invalid sampling parameters."""
+    kind = request.WhichOneof("prompt")
+    if kind == "text":
+        prompt: PromptInput = request.text
+    elif kind == "token_ids":
+        prompt = list(request.token_ids.ids)
+    elif kind == "chat":
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        prompt = ChatPrompt(messages=messages, add_generation_prompt=request.add_generation_prompt)
+    else:
+        raise ValueError("the request has no prompt: send text, token ids or chat messages")
+    return GenerateArgs(request.request_id, prompt, _decode_params(request.params),
+                        request.gateway_receive_time)
+
+
+def _content_text(content: Any) -> str:
+    """OpenAI message content as one string: a string as is, text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type", "text") != "text":
+                raise ValueError("only text content parts are supported in chat messages")
+            texts.append(str(part.get("text", "")))
+        return "\n".join(texts)
+    raise ValueError("message content must be a string or a list of text parts")
+
+
+def _encode_params(params: SamplingParams) -> Any:
+    return pb.SamplingParameters(
+        n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        min_p=params.min_p, seed=params.seed, repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        stop=params.stop, stop_token_ids=params.stop_token_ids,
+        include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
+        max_tokens=params.max_tokens, min_tokens=params.min_tokens, logprobs=params.logprobs,
+        skip_special_tokens=params.skip_special_tokens)
+
+
+def _decode_params(p: Any) -> SamplingParams:
+    return SamplingParams(
+        n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+        seed=p.seed if p.HasField("seed") else None, repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
+        include_stop_str_in_output=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else None, min_tokens=p.min_tokens,
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        skip_special_tokens=p.skip_special_tokens)
+
+
+# --- GenerateChunk (the per-token hot path: keep it lean) ---------------------------------------
+
+def encode_output(output: RequestOutput, num_generated_tokens: int, *, first: bool) -> Any:
+    """Build the GenerateChunk for one delta RequestOutput; the prompt is only sent on the first chunk."""
+    chunk = pb.GenerateChunk(outputs=[_encode_completion(c) for c in output.outputs],
+                             finished=output.finished, num_prompt_tokens=output.num_prompt_tokens,
+                             num_generated_tokens=num_generated_tokens)
+    if output.metrics is not None:
+        m = output.metrics
+        chunk.metrics.CopyFrom(pb.RequestTimings(
+            gateway_receive_time=m.gateway_receive_time, replica_receive_time=m.replica_receive_time,
+            scheduled_time=m.scheduled_time, first_token_time=m.first_token_time,
+            last_token_time=m.last_token_time, num_cached_tokens=m.num_cached_tokens))
+    if first:
+        if output.prompt is not None:
+            chunk.prompt = output.prompt
+        if output.prompt_token_ids:
+            chunk.prompt_token_ids.extend(output.prompt_token_ids)
+    return chunk
+
+
+def _encode_completion(c: CompletionOutput) -> Any:
+    delta = pb.CompletionDelta(index=c.index, text=c.text, token_ids=c.token_ids,
+                               cumulative_logprob=c.cumulative_logprob,
+                               finish_reason=_FINISH_TO_PB[c.finish_reason])
+    if c.logprobs is not None:
+        delta.logprobs.SetInParent()
+        delta.logprobs.positions.extend(
+            pb.PositionLogprobs(entries=[
+                pb.TokenLogprob(token_id=token_id, logprob=lp.logprob, rank=lp.rank,
+                                decoded_token=lp.decoded_token)
+                for token_id, lp in position.items()])
+            for position in c.logprobs)
+    if c.stop_reason is not None:
+        if isinstance(c.stop_reason, str):
+            delta.stop_string = c.stop_reason
+        else:
+            delta.stop_token_id = c.stop_reason
+    return delta
+
+
+def decode_output(request_id: str, chunk: Any) -> RequestOutput:
+    """Unpack a GenerateChunk into a delta RequestOutput of `request_id`."""
+    metrics = None
+    if chunk.HasField("metrics"):
+        m = chunk.metrics
+        metrics = RequestMetrics(
+            gateway_receive_time=m.gateway_receive_time, replica_receive_time=m.replica_receive_time,
+            scheduled_time=m.scheduled_time, first_token_time=m.first_token_time,
+            last_token_time=m.last_token_time, num_cached_tokens=m.num_cached_tokens)
+    return RequestOutput(
+        request_id=request_id, outputs=[_decode_completion(d) for d in chunk.outputs],
+        finished=chunk.finished, prompt=chunk.prompt if chunk.HasField("prompt") else None,
+        prompt_token_ids=list(chunk.prompt_token_ids), num_prompt_tokens=chunk.num_prompt_tokens,
+        metrics=metrics)
+
+
+def _decode_completion(d: Any) -> CompletionOutput:
+    logprobs = None
+    if d.HasField("logprobs"):
+        logprobs = [{e.token_id: Logprob(logprob=e.logprob, rank=e.rank,
+                                         decoded_token=e.decoded_token if e.HasField("decoded_token")
+                                         else None)
+                     for e in position.entries}
+                    for position in d.logprobs.positions]
+    kind = d.WhichOneof("stop_reason")
+    stop_reason = d.stop_string if kind == "stop_string" else d.stop_token_id if kind else None
+    return CompletionOutput(
+        index=d.index, text=d.text, token_ids=list(d.token_ids),
+        cumulative_logprob=d.cumulative_logprob if d.HasField("cumulative_logprob") else None,
+        logprobs=logprobs, finish_reason=_FINISH_FROM_PB[d.finish_reason], stop_reason=stop_reason)
+
+
+def num_generated_tokens(chunk: Any) -> int:
+    """Output tokens generated so far over all samples, as the replica counted them."""
+    return chunk.num_generated_tokens
+
+
+# --- Health, Load, Info --------------------------------------------------------------------------
+
+def encode_health(health: EngineHealth) -> Any:
+    """HealthResponse: SERVING or NOT_SERVING with the engine's detail."""
+    status = pb.HealthResponse.SERVING if health.healthy else pb.HealthResponse.NOT_SERVING
+    return pb.HealthResponse(status=status, detail=health.detail)
+
+
+def decode_health(response: Any) -> EngineHealth:
+    """EngineHealth from a HealthResponse; anything but SERVING is unhealthy."""
+    return EngineHealth(healthy=response.status == pb.HealthResponse.SERVING, detail=response.detail)
+
+
+_LOAD_FIELDS = ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
+                "num_tokens_in_flight", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens",
+                "num_preemptions")
+
+
+def encode_load(load: EngineLoad) -> Any:
+    """LoadResponse with every EngineLoad field."""
+    return pb.LoadResponse(**{name: getattr(load, name) for name in _LOAD_FIELDS})
+
+
+def decode_load(response: Any) -> EngineLoad:
+    """EngineLoad from a LoadResponse."""
+    return EngineLoad(**{name: getattr(response, name) for name in _LOAD_FIELDS})
+
+
+def encode_info(model_name: str, max_model_len: int) -> Any:
+    """InfoResponse: what the replica serves."""
+    return pb.InfoResponse(model_name=model_name, max_model_len=max_model_len)
+
+
+def decode_info(response: Any) -> tuple[str, int]:
+    """(model_name, max_model_len) from an InfoResponse."""
+    return response.model_name, response.max_model_len
