@@ -95,11 +95,13 @@ class Scheduler:
             self._schedule_waiting(budget, output)
         return output
 
-    def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestUpdate]:
+    def update(self, scheduler_output: SchedulerOutput,
+               runner_output: ModelRunnerOutput) -> list[RequestUpdate]:
         """Append the sampled tokens, check stop conditions, and free finished requests' blocks.
 
-        Only chunks that needed a sample produce an update. Requests that were preempted or finished
-        since schedule() (aborts, stop strings) are skipped: their sampled tokens are dropped.
+        Only chunks that needed a sample produce an update; the runner must return a token for each.
+        Requests that were preempted or finished since schedule() (aborts, stop strings) are skipped:
+        their sampled tokens are dropped.
         """
         now = time.time()
         updates = []
@@ -108,8 +110,7 @@ class Scheduler:
             if not self._is_running(request) or not chunk.needs_sample:
                 continue
             token_id = runner_output.sampled_token_ids.get(request.request_id)
-            if token_id is None:
-                continue
+            assert token_id is not None, f"the runner sampled no token for {request.request_id!r}"
             updates.append(self._append_token(request, token_id, runner_output.logprobs, now))
         if any(update.finished for update in updates):
             self._running = [request for request in self._running if not request.is_finished]

@@ -11,6 +11,7 @@ and the chained hashes of the request's full blocks. For block_size 4:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from scalellm.engine.kv_cache.block_pool import ROOT_BLOCK_HASH, BlockPool, KVBlock, hash_block_tokens
@@ -19,6 +20,16 @@ from scalellm.engine.request import Request
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass
+class _RequestBlocks:
+    """What the manager holds for one admitted request."""
+
+    blocks: list[KVBlock] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    """Leading full blocks whose hash is registered (or that came from the cache)."""
 
 
 class KVCacheManager:
@@ -38,9 +49,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.block_pool = BlockPool(num_blocks)
-        self._blocks: dict[str, list[KVBlock]] = {}
+        self._requests: dict[str, _RequestBlocks] = {}
         self._block_hashes: dict[str, list[int]] = {}
-        self._num_registered_blocks: dict[str, int] = {}
+        """Hashes of each request's full blocks, memoized; tokens are only appended, so they never change."""
         self.prefix_cache_queried_tokens = 0
         """Cumulative tokens of admitted requests looked up in the prefix cache."""
         self.prefix_cache_hit_tokens = 0
@@ -60,8 +71,9 @@ class KVCacheManager:
         return 1.0 - self.num_free_blocks / self.num_total_blocks
 
     def get_block_ids(self, request: Request) -> list[int]:
-        """The request's block table: block_ids[p // block_size] holds token position p."""
-        return [block.block_id for block in self._blocks.get(request.request_id, ())]
+        """A copy of the request's block table: block_ids[p // block_size] holds token position p."""
+        held = self._requests.get(request.request_id)
+        return list(held.block_ids) if held is not None else []
 
     def get_computed_blocks(self, request: Request) -> tuple[int, list[KVBlock]]:
         """The longest chain of cached full blocks matching the request's tokens, and its token count.
@@ -90,54 +102,52 @@ class KVCacheManager:
             | computed (num_computed_tokens) | new_computed_blocks | num_new_tokens |
 
         Full blocks among the new tokens are registered in the prefix cache right away, so later
-        requests in the same step can share them.
+        requests in the same step can share them (the runner writes a step's KV before attending).
+        This assumes every scheduled chunk is run; if a step fails, its registered blocks hold no KV.
         """
         assert num_new_tokens >= 1
-        request_id = request.request_id
-        blocks = self._blocks.get(request_id, [])
+        held = self._requests.get(request.request_id)
+        assert held is None or not new_computed_blocks, "cache hits are taken only at admission"
+        num_held_blocks = len(held.blocks) if held is not None else 0
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
         assert num_total <= request.num_tokens, "scheduled past the known tokens"
-        num_new_blocks = max(0, cdiv(num_total, self.block_size) - len(blocks) - len(new_computed_blocks))
+        num_new_blocks = max(0, cdiv(num_total, self.block_size) - num_held_blocks - len(new_computed_blocks))
         num_revived = sum(1 for block in new_computed_blocks if block.ref_count == 0)
         if num_new_blocks + num_revived > self.block_pool.num_free_blocks:
             return False
-        if request_id not in self._blocks:
-            self._start_request(request, len(new_computed_blocks))
+        if held is None:
+            held = self._start_request(request, len(new_computed_blocks))
         self.block_pool.touch(new_computed_blocks)
-        blocks.extend(new_computed_blocks)
-        blocks.extend(self.block_pool.allocate(num_new_blocks))
-        self._blocks[request_id] = blocks
-        self._register_full_blocks(request, num_total // self.block_size)
+        new_blocks = [*new_computed_blocks, *self.block_pool.allocate(num_new_blocks)]
+        held.blocks.extend(new_blocks)
+        held.block_ids.extend(block.block_id for block in new_blocks)
+        self._register_full_blocks(request, held, num_total // self.block_size)
         return True
 
     def free(self, request: Request) -> None:
         """Release everything the request holds (finished, aborted or preempted). Unknown ids: no-op."""
-        request_id = request.request_id
-        blocks = self._blocks.pop(request_id, [])
-        self._block_hashes.pop(request_id, None)
-        self._num_registered_blocks.pop(request_id, None)
-        self.block_pool.free_blocks(reversed(blocks))
+        self._block_hashes.pop(request.request_id, None)
+        held = self._requests.pop(request.request_id, None)
+        if held is not None:
+            self.block_pool.free_blocks(reversed(held.blocks))
 
-    def _start_request(self, request: Request, num_hit_blocks: int) -> None:
+    def _start_request(self, request: Request, num_hit_blocks: int) -> _RequestBlocks:
         """The request is admitted: count the prefix-cache lookup it made."""
-        self._num_registered_blocks[request.request_id] = num_hit_blocks
+        held = self._requests[request.request_id] = _RequestBlocks(num_registered_blocks=num_hit_blocks)
         if self.enable_prefix_caching:
             self.prefix_cache_queried_tokens += request.num_tokens
             self.prefix_cache_hit_tokens += num_hit_blocks * self.block_size
+        return held
 
-    def _register_full_blocks(self, request: Request, num_full_blocks: int) -> None:
-        if not self.enable_prefix_caching:
-            return
-        request_id = request.request_id
-        start = self._num_registered_blocks[request_id]
-        if num_full_blocks <= start:
+    def _register_full_blocks(self, request: Request, held: _RequestBlocks, num_full_blocks: int) -> None:
+        start = held.num_registered_blocks
+        if not self.enable_prefix_caching or num_full_blocks <= start:
             return
         hashes = self._hashes_of(request, num_full_blocks)
-        blocks = self._blocks[request_id]
         for index in range(start, num_full_blocks):
-            self.block_pool.cache_block(blocks[index], hashes[index])
-        self._num_registered_blocks[request_id] = num_full_blocks
+            self.block_pool.cache_block(held.blocks[index], hashes[index])
+        held.num_registered_blocks = num_full_blocks
 
     def _hashes_of(self, request: Request, num_blocks: int) -> list[int]:
         """Hashes of the request's first num_blocks full blocks, extending the memo as needed.
