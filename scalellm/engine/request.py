@@ -47,6 +47,8 @@ class Request:
     max_tokens: int
     """Output tokens allowed, already capped by the context length."""
     eos_token_id: int | None = None
+    sample_index: int = 0
+    """Which of the parent request's n samples this is (seeded sampling offsets the seed by it)."""
     arrival_time: float = field(default_factory=time.time)
     all_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)

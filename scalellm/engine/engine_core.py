@@ -1,0 +1,69 @@
+"""The engine core: scheduler plus model runner, one step at a time. Single-threaded, synchronous."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+
+from scalellm.config import EngineConfig
+from scalellm.engine.device import resolve_device, resolve_dtype
+from scalellm.engine.loader import ModelFiles, open_model_files
+from scalellm.engine.model_runner import ModelRunner
+from scalellm.engine.request import Request, RequestStatus
+from scalellm.engine.scheduler import RequestUpdate, Scheduler
+from scalellm.protocol.types import EngineLoad
+
+MAX_CONTEXT_DEFAULT = 8192
+
+
+class EngineCore:
+    """Owns the model runner and the scheduler. `step()` reads: schedule, run, update."""
+
+    def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.files = files or open_model_files(config.model)
+        self.max_model_len = _max_model_len(config, self.files.config.max_position_embeddings)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.runner = ModelRunner(config, self.files, self.max_model_len, self.device, self.dtype)
+        # A request must fit in the KV cache alone; the scheduler rejects one that cannot.
+        self.max_model_len = min(self.max_model_len, self.runner.num_blocks * config.block_size)
+        self.scheduler = Scheduler(config, self.runner.num_blocks)
+        self.last_step_time = time.monotonic()
+
+    def add_requests(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self.scheduler.add_request(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Abort (or stop, for stop strings) requests in any state; frees their blocks."""
+        self.scheduler.finish_requests(request_ids, status)
+        self.runner.release(request_ids)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestUpdate]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        runner_output = self.runner.execute(scheduled)
+        updates = self.scheduler.update(scheduled, runner_output)
+        self.runner.release(u.request.request_id for u in updates if u.finished)
+        self.last_step_time = time.monotonic()
+        return updates
+
+    def load(self) -> EngineLoad:
+        return self.scheduler.get_load()
+
+
+def _max_model_len(config: EngineConfig, model_max: int) -> int:
+    if config.max_model_len is None:
+        return min(model_max, MAX_CONTEXT_DEFAULT)
+    if config.max_model_len > model_max:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of {model_max} tokens")
+    return config.max_model_len

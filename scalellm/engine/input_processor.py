@@ -1,0 +1,84 @@
+"""Turning user input (text, token ids, chat) into engine Requests, with the checks users need."""
+
+from __future__ import annotations
+
+import time
+
+from scalellm.engine.request import Request
+from scalellm.protocol.types import ChatPrompt, PromptInput, SamplingParams
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class InputProcessor:
+    """Tokenizes prompts and renders chat templates; raises ValueError for input that cannot be served."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_id: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id
+
+    def tokenize(self, prompt: PromptInput) -> list[int]:
+        if isinstance(prompt, ChatPrompt):
+            text = self.render_chat(prompt)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list):
+            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+            return list(prompt)
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def render_chat(self, chat: ChatPrompt) -> str:
+        messages = [_normalize_message(m, i) for i, m in enumerate(chat.messages or [])]
+        if not messages:
+            raise ValueError("messages must be a non-empty list")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use the completions API")
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=chat.add_generation_prompt)
+        except Exception as exc:  # jinja raises TemplateError and others for conversations it rejects
+            raise ValueError(f"the chat template rejected the conversation: {exc}") from None
+
+    def make_requests(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      arrival_time: float | None = None) -> list[Request]:
+        """One Request per sample (n of them); ids are request_id, or request_id#i when n > 1."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"the prompt has {num_prompt} tokens but the model's context is "
+                             f"{self.max_model_len} tokens; shorten the prompt")
+        room = self.max_model_len - num_prompt
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        arrival = arrival_time or time.time()
+        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        return [Request(request_id=child_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
+                        max_tokens=max_tokens, eos_token_id=self.eos_token_id, sample_index=i,
+                        arrival_time=arrival) for i, child_id in enumerate(ids)]
+
+
+def _normalize_message(message, index: int) -> dict:
+    if not isinstance(message, dict):
+        raise ValueError(f"messages[{index}] must be an object with role and content")
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise ValueError(f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"messages[{index}].content parts must be text parts")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if content is None and role == "assistant":
+        content = ""
+    if not isinstance(content, str):
+        raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
+    return {"role": role, "content": content}

@@ -1,0 +1,167 @@
+"""GGUF files: metadata to ModelConfig, tensors dequantized to fp32 under Hugging Face names.
+
+llama.cpp's converter stores the q and k projections of Llama-style models with the rows of each
+head interleaved for its rotary kernel; `_unpermute` restores Hugging Face's layout (rotate-half):
+
+    gguf rows of one head:  [x0 y0 x1 y1 ... ]      (pairs)
+    hf rows of one head:    [x0 x1 ... | y0 y1 ...] (halves)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from scalellm.engine.loader.base import ModelFiles
+from scalellm.engine.loader.model_config import ModelConfig, ModelLoadError
+
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+class GGUFFiles(ModelFiles):
+    """A single .gguf file holding weights, tokenizer and chat template."""
+
+    def __init__(self, path: str, name: str | None = None) -> None:
+        from gguf import GGUFReader
+
+        self.path = path
+        self.name = name or os.path.splitext(os.path.basename(path))[0]
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as exc:  # the reader raises ValueError, struct errors, IndexError on broken files
+            raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
+        self.config = self._read_config()
+
+    def _field(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def _read_config(self) -> ModelConfig:
+        arch = self._field("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+        if any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
+            raise ModelLoadError("GGUF rope frequency factors (Llama 3.1+ rope scaling) are not supported yet")
+        for t in self.reader.tensors:
+            if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
+                raise ModelLoadError(f"tensor {t.name} has unsupported GGUF type {t.tensor_type.name}")
+
+        def need(key: str):
+            value = self._field(f"{arch}.{key}")
+            if value is None:
+                raise ModelLoadError(f"GGUF metadata is missing {arch}.{key}")
+            return value
+
+        hidden = int(need("embedding_length"))
+        num_heads = int(need("attention.head_count"))
+        tokens = self._field("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ModelLoadError("GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
+        names = {t.name for t in self.reader.tensors}
+        scaling_type = self._field(f"{arch}.rope.scaling.type", "none")
+        rope_scaling = {"rope_type": "default"}
+        if scaling_type == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(self._field(f"{arch}.rope.scaling.factor"))}
+        elif scaling_type not in ("none", None):
+            raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported")
+        eos = self._field("tokenizer.ggml.eos_token_id")
+        return ModelConfig(
+            architecture=ARCHITECTURES[arch],
+            vocab_size=int(self._field(f"{arch}.vocab_size", len(tokens))),
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(self._field(f"{arch}.attention.head_count_kv", num_heads)),
+            head_dim=int(self._field(f"{arch}.attention.key_length", hidden // num_heads)),
+            rms_norm_eps=float(self._field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(self._field(f"{arch}.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(self._field(f"{arch}.context_length", 2048)),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            rope_scaling=rope_scaling,
+            bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=() if eos is None else (int(eos),),
+        )
+
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for tensor in self.reader.tensors:
+            name = _hf_name(tensor.name)
+            if name is None:
+                continue
+            weight = torch.from_numpy(_dequantize(tensor))
+            if self.config.architecture in ("llama", "mistral"):
+                if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+                    weight = _unpermute(weight, self.config.num_heads)
+                elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+                    weight = _unpermute(weight, self.config.num_kv_heads)
+            yield name, weight
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        directory, filename = os.path.split(os.path.abspath(self.path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        except Exception as exc:  # transformers raises many types for tokenizers it cannot convert
+            raise ModelLoadError(f"cannot build a tokenizer from {self.path}: {exc}") from None
+        template = self._field("tokenizer.chat_template")
+        if template and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = template
+        return tokenizer
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_PATTERN.fullmatch(gguf_name)
+    if not match or match.group(2) not in _LAYER_NAMES:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def _dequantize(tensor) -> np.ndarray:
+    from gguf import quants
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    num_elements = int(np.prod(shape))
+    if num_elements > (1 << 34):
+        raise ModelLoadError(f"tensor {tensor.name} claims {num_elements} elements: the file is broken")
+    try:
+        data = quants.dequantize(tensor.data, tensor.tensor_type)
+        return np.array(data, dtype=np.float32, copy=True).reshape(shape)
+    except (ValueError, NotImplementedError) as exc:
+        raise ModelLoadError(f"cannot dequantize tensor {tensor.name}: {exc}") from None
+
+
+def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    rows = weight.shape[0]
+    rest = weight.shape[1:]
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *rest)
+            .transpose(1, 2).reshape(weight.shape).contiguous())

@@ -1,0 +1,107 @@
+"""The architecture-level description of a model, read from config.json or GGUF metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded: unsupported architecture, missing or broken files."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The knobs of the Llama family that the model file reads."""
+
+    architecture: str
+    """One of SUPPORTED_ARCHITECTURES' values: llama, mistral, qwen2."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2)."""
+    rope_scaling: dict = field(default_factory=dict)
+    """{"rope_type": "default" | "linear" | "llama3", ...the type's parameters}."""
+    sliding_window: int | None = None
+    """Mistral's sliding attention window; None attends to the whole context."""
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})")
+        rope_type = self.rope_scaling.get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ModelLoadError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
+
+    @classmethod
+    def from_hf_dict(cls, config: dict) -> "ModelConfig":
+        """Build from a Hugging Face config.json dictionary."""
+        architectures = config.get("architectures") or []
+        known = [a for a in architectures if a in SUPPORTED_ARCHITECTURES]
+        if not known:
+            raise ModelLoadError(
+                f"unsupported architecture {architectures or config.get('model_type')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = SUPPORTED_ARCHITECTURES[known[0]]
+        try:
+            num_heads = config["num_attention_heads"]
+            hidden_size = config["hidden_size"]
+            return cls(
+                architecture=arch,
+                vocab_size=config["vocab_size"],
+                hidden_size=hidden_size,
+                intermediate_size=config["intermediate_size"],
+                num_layers=config["num_hidden_layers"],
+                num_heads=num_heads,
+                num_kv_heads=config.get("num_key_value_heads") or num_heads,
+                head_dim=config.get("head_dim") or hidden_size // num_heads,
+                rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+                rope_theta=_rope_theta(config),
+                max_position_embeddings=config.get("max_position_embeddings", 2048),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                attention_bias=arch == "qwen2" or bool(config.get("attention_bias", False)),
+                rope_scaling=_rope_scaling(config),
+                sliding_window=config.get("sliding_window") if config.get("use_sliding_window", arch == "mistral") else None,
+                bos_token_id=config.get("bos_token_id"),
+                eos_token_ids=_as_tuple(config.get("eos_token_id")),
+            )
+        except KeyError as exc:
+            raise ModelLoadError(f"config.json is missing {exc.args[0]!r}") from None
+
+
+def _rope_theta(config: dict) -> float:
+    params = config.get("rope_parameters") or {}
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(config: dict) -> dict:
+    scaling = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    scaling.pop("rope_theta", None)
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    scaling.setdefault("rope_type", "default")
+    return scaling
+
+
+def _as_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value)

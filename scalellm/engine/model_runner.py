@@ -1,0 +1,81 @@
+"""The model runner: owns the model, its KV cache and the sampler; runs one scheduled step."""
+
+from __future__ import annotations
+
+import torch
+
+from scalellm.config import EngineConfig
+from scalellm.engine.loader.base import ModelFiles
+from scalellm.engine.models import ForwardContext, model_class
+from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from scalellm.engine.sampler import Sampler, SamplingRow, make_generator
+from scalellm.engine.step_inputs import build_step_inputs
+
+
+class ModelRunner:
+    """Builds the model from `files`, allocates the paged KV cache, and executes steps."""
+
+    def __init__(self, config: EngineConfig, files: ModelFiles, max_model_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.model_config = files.config
+        self.device, self.dtype = device, dtype
+        self.block_size = config.block_size
+        with torch.device(device):
+            self.model = model_class(files.config.architecture)(files.config, max_model_len, dtype)
+        self.model.load_weights(files.iter_weights())
+        self.model.eval()
+        self.num_blocks = self._num_blocks(config.kv_cache_gib)
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.sampler = Sampler(config.seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _bytes_per_block(self) -> int:
+        c = self.model_config
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * element
+
+    def _num_blocks(self, kv_cache_gib: float) -> int:
+        num_blocks = int(kv_cache_gib * (1 << 30)) // self._bytes_per_block()
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_gib={kv_cache_gib} holds fewer than 2 KV blocks for this model")
+        return num_blocks
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.model_config
+        shape = (num_blocks * self.block_size, c.num_kv_heads, c.head_dim)  # [slots, KH, D]
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the forward pass for the scheduled chunks and sample where a chunk reaches its end."""
+        inputs = build_step_inputs(scheduled, self.block_size, self.model_config.sliding_window, self.device)
+        ctx = ForwardContext(attention=inputs.attention, kv_caches=self.kv_caches)
+        hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
+        output = ModelRunnerOutput()
+        if not inputs.sample_chunks:
+            return output
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [S, V]
+        rows = [self._sampling_row(chunk.request) for chunk in inputs.sample_chunks]
+        sampled = self.sampler(logits, rows)
+        for chunk, token_id, logprobs in zip(inputs.sample_chunks, sampled.token_ids, sampled.logprobs):
+            output.sampled_token_ids[chunk.request.request_id] = token_id
+            if logprobs is not None:
+                output.logprobs[chunk.request.request_id] = logprobs
+        return output
+
+    def _sampling_row(self, request) -> SamplingRow:
+        params = request.sampling_params
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = self._generators.get(request.request_id)
+            if generator is None:
+                generator = make_generator(params.seed + request.sample_index, self.device)
+                self._generators[request.request_id] = generator
+        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator)
+
+    def release(self, request_ids) -> None:
+        """Forget per-request state (seeded generators) of finished requests."""
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)

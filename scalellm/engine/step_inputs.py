@@ -1,0 +1,104 @@
+"""Turning a SchedulerOutput into the tensors of one forward pass.
+
+Chunks are reordered so one-token queries come first (the batched decode path), then the
+multi-token chunks. Slots of a request's context come from its block table:
+
+    position p  ->  slot = block_ids[p // block_size] * block_size + p % block_size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scalellm.engine.layers.attention import AttentionMetadata, PrefillSpan
+from scalellm.engine.outputs import ScheduledChunk, SchedulerOutput
+
+
+@dataclass
+class StepInputs:
+    token_ids: torch.Tensor
+    """[T] the step's new tokens."""
+    positions: torch.Tensor
+    """[T] their positions."""
+    attention: AttentionMetadata
+    sample_chunks: list[ScheduledChunk]
+    """Chunks that draw a token, in the order of sample_indices."""
+    sample_indices: torch.Tensor
+    """[S] index into the step's tokens of each sampling chunk's last token."""
+
+
+def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: int | None,
+                      device: torch.device) -> StepInputs:
+    decodes = [c for c in output.chunks if c.num_new_tokens == 1]
+    prefills = [c for c in output.chunks if c.num_new_tokens > 1]
+    ordered = decodes + prefills
+    token_ids: list[int] = []
+    positions: list[int] = []
+    sample_chunks, sample_indices = [], []
+    for chunk in ordered:
+        start, end = chunk.start_position, chunk.start_position + chunk.num_new_tokens
+        token_ids.extend(chunk.request.all_token_ids[start:end])
+        positions.extend(range(start, end))
+        if chunk.needs_sample:
+            sample_chunks.append(chunk)
+            sample_indices.append(len(token_ids) - 1)
+    positions_t = torch.tensor(positions, dtype=torch.long)
+    tables = _block_table(ordered, block_size)  # [N, max_blocks]
+    row_of_token = torch.repeat_interleave(
+        torch.arange(len(ordered)), torch.tensor([c.num_new_tokens for c in ordered]))
+    slot_mapping = _slots(tables[row_of_token], positions_t.unsqueeze(1), block_size).squeeze(1)
+    meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode_tokens=len(decodes))
+    if decodes:
+        meta.decode_kv_slots, meta.decode_mask = _decode_context(
+            tables[:len(decodes)], positions_t[:len(decodes)], block_size, sliding_window, device)
+    offset = len(decodes)
+    for row, chunk in enumerate(prefills, start=len(decodes)):
+        meta.prefills.append(_prefill_span(chunk, tables[row], offset, block_size, sliding_window, device))
+        offset += chunk.num_new_tokens
+    return StepInputs(
+        token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
+        positions=positions_t.to(device),
+        attention=meta,
+        sample_chunks=sample_chunks,
+        sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
+    )
+
+
+def _block_table(chunks: list[ScheduledChunk], block_size: int) -> torch.Tensor:
+    width = max(len(c.block_ids) for c in chunks)
+    return torch.tensor([c.block_ids + [0] * (width - len(c.block_ids)) for c in chunks], dtype=torch.long)
+
+
+def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """tables [N, max_blocks], positions [N, L] -> slots [N, L]."""
+    return torch.gather(tables, 1, positions // block_size) * block_size + positions % block_size
+
+
+def _decode_context(tables: torch.Tensor, positions: torch.Tensor, block_size: int,
+                    sliding_window: int | None, device: torch.device):
+    context_lens = positions + 1  # [B]
+    max_len = int(context_lens.max())
+    key_positions = torch.arange(max_len).expand(len(positions), max_len)  # [B, L]
+    valid = key_positions < context_lens.unsqueeze(1)
+    if sliding_window is not None:
+        valid &= key_positions > (positions.unsqueeze(1) - sliding_window)
+    slots = _slots(tables, torch.where(valid, key_positions, 0), block_size)
+    return slots.to(device), valid[:, None, None, :].to(device)  # [B, L], [B, 1, 1, L]
+
+
+def _prefill_span(chunk: ScheduledChunk, table: torch.Tensor, token_start: int, block_size: int,
+                  sliding_window: int | None, device: torch.device) -> PrefillSpan:
+    start, num = chunk.start_position, chunk.num_new_tokens
+    context_len = start + num
+    key_positions = torch.arange(context_len)
+    kv_slots = _slots(table.unsqueeze(0), key_positions.unsqueeze(0), block_size)[0]
+    mask = None
+    if start > 0 or sliding_window is not None:
+        query_positions = torch.arange(start, context_len).unsqueeze(1)  # [n, 1]
+        mask = key_positions.unsqueeze(0) <= query_positions  # [n, L]
+        if sliding_window is not None:
+            mask &= key_positions.unsqueeze(0) > (query_positions - sliding_window)
+        mask = mask.to(device)
+    return PrefillSpan(token_start=token_start, num_tokens=num, kv_slots=kv_slots.to(device), mask=mask)
