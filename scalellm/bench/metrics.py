@@ -1,0 +1,161 @@
+"""Pure functions from raw request measurements to the summary of one run.
+
+Names and definitions follow ``vllm bench serve`` so numbers compare directly:
+
+* ``request_throughput`` = completed / duration; ``output_throughput`` = output
+  tokens / duration; ``total_token_throughput`` = (input + output tokens) / duration.
+* TTFT per request: first content chunk. TPOT per request: (e2e - ttft) /
+  (output_tokens - 1), for requests with more than one output token.
+  ITL: every gap between consecutive content chunks, pooled over requests.
+  E2EL: the request's end-to-end latency.
+* Percentiles: linear interpolation between closest ranks (numpy's default).
+* Goodput: completed requests meeting every given SLO (ttft, tpot, e2el, in
+  seconds), per second of duration.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from scalellm.bench.client import RequestResult
+
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
+PERCENTILES = (90, 99)
+MAX_ERRORS_KEPT = 5
+SLO_NAMES = ("ttft", "tpot", "e2el")
+
+
+@dataclass(frozen=True)
+class RunWindow:
+    """What a run measured besides the requests: its duration and CPU use."""
+
+    duration_s: float
+    server_cpu_s: float | None = None
+    bench_cpu_s: float = 0.0
+    concurrency: int = 1
+    request_rate: float = math.inf
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation; 0.0 for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def request_tpot(result: RequestResult) -> float | None:
+    """Time per output token after the first, or None with fewer than two tokens."""
+    if result.output_tokens <= 1:
+        return None
+    return (result.latency - result.ttft) / (result.output_tokens - 1)
+
+
+def parse_slos(text: str | None) -> dict[str, float]:
+    """``"ttft=0.5,tpot=0.05"`` (seconds) -> {"ttft": 0.5, "tpot": 0.05}."""
+    slos: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in SLO_NAMES:
+            raise ValueError(f"--slo items look like ttft=0.5 with a name in {SLO_NAMES}, got {item!r}")
+        try:
+            slos[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--slo {name}: {value!r} is not a number of seconds") from None
+    return slos
+
+
+def meets_slos(result: RequestResult, slos: dict[str, float]) -> bool:
+    """Whether a completed request meets every SLO given."""
+    observed = {"ttft": result.ttft, "tpot": request_tpot(result) or 0.0, "e2el": result.latency}
+    return all(observed[name] <= limit for name, limit in slos.items())
+
+
+def latency_samples(results: Iterable[RequestResult]) -> dict[str, list[float]]:
+    """Per-metric samples in seconds over the successful requests."""
+    samples: dict[str, list[float]] = {name: [] for name in LATENCY_METRICS}
+    for result in results:
+        if not result.success:
+            continue
+        samples["ttft"].append(result.ttft)
+        samples["e2el"].append(result.latency)
+        samples["itl"].extend(result.itl)
+        tpot = request_tpot(result)
+        if tpot is not None:
+            samples["tpot"].append(tpot)
+    return samples
+
+
+def summarize(results: Sequence[RequestResult], window: RunWindow,
+              slos: dict[str, float] | None = None) -> dict:
+    """The summary of one run, keyed as vllm bench serve's result file (times in ms)."""
+    if window.duration_s <= 0:
+        raise ValueError("a run's duration must be positive")
+    done = [r for r in results if r.success]
+    input_tokens = sum(r.prompt_tokens for r in done)
+    output_tokens = sum(r.output_tokens for r in done)
+    summary = {
+        "duration": window.duration_s,
+        "max_concurrency": window.concurrency,
+        "request_rate": window.request_rate if math.isfinite(window.request_rate) else "inf",
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "errors": [r.error for r in results if not r.success][:MAX_ERRORS_KEPT],
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(done) / window.duration_s,
+        "output_throughput": output_tokens / window.duration_s,
+        "total_token_throughput": (input_tokens + output_tokens) / window.duration_s,
+    }
+    if slos:
+        good = sum(1 for r in done if meets_slos(r, slos))
+        summary["request_goodput"] = good / window.duration_s
+        summary["slos"] = dict(slos)
+    for name, values in latency_samples(results).items():
+        summary.update(_latency_stats(name, values))
+    summary.update(_cpu_stats(window, len(done)))
+    return summary
+
+
+def _latency_stats(name: str, values_s: list[float]) -> dict[str, float]:
+    values = [v * 1000.0 for v in values_s]
+    stats = {
+        f"mean_{name}_ms": statistics.fmean(values) if values else 0.0,
+        f"median_{name}_ms": percentile(values, 50),
+        f"std_{name}_ms": statistics.pstdev(values) if values else 0.0,
+    }
+    for q in PERCENTILES:
+        stats[f"p{q}_{name}_ms"] = percentile(values, q)
+    return stats
+
+
+def _cpu_stats(window: RunWindow, completed: int) -> dict[str, float | None]:
+    per = max(completed, 1)
+    server = window.server_cpu_s
+    return {
+        "server_cpu_seconds": server,
+        "server_cpu_ms_per_request": None if server is None else server * 1000.0 / per,
+        "bench_cpu_seconds": window.bench_cpu_s,
+        "bench_cpu_ms_per_request": window.bench_cpu_s * 1000.0 / per,
+    }
+
+
+def aggregate_repeats(summaries: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """For each numeric key: median, min and max over the repeats of one point."""
+    if not summaries:
+        return {}
+    keys = [k for k, v in summaries[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    aggregate = {}
+    for key in keys:
+        values = [s[key] for s in summaries if isinstance(s.get(key), (int, float))]
+        if values:
+            aggregate[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return aggregate

