@@ -1,0 +1,167 @@
+"""The gateway application: routes, wiring of router, health, limits and metrics, and the lifecycle.
+
+Routes:
+    POST /v1/chat/completions, POST /v1/completions   (API key when configured)
+    GET  /v1/models                                    (API key when configured)
+    GET  /health    200 when at least one replica is routable and the gateway is not draining, else 503
+    GET  /metrics   Prometheus text
+/health and /metrics never need the API key: load balancers and scrapers call them without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Callable, Sequence
+
+import orjson
+
+from scalellm.gateway.auth import ApiKeyAuth
+from scalellm.gateway.config import GatewayConfig
+from scalellm.gateway.health import HealthMonitor
+from scalellm.gateway.http import HttpConnection, Request, start_http_server
+from scalellm.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from scalellm.gateway.metrics import GatewayMetrics
+from scalellm.gateway.policies import create_policy
+from scalellm.gateway.router import Router
+from scalellm.gateway.serving import InferenceService, ModelInfo
+from scalellm.protocol.openai import OpenAIError
+
+logger = logging.getLogger("scalellm.gateway")
+
+_METHODS = {"/v1/chat/completions": b"POST", "/v1/completions": b"POST", "/v1/models": b"GET",
+            "/health": b"GET", "/metrics": b"GET"}
+
+
+def render_error(status: int, message: str) -> bytes:
+    """OpenAI's error JSON for errors raised below the application (malformed HTTP, 413)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return OpenAIError(status, message, type=kind).body()
+
+
+def default_client_factory(config: GatewayConfig) -> Callable[[str], object]:
+    """Build gRPC replica clients (imported here so tests can run with fake replicas only)."""
+    from scalellm.gateway.replica_client import ReplicaClient
+
+    return lambda address: ReplicaClient(address, connect_timeout_s=config.connect_timeout_s)
+
+
+class GatewayApp:
+    """One gateway: an HTTP server in front of the replicas. `start()`, then `shutdown()`."""
+
+    def __init__(self, config: GatewayConfig, clients: Sequence | None = None) -> None:
+        self.config = config
+        if clients is None:
+            make_client = default_client_factory(config)
+            clients = [make_client(address) for address in config.replica_addresses]
+        if not clients:
+            raise ValueError("the gateway needs at least one replica address")
+        self.metrics = GatewayMetrics()
+        policy = create_policy(config.routing_policy, load_bound=config.prefix_affinity_load_bound)
+        self.router = Router(clients, policy, self.metrics, config.breaker_failure_threshold,
+                             config.breaker_cooldown_s)
+        self.model = ModelInfo(config.served_model_name)
+        self.service = InferenceService(config, self.router, self.metrics,
+                                        ApiKeyAuth(config.api_keys, config.api_key_file), self.model)
+        self.monitor = HealthMonitor(self.router, self.metrics, config.health_interval_s,
+                                     config.health_timeout_s, on_info=self._learn_model)
+        self._server: asyncio.base_events.Server | None = None
+        self._created = int(time.time())
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when the config asked for port 0)."""
+        return self._server.sockets[0].getsockname()[1]
+
+    def _learn_model(self, name: str, max_model_len: int) -> None:
+        if self.model.name is None:
+            self.model.name = name
+        if self.model.max_model_len is None or max_model_len < self.model.max_model_len:
+            self.model.max_model_len = max_model_len
+
+    async def start(self) -> None:
+        """Listen, and start probing the replicas."""
+        self._server = await start_http_server(self.handle, self.config.host, self.config.port,
+                                               self.config.max_body_bytes, render_error)
+        self.monitor.start()
+        logger.info("gateway listening on http://%s:%d, replicas: %s", self.config.host, self.port,
+                    ", ".join(r.address for r in self.router.replicas))
+
+    async def shutdown(self) -> None:
+        """Stop admitting (503), wait for in-flight requests up to drain_timeout_s, then close everything."""
+        self.service.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self.service.gate.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.service.gate.num_in_flight:
+            logger.warning("drain timeout: %d requests still in flight", self.service.gate.num_in_flight)
+        self._server.close()
+        await self.monitor.stop()
+        for state in self.router.replicas:
+            await state.client.close()
+
+    async def handle(self, request: Request, conn: HttpConnection) -> None:
+        """Route one HTTP request."""
+        path = request.path
+        method = _METHODS.get(path)
+        if method is None:
+            return self._error(conn, OpenAIError(404, f"no route {path}; see /v1/chat/completions, "
+                                                 "/v1/completions, /v1/models", code="not_found"), "other")
+        if request.method != method:
+            error = OpenAIError(405, f"{path} accepts only {method.decode()}", code="method_not_allowed",
+                                headers=((b"allow", method),))
+            return self._error(conn, error, path)
+        if path == "/v1/chat/completions" or path == "/v1/completions":
+            await self.service.handle(request, conn, chat=path == "/v1/chat/completions")
+        elif path == "/v1/models":
+            self._models(request, conn)
+        elif path == "/health":
+            self._health(conn)
+        else:
+            conn.send_response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+
+    def _error(self, conn: HttpConnection, error: OpenAIError, route: str) -> None:
+        conn.send_response(error.status, error.body(), headers=error.headers)
+        self.metrics.count_request(route, error.status)
+
+    def _models(self, request: Request, conn: HttpConnection) -> None:
+        if self.service.auth.identify(request.headers.get(b"authorization")) is None:
+            return self._error(conn, OpenAIError(401, "missing or invalid API key", code="invalid_api_key"),
+                               "/v1/models")
+        data = []
+        if self.model.name is not None:
+            data.append({"id": self.model.name, "object": "model", "created": self._created,
+                         "owned_by": "scalellm", "max_model_len": self.model.max_model_len})
+        conn.send_response(200, orjson.dumps({"object": "list", "data": data}))
+        self.metrics.count_request("/v1/models", 200)
+
+    def _health(self, conn: HttpConnection) -> None:
+        num_healthy = sum(1 for state in self.router.replicas if state.routable)
+        ok = num_healthy > 0 and not self.service.draining
+        body = {"status": "ok" if ok else "unavailable", "healthy_replicas": num_healthy,
+                "replicas": len(self.router.replicas), "draining": self.service.draining}
+        conn.send_response(200 if ok else 503, orjson.dumps(body))
+
+
+async def serve_until_signalled(config: GatewayConfig) -> None:
+    """Run a gateway until SIGTERM or SIGINT, then drain and return."""
+    app = GatewayApp(config)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("signal received: draining for up to %g s", config.drain_timeout_s)
+    await app.shutdown()
+
+
+def run_gateway(config: GatewayConfig) -> None:
+    """Run the gateway in this process until SIGTERM/SIGINT (blocking); uses uvloop."""
+    import uvloop
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    uvloop.run(serve_until_signalled(config))

@@ -1,0 +1,65 @@
+"""Command-line flags of the gateway, mapped onto `GatewayConfig` (used by `scalellm gateway` and `serve`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from scalellm.gateway.config import GatewayConfig
+from scalellm.gateway.policies import policy_names
+
+
+def add_gateway_args(parser: argparse.ArgumentParser) -> None:
+    """Add the gateway's flags to `parser` (replica addresses are left to the caller)."""
+    defaults = GatewayConfig()
+    group = parser.add_argument_group("gateway")
+    group.add_argument("--host", default=defaults.host, help="interface to bind (default %(default)s)")
+    group.add_argument("--port", type=int, default=defaults.port, help="HTTP port (default %(default)s)")
+    group.add_argument("--served-model-name", default=None,
+                       help="model name clients must send; default: the replicas' own")
+    group.add_argument("--api-key", action="append", default=[], dest="api_keys",
+                       help="accepted API key (repeatable); /health and /metrics need none")
+    group.add_argument("--api-key-file", default=None, help="file with one API key per line")
+    group.add_argument("--routing-policy", default=defaults.routing_policy, choices=policy_names(),
+                       help="how requests are spread over replicas (default %(default)s)")
+    group.add_argument("--rate-limit-rpm", type=float, default=None, help="requests per minute per API key")
+    group.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help="most requests in flight; beyond it a fast 429 (default %(default)s)")
+    group.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                       help="largest request body (default %(default)s)")
+    group.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
+                       dest="request_timeout_s", help="seconds per request (default %(default)s)")
+    group.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
+                       dest="drain_timeout_s", help="seconds to drain on SIGTERM (default %(default)s)")
+    group.add_argument("--health-interval", type=float, default=defaults.health_interval_s,
+                       dest="health_interval_s", help="seconds between replica probes (default %(default)s)")
+    group.add_argument("--breaker-failures", type=int, default=defaults.breaker_failure_threshold,
+                       dest="breaker_failure_threshold",
+                       help="consecutive failures that take a replica out (default %(default)s)")
+    group.add_argument("--breaker-cooldown", type=float, default=defaults.breaker_cooldown_s,
+                       dest="breaker_cooldown_s",
+                       help="seconds before a failed replica is tried again (default %(default)s)")
+    group.add_argument("--no-request-log", action="store_false", dest="log_requests",
+                       help="do not write one JSON line per request")
+
+
+def gateway_config_from_args(args: argparse.Namespace, replica_addresses: list[str] | tuple[str, ...]
+                             ) -> GatewayConfig:
+    """Build the `GatewayConfig` from parsed flags; raises `ValueError` on invalid values."""
+    return GatewayConfig(
+        replica_addresses=tuple(replica_addresses),
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        api_keys=tuple(args.api_keys or ()),
+        api_key_file=args.api_key_file,
+        routing_policy=args.routing_policy,
+        rate_limit_rpm=args.rate_limit_rpm,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
+        health_interval_s=args.health_interval_s,
+        breaker_failure_threshold=args.breaker_failure_threshold,
+        breaker_cooldown_s=args.breaker_cooldown_s,
+        log_requests=args.log_requests,
+    )

@@ -1,0 +1,82 @@
+"""Gateway configuration: one frozen dataclass, validated at construction, with a docstring per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything that shapes one gateway process. The CLI maps its flags onto these fields."""
+
+    replica_addresses: tuple[str, ...] = ()
+    """HOST:PORT of each replica's gRPC server."""
+    host: str = "127.0.0.1"
+    """Interface the HTTP server binds to."""
+    port: int = 8000
+    """TCP port of the HTTP server."""
+    served_model_name: str | None = None
+    """Model name clients must send; None asks the replicas (`info()`) for theirs."""
+    api_keys: tuple[str, ...] = ()
+    """Accepted API keys (`Authorization: Bearer KEY`). Held only as sha256 digests once the app starts."""
+    api_key_file: str | None = None
+    """A file with one API key per line (blank lines and lines starting with # are skipped)."""
+    routing_policy: str = "least_load"
+    """Name of a registered routing policy: round_robin, least_load or prefix_affinity."""
+    rate_limit_rpm: float | None = None
+    """Requests per minute per API key (token bucket, burst of one minute's worth); None disables it."""
+    max_queue: int = 1024
+    """Most inference requests in flight in the gateway; beyond it requests get a fast 429."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest accepted request body; larger ones get 413 before the gateway reads them."""
+    request_timeout_s: float = 600.0
+    """Wall-clock limit of one inference request, streaming included."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT, how long in-flight requests may still run before the gateway exits."""
+    health_interval_s: float = 2.0
+    """Seconds between active health and load probes of each replica."""
+    health_timeout_s: float = 1.0
+    """Deadline of one health or load probe."""
+    connect_timeout_s: float = 2.0
+    """Deadline for connecting to a replica."""
+    breaker_failure_threshold: int = 3
+    """Consecutive failures (probes or requests) that open a replica's circuit breaker."""
+    breaker_cooldown_s: float = 5.0
+    """How long an open breaker keeps a replica out of routing before it is tried again (half-open)."""
+    prefix_affinity_chars: int = 256
+    """Leading prompt characters hashed by the prefix_affinity policy."""
+    prefix_affinity_load_bound: int = 4096
+    """prefix_affinity leaves the preferred replica when its tokens in flight exceed the least loaded's by this."""
+    log_requests: bool = True
+    """Write one JSON log line per request."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "replica_addresses", tuple(self.replica_addresses))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for address in self.replica_addresses:
+            if ":" not in address:
+                raise ValueError(f"replica address must be HOST:PORT, got {address!r}")
+        if self.rate_limit_rpm is not None and self.rate_limit_rpm <= 0:
+            raise ValueError("rate_limit_rpm must be > 0 (or None to disable rate limiting)")
+        _positive("max_queue", self.max_queue)
+        _positive("max_body_bytes", self.max_body_bytes)
+        _positive("breaker_failure_threshold", self.breaker_failure_threshold)
+        _positive("prefix_affinity_chars", self.prefix_affinity_chars)
+        for name in ("request_timeout_s", "health_interval_s", "health_timeout_s", "connect_timeout_s"):
+            _positive(name, getattr(self, name))
+        if self.drain_timeout_s < 0 or self.breaker_cooldown_s < 0 or self.prefix_affinity_load_bound < 0:
+            raise ValueError("drain_timeout_s, breaker_cooldown_s and prefix_affinity_load_bound must be >= 0")
+        if any(not key for key in self.api_keys):
+            raise ValueError("API keys must be non-empty")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when inference routes need an API key."""
+        return bool(self.api_keys or self.api_key_file)
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")

@@ -1,0 +1,153 @@
+"""Turning a replica's delta outputs into OpenAI responses: SSE events for streams, one body otherwise.
+
+The SSE hot path builds each event from bytes prepared once per request:
+
+    data: {"id":"chatcmpl-…","object":"chat.completion.chunk","created":…,"model":"…","choices":[   ← head
+      {"index":0,"delta":{"content":"<new text>"},"logprobs":null,"finish_reason":null}           ← per event
+    ]}\\n\\n                                                                                       ← tail
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from scalellm.protocol.openai import (CompletionLogprobs, ParsedRequest, chat_logprobs, check_not_aborted,
+                                      usage)
+from scalellm.protocol.types import CompletionOutput, RequestOutput
+
+DONE_EVENT = b"data: [DONE]\n\n"
+_NULL = b"null"
+_FINISH = {None: _NULL, "stop": b'"stop"', "length": b'"length"'}
+
+
+def _finish_bytes(reason: str | None) -> bytes:
+    return _FINISH.get(reason) or orjson.dumps(reason)
+
+
+class _Accounting:
+    """Token counts and per-sample logprob state shared by both renderers."""
+
+    def __init__(self, parsed: ParsedRequest) -> None:
+        self.chat = parsed.chat
+        self.top_logprobs = parsed.top_logprobs
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
+        self._completion_logprobs: dict[int, CompletionLogprobs] = {}
+
+    def logprobs_delta(self, sample: CompletionOutput):
+        """The logprobs object for the new positions of `sample` (None when not requested)."""
+        if self.top_logprobs is None or sample.logprobs is None:
+            return None
+        if self.chat:
+            return {"content": chat_logprobs(sample.token_ids, sample.logprobs, self.top_logprobs)}
+        state = self._completion_logprobs.get(sample.index)
+        if state is None:
+            state = self._completion_logprobs[sample.index] = CompletionLogprobs(self.top_logprobs)
+        return state.add(sample.token_ids, sample.logprobs)
+
+    def whole_completion_logprobs(self, index: int):
+        state = self._completion_logprobs.get(index)
+        return None if state is None else state.whole()
+
+    def count(self, output: RequestOutput) -> None:
+        check_not_aborted(output)
+        self.num_prompt_tokens = output.num_prompt_tokens or self.num_prompt_tokens
+        for sample in output.outputs:
+            self.num_output_tokens += len(sample.token_ids)
+
+
+class StreamRenderer(_Accounting):
+    """Renders SSE events for one streamed request."""
+
+    def __init__(self, parsed: ParsedRequest, request_id: str, created: int, model: str) -> None:
+        super().__init__(parsed)
+        kind = b"chat.completion.chunk" if parsed.chat else b"text_completion"
+        self._head = (b'data: {"id":"' + request_id.encode() + b'","object":"' + kind + b'","created":'
+                      + str(created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":[')
+        self._include_usage = parsed.include_usage
+        self._tail = b'],"usage":null}\n\n' if parsed.include_usage else b"]}\n\n"
+        self._num_samples = parsed.params.n
+        self._started = False
+
+    def render(self, output: RequestOutput) -> bytes:
+        """The events for one delta output (may be empty bytes)."""
+        self.count(output)
+        head, tail = self._head, self._tail
+        events = []
+        if not self._started:
+            self._started = True
+            if self.chat:
+                events = [head + b'{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,'
+                          b'"finish_reason":null}' % i + tail for i in range(self._num_samples)]
+        for sample in output.outputs:
+            if sample.text or sample.finish_reason is not None or sample.token_ids:
+                events.append(head + self._choice(sample) + tail)
+        return b"".join(events)
+
+    def _choice(self, sample: CompletionOutput) -> bytes:
+        logprobs = self.logprobs_delta(sample)
+        logprobs_bytes = _NULL if logprobs is None else orjson.dumps(logprobs)
+        if self.chat:
+            delta = b'{"content":' + orjson.dumps(sample.text) + b"}" if sample.text else b"{}"
+            return (b'{"index":%d,"delta":' % sample.index + delta + b',"logprobs":' + logprobs_bytes
+                    + b',"finish_reason":' + _finish_bytes(sample.finish_reason) + b"}")
+        return (b'{"index":%d,"text":' % sample.index + orjson.dumps(sample.text) + b',"logprobs":'
+                + logprobs_bytes + b',"finish_reason":' + _finish_bytes(sample.finish_reason) + b"}")
+
+    def finish(self) -> bytes:
+        """The usage event (when asked for) and the [DONE] terminator."""
+        if not self._include_usage:
+            return DONE_EVENT
+        return (self._head + b'],"usage":' + orjson.dumps(usage(self.num_prompt_tokens, self.num_output_tokens))
+                + b"}\n\n" + DONE_EVENT)
+
+
+def error_event(body: bytes) -> bytes:
+    """An error reported inside a stream that already started."""
+    return b"data: " + body + b"\n\n" + DONE_EVENT
+
+
+class ResponseBuilder(_Accounting):
+    """Accumulates delta outputs and renders the non-streamed response body."""
+
+    def __init__(self, parsed: ParsedRequest, request_id: str, created: int, model: str) -> None:
+        super().__init__(parsed)
+        self._request_id = request_id
+        self._created = created
+        self._model = model
+        self._texts: list[list[str]] = [[] for _ in range(parsed.params.n)]
+        self._finish_reasons: list[str | None] = [None] * parsed.params.n
+        self._chat_logprobs: list[list[dict]] = [[] for _ in range(parsed.params.n)]
+
+    def add(self, output: RequestOutput) -> None:
+        """Fold one delta output in."""
+        self.count(output)
+        for sample in output.outputs:
+            self._texts[sample.index].append(sample.text)
+            if sample.finish_reason is not None:
+                self._finish_reasons[sample.index] = sample.finish_reason
+            logprobs = self.logprobs_delta(sample)
+            if logprobs is not None and self.chat:
+                self._chat_logprobs[sample.index] += logprobs["content"]
+
+    def _choice(self, index: int) -> dict:
+        text = "".join(self._texts[index])
+        logprobs = None
+        if self.top_logprobs is not None:
+            logprobs = ({"content": self._chat_logprobs[index]} if self.chat
+                        else self.whole_completion_logprobs(index))
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs, "finish_reason": self._finish_reasons[index]}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": self._finish_reasons[index]}
+
+    def render(self) -> bytes:
+        """The whole response body."""
+        return orjson.dumps({
+            "id": self._request_id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self._created,
+            "model": self._model,
+            "choices": [self._choice(i) for i in range(len(self._texts))],
+            "usage": usage(self.num_prompt_tokens, self.num_output_tokens),
+        })

@@ -1,0 +1,265 @@
+"""The inference handlers: /v1/chat/completions and /v1/completions, streamed (SSE) and not.
+
+One path for every request:
+
+    admit (auth, draining, rate limit, in-flight cap) → parse → dispatch to a replica → first output
+      └─ ReplicaUnavailable before the first output: count the failure, try another replica
+    → stream events or build the body → release the replica's load and the admission slot (always)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from scalellm.gateway.auth import ApiKeyAuth
+from scalellm.gateway.config import GatewayConfig
+from scalellm.gateway.http import HttpConnection, Request
+from scalellm.gateway.limits import AdmissionGate, RateLimiter
+from scalellm.gateway.metrics import GatewayMetrics
+from scalellm.gateway.policies import RouteRequest
+from scalellm.gateway.rendering import ResponseBuilder, StreamRenderer, error_event
+from scalellm.gateway.replica_client import ReplicaError, ReplicaUnavailable
+from scalellm.gateway.router import Dispatch, NoReplicaAvailable, Router
+from scalellm.protocol.openai import (OpenAIError, ParsedRequest, created_now, new_request_id,
+                                      parse_chat_request, parse_completion_request)
+from scalellm.protocol.types import RequestOutput
+
+access_log = logging.getLogger("scalellm.gateway.access")
+
+
+@dataclass
+class ModelInfo:
+    """The served model's name and context length (from the config, or learned from the replicas)."""
+
+    name: str | None = None
+    max_model_len: int | None = None
+
+
+class RequestRecord:
+    """Timings and counts of one request, for metrics and the access log."""
+
+    __slots__ = ("request_id", "route", "receive_time", "routed_time", "first_send_time", "replica",
+                 "num_prompt_tokens", "num_output_tokens", "replica_metrics", "attempts")
+
+    def __init__(self, request_id: str, route: str, receive_time: float) -> None:
+        self.request_id = request_id
+        self.route = route
+        self.receive_time = receive_time
+        self.routed_time = 0.0
+        self.first_send_time = 0.0
+        self.replica = ""
+        self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
+        self.replica_metrics = None
+        self.attempts = 0
+
+
+class InferenceService:
+    """Serves the two generation routes over the router's replicas."""
+
+    def __init__(self, config: GatewayConfig, router: Router, metrics: GatewayMetrics, auth: ApiKeyAuth,
+                 model: ModelInfo) -> None:
+        self.config = config
+        self.router = router
+        self.metrics = metrics
+        self.auth = auth
+        self.model = model
+        self.gate = AdmissionGate(config.max_queue)
+        self.rate_limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
+        self.draining = False
+
+    def admit(self, request: Request) -> None:
+        """Raise `OpenAIError` unless the request may start; on success the caller owns a gate slot."""
+        identity = self.auth.identify(request.headers.get(b"authorization"))
+        if identity is None:
+            raise OpenAIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+        if self.draining:
+            raise OpenAIError(503, "the gateway is shutting down; retry on another instance",
+                              type="server_error", code="draining")
+        if self.rate_limiter is not None:
+            wait_s = self.rate_limiter.check(identity)
+            if wait_s:
+                raise OpenAIError(429, f"rate limit of {self.config.rate_limit_rpm:g} requests per minute "
+                                  f"exceeded; retry in {wait_s} s", type="rate_limit_exceeded",
+                                  code="rate_limit_exceeded", headers=((b"retry-after", str(wait_s).encode()),))
+        if not self.gate.try_enter():
+            raise OpenAIError(429, f"the gateway is at capacity ({self.gate.max_in_flight} requests in "
+                              "flight); retry shortly", type="rate_limit_exceeded", code="queue_full",
+                              headers=((b"retry-after", b"1"),))
+
+    async def handle(self, request: Request, conn: HttpConnection, chat: bool) -> int:
+        """Serve one generation request; returns the HTTP status sent."""
+        record = RequestRecord(new_request_id(chat), "/v1/chat/completions" if chat else "/v1/completions",
+                               request.receive_time)
+        try:
+            self.admit(request)
+        except OpenAIError as error:
+            return self._send_error(conn, error, record)
+        self.metrics.in_flight.inc()
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                return await self._serve(request, conn, chat, record)
+        except OpenAIError as error:
+            return self._send_error(conn, error, record)
+        except asyncio.CancelledError:
+            self._finish(record, 499, "client disconnected")
+            raise
+        except TimeoutError:
+            error = OpenAIError(504, f"the request took longer than {self.config.request_timeout_s:g} s",
+                                type="timeout", code="timeout")
+            return self._send_error(conn, error, record)
+        finally:
+            self.gate.leave()
+            self.metrics.in_flight.dec()
+
+    def _parse(self, request: Request, chat: bool) -> ParsedRequest:
+        parse = parse_chat_request if chat else parse_completion_request
+        parsed = parse(request.body, self.model.max_model_len, self.config.prefix_affinity_chars)
+        if self.model.name is not None and parsed.model is not None and parsed.model != self.model.name:
+            raise OpenAIError(404, f"the model '{parsed.model}' does not exist; this server serves "
+                              f"'{self.model.name}'", param="model", code="model_not_found")
+        return parsed
+
+    async def _serve(self, request: Request, conn: HttpConnection, chat: bool, record: RequestRecord) -> int:
+        parsed = self._parse(request, chat)
+        dispatch, stream, first = await self._start(parsed, record)
+        model = self.model.name or parsed.model or "unknown"
+        ok: bool | None = None
+        try:
+            if parsed.stream:
+                ok = await self._stream(conn, parsed, record, model, stream, first)
+            else:
+                ok = await self._collect(conn, parsed, record, model, stream, first)
+        except ReplicaError as exc:
+            ok = False
+            raise OpenAIError(exc.status_code if exc.status_code >= 400 else 502, exc.message,
+                              type="server_error") from None
+        finally:
+            await stream.aclose()
+            dispatch.finish(ok)
+        status = 200 if ok else 500
+        self._finish(record, status)
+        return status
+
+    async def _start(self, parsed: ParsedRequest, record: RequestRecord):
+        """Dispatch and wait for the first output, failing over while no byte reached the client."""
+        route = RouteRequest(parsed.affinity_key, parsed.num_prompt_tokens_estimate
+                             + parsed.params.n * (parsed.params.max_tokens or 256))
+        tried: set[int] = set()
+        while True:
+            try:
+                dispatch = self.router.dispatch(route, frozenset(tried))
+            except NoReplicaAvailable:
+                raise OpenAIError(503, "no healthy replica is available to serve the request; retry later",
+                                  type="server_error", code="no_healthy_replica") from None
+            record.routed_time = time.time()
+            record.replica = dispatch.replica.address
+            record.attempts += 1
+            stream = dispatch.replica.client.generate(record.request_id, parsed.prompt, parsed.params,
+                                                      record.receive_time, self.config.request_timeout_s)
+            try:
+                return dispatch, stream, await stream.__anext__()
+            except ReplicaUnavailable:
+                tried.add(dispatch.replica.index)
+                await self._abandon(dispatch, stream, ok=False)
+            except ReplicaError as exc:
+                await self._abandon(dispatch, stream, ok=False if exc.status_code >= 500 else None)
+                raise OpenAIError(exc.status_code, exc.message,
+                                  type="invalid_request_error" if exc.status_code < 500 else "server_error")
+            except StopAsyncIteration:
+                await self._abandon(dispatch, stream, ok=False)
+                raise OpenAIError(503, "the replica ended the request without output", type="server_error")
+            except BaseException:
+                await self._abandon(dispatch, stream, ok=None)
+                raise
+
+    @staticmethod
+    async def _abandon(dispatch: Dispatch, stream, ok: bool | None) -> None:
+        dispatch.finish(ok)
+        await stream.aclose()
+
+    async def _stream(self, conn: HttpConnection, parsed: ParsedRequest, record: RequestRecord, model: str,
+                      stream, first: RequestOutput) -> bool:
+        renderer = StreamRenderer(parsed, record.request_id, created_now(), model)
+        conn.start_stream(first_chunk=renderer.render(first))
+        record.first_send_time = time.time()
+        last = first
+        try:
+            async for output in stream:
+                conn.write(renderer.render(output))
+                last = output
+                if conn.write_paused:
+                    await conn.drain()
+        except (ReplicaError, OpenAIError) as exc:
+            error = exc if isinstance(exc, OpenAIError) else OpenAIError(exc.status_code, exc.message,
+                                                                          type="server_error")
+            conn.end_stream(error_event(error.body()))
+            self._account(record, renderer, last)
+            return False
+        conn.end_stream(renderer.finish())
+        self._account(record, renderer, last)
+        return True
+
+    async def _collect(self, conn: HttpConnection, parsed: ParsedRequest, record: RequestRecord, model: str,
+                       stream, first: RequestOutput) -> bool:
+        builder = ResponseBuilder(parsed, record.request_id, created_now(), model)
+        builder.add(first)
+        last = first
+        async for output in stream:
+            builder.add(output)
+            last = output
+        body = builder.render()
+        self._account(record, builder, last)
+        conn.send_response(200, body)
+        record.first_send_time = time.time()
+        return True
+
+    @staticmethod
+    def _account(record: RequestRecord, counts, last: RequestOutput) -> None:
+        record.num_prompt_tokens = counts.num_prompt_tokens
+        record.num_output_tokens = counts.num_output_tokens
+        record.replica_metrics = last.metrics
+
+    def _send_error(self, conn: HttpConnection, error: OpenAIError, record: RequestRecord) -> int:
+        if not conn.response_started:
+            conn.send_response(error.status, error.body(), headers=error.headers)
+        self._finish(record, error.status, error.message)
+        return error.status
+
+    def _finish(self, record: RequestRecord, status: int, error: str | None = None) -> None:
+        """Count the request in the metrics and write its access-log line."""
+        end = time.time()
+        self.metrics.count_request(record.route, status)
+        if status == 200:
+            ttft = record.first_send_time - record.receive_time if record.first_send_time else None
+            self.metrics.observe_finished(ttft, end - record.receive_time, record.num_prompt_tokens,
+                                          record.num_output_tokens)
+        if self.config.log_requests and access_log.isEnabledFor(logging.INFO):
+            access_log.info(orjson.dumps(_log_fields(record, status, end, error)).decode())
+
+
+def _ms(since: float, moment: float | None) -> float | None:
+    return round((moment - since) * 1000, 3) if moment else None
+
+
+def _log_fields(record: RequestRecord, status: int, end: float, error: str | None) -> dict:
+    start = record.receive_time
+    stages = {"routed": _ms(start, record.routed_time)}
+    metrics = record.replica_metrics
+    if metrics is not None:
+        stages.update(replica_receive=_ms(start, metrics.replica_receive_time),
+                      scheduled=_ms(start, metrics.scheduled_time),
+                      first_token=_ms(start, metrics.first_token_time),
+                      last_token=_ms(start, metrics.last_token_time))
+    stages["gateway_send"] = _ms(start, end)
+    return {"id": record.request_id, "route": record.route, "status": status, "replica": record.replica,
+            "attempts": record.attempts, "prompt_tokens": record.num_prompt_tokens,
+            "completion_tokens": record.num_output_tokens,
+            "ttft_ms": _ms(start, record.first_send_time), "e2e_ms": _ms(start, end),
+            "stages_ms": stages, "error": error}

@@ -1,0 +1,302 @@
+"""The OpenAI HTTP API: request parsing and validation, error bodies, response and stream rendering.
+
+Parsing turns a raw body into the project's own types (`PromptInput`, `SamplingParams`) or raises
+`OpenAIError` with the status and JSON OpenAI would send. Rendering is built for the streaming hot
+path: the constant head of every chunk (id, object, created, model) is serialized once per request,
+and each event splices in only the new text, logprobs and finish reason.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+
+from scalellm.protocol.types import FINISH_ABORT, ChatPrompt, Logprob, PromptInput, RequestOutput, SamplingParams
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MAX_N = 128
+MAX_TOKENS_WITHOUT_CONTEXT = 1 << 20
+"""Upper bound on max_tokens while the model's context length is unknown."""
+
+
+class OpenAIError(Exception):
+    """An error answered as OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> bytes:
+        """The JSON error body."""
+        return orjson.dumps({"error": {"message": self.message, "type": self.type,
+                                       "param": self.param, "code": self.code}})
+
+
+def _invalid(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param)
+
+
+@dataclass
+class ParsedRequest:
+    """A validated /v1/chat/completions or /v1/completions request."""
+
+    chat: bool
+    model: str | None
+    prompt: PromptInput
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    top_logprobs: int | None
+    """None: no logprobs in the response; k: the chosen token plus k alternatives per position."""
+    affinity_key: str
+    """The prompt's leading characters, for prefix-affinity routing."""
+    num_prompt_tokens_estimate: int
+
+
+def load_json_object(body: bytes) -> dict:
+    """Parse a body that must be a JSON object (invalid UTF-8 is invalid JSON)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _invalid(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _invalid("request body must be a JSON object")
+    return value
+
+
+def _get(body: dict, name: str, kinds: tuple[type, ...], default=None, what: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise _invalid(f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, "
+                       f"got {type(value).__name__}", param=name)
+    return value
+
+
+def _max_tokens(body: dict, default: int | None, max_model_len: int | None) -> int | None:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = _get(body, name, (int,), default, "an integer")
+    limit = max_model_len or MAX_TOKENS_WITHOUT_CONTEXT
+    if value is not None and not 1 <= value <= limit:
+        raise _invalid(f"'{name}' must be between 1 and {limit} (the model's context length), got {value}",
+                       param=name)
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise _invalid("'stop' must be a non-empty string or a list of them", param="stop")
+    return stop
+
+
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    number = (int, float)
+    try:
+        return SamplingParams(
+            n=_get(body, "n", (int,), 1, "an integer"),
+            temperature=_get(body, "temperature", number, 1.0, "a number"),
+            top_p=_get(body, "top_p", number, 1.0, "a number"),
+            top_k=_get(body, "top_k", (int,), 0, "an integer"),
+            min_p=_get(body, "min_p", number, 0.0, "a number"),
+            seed=_get(body, "seed", (int,), None, "an integer"),
+            repetition_penalty=_get(body, "repetition_penalty", number, 1.0, "a number"),
+            presence_penalty=_get(body, "presence_penalty", number, 0.0, "a number"),
+            frequency_penalty=_get(body, "frequency_penalty", number, 0.0, "a number"),
+            stop=_stop(body),
+            stop_token_ids=_get(body, "stop_token_ids", (list,), [], "a list of integers"),
+            include_stop_str_in_output=_get(body, "include_stop_str_in_output", (bool,), False, "a boolean"),
+            ignore_eos=_get(body, "ignore_eos", (bool,), False, "a boolean"),
+            max_tokens=max_tokens,
+            min_tokens=_get(body, "min_tokens", (int,), 0, "an integer"),
+            logprobs=logprobs,
+            skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True, "a boolean"),
+        )
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _get(body, "stream", (bool,), False, "a boolean")
+    options = _get(body, "stream_options", (dict,), {}, "an object")
+    include_usage = _get(options, "include_usage", (bool,), False, "a boolean")
+    if options and not stream:
+        raise _invalid("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    return stream, include_usage
+
+
+def _message_text(message: dict, index: int) -> str | None:
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _invalid(f"messages[{index}].content must be a string or a list of parts", param="messages")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise _invalid(f"messages[{index}].content supports only text parts "
+                           '({"type": "text", "text": "..."})', param="messages")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty list of messages", param="messages")
+    normalized = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _invalid(f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise _invalid(f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
+                           param="messages")
+        text = _message_text(message, i)
+        if text is None and role != "assistant":
+            raise _invalid(f"messages[{i}].content is required for role {role!r}", param="messages")
+        normalized.append({"role": role, "content": text or ""})
+    return normalized
+
+
+def parse_chat_request(raw: bytes, max_model_len: int | None, affinity_chars: int = 256) -> ParsedRequest:
+    """Validate a /v1/chat/completions body; raises `OpenAIError` (400) on bad input."""
+    body = load_json_object(raw)
+    messages = _chat_messages(body)
+    wants_logprobs = _get(body, "logprobs", (bool,), False, "a boolean")
+    top_logprobs = _get(body, "top_logprobs", (int,), None, "an integer")
+    if top_logprobs is not None and not wants_logprobs:
+        raise _invalid("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    logprobs = (top_logprobs or 0) if wants_logprobs else None
+    params = _sampling_params(body, _max_tokens(body, None, max_model_len), logprobs)
+    stream, include_usage = _stream_options(body)
+    add_generation_prompt = _get(body, "add_generation_prompt", (bool,), True, "a boolean")
+    text = "".join(m["content"] for m in messages)
+    return ParsedRequest(True, _get(body, "model", (str,), None, "a string"),
+                         ChatPrompt(messages, add_generation_prompt), params, stream, include_usage,
+                         logprobs, text[:affinity_chars], len(text) // 4 + 8 * len(messages))
+
+
+def _completion_prompt(body: dict) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt):
+        return prompt
+    raise _invalid("'prompt' must be a non-empty string or a list of token ids (batches of several "
+                   "prompts are not supported)", param="prompt")
+
+
+def parse_completion_request(raw: bytes, max_model_len: int | None, affinity_chars: int = 256) -> ParsedRequest:
+    """Validate a /v1/completions body; raises `OpenAIError` (400) on bad input."""
+    body = load_json_object(raw)
+    prompt = _completion_prompt(body)
+    if _get(body, "echo", (bool,), False, "a boolean"):
+        raise _invalid("'echo' is not supported", param="echo")
+    logprobs = _get(body, "logprobs", (int,), None, "an integer")
+    params = _sampling_params(body, _max_tokens(body, 16, max_model_len), logprobs)
+    stream, include_usage = _stream_options(body)
+    if isinstance(prompt, str):
+        key, estimate = prompt[:affinity_chars], len(prompt) // 4 + 1
+    else:
+        key, estimate = ",".join(map(str, prompt[:affinity_chars // 4])), len(prompt)
+    return ParsedRequest(False, _get(body, "model", (str,), None, "a string"), prompt, params,
+                         stream, include_usage, logprobs, key, estimate)
+
+
+def new_request_id(chat: bool) -> str:
+    """An OpenAI-style id: chatcmpl-… or cmpl-…."""
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def check_not_aborted(output: RequestOutput) -> None:
+    """Turn an engine-side abort into an error (the client must not see a truncated success)."""
+    for sample in output.outputs:
+        if sample.finish_reason == FINISH_ABORT:
+            raise OpenAIError(503, "the request was aborted by the server before it finished; retry it",
+                              type="server_error", code="aborted")
+
+
+def _token_text(logprob: Logprob, token_id: int) -> str:
+    return logprob.decoded_token if logprob.decoded_token is not None else f"token_id:{token_id}"
+
+
+def _top(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank <= k), key=lambda item: item[1].rank)[:k]
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], k: int) -> list[dict]:
+    """choices[].logprobs.content for chat: token, logprob, bytes and top_logprobs per position."""
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry.get(token_id) or Logprob(float("-inf"), 0)
+        token = _token_text(chosen, token_id)
+        top = [{"token": (text := _token_text(lp, t)), "logprob": lp.logprob, "bytes": list(text.encode())}
+               for t, lp in _top(entry, k)]
+        content.append({"token": token, "logprob": chosen.logprob, "bytes": list(token.encode()),
+                        "top_logprobs": top})
+    return content
+
+
+class CompletionLogprobs:
+    """The completions logprobs object (tokens, token_logprobs, top_logprobs, text_offset) of one sample."""
+
+    __slots__ = ("k", "text_offset", "tokens", "token_logprobs", "top_logprobs", "offsets")
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.text_offset = 0
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[dict[str, float]] = []
+        self.offsets: list[int] = []
+
+    def add(self, token_ids: list[int], entries: list[dict[int, Logprob]]) -> dict:
+        """Append positions and return the object for just these positions (a stream delta)."""
+        delta = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, entry in zip(token_ids, entries):
+            chosen = entry.get(token_id) or Logprob(float("-inf"), 0)
+            token = _token_text(chosen, token_id)
+            delta["tokens"].append(token)
+            delta["token_logprobs"].append(chosen.logprob)
+            delta["top_logprobs"].append({_token_text(lp, t): lp.logprob for t, lp in _top(entry, self.k)})
+            delta["text_offset"].append(self.text_offset)
+            self.text_offset += len(token)
+        self.tokens += delta["tokens"]
+        self.token_logprobs += delta["token_logprobs"]
+        self.top_logprobs += delta["top_logprobs"]
+        self.offsets += delta["text_offset"]
+        return delta
+
+    def whole(self) -> dict:
+        """The object for all positions so far."""
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top_logprobs, "text_offset": self.offsets}
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    """OpenAI's usage object."""
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def created_now() -> int:
+    """The `created` field: Unix seconds."""
+    return int(time.time())
