@@ -2,7 +2,7 @@
 
 Per step, for the rows that need it (all in float32):
 
-    raw logits ──▶ logprobs (log_softmax of the raw logits)            rows with params.logprobs
+    raw logits ──▶ logprobs: log_softmax of the raw logits (rows with params.logprobs)
         │
         ├──▶ penalties: repetition (prompt + output), frequency and presence (output)
         │
@@ -98,7 +98,8 @@ class Sampler:
         index = torch.tensor(selected, device=logits.device)
         temperature = torch.tensor([p.temperature for p in params],
                                    dtype=torch.float32, device=logits.device)[:, None]  # [N, 1]
-        scaled = logits[index] / temperature  # [N, V], a new tensor
+        source = logits if len(selected) == len(rows) else logits[index]  # [N, V]
+        scaled = source / temperature  # [N, V], a new tensor
         apply_top_k(scaled, [p.top_k for p in params])
         apply_top_p(scaled, [p.top_p for p in params])
         apply_min_p(scaled, [p.min_p for p in params])

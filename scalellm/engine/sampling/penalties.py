@@ -65,7 +65,8 @@ def _apply_frequency_presence(logits: torch.Tensor, rows: tuple[int, ...],
     logits[rows_index, ids] = values - f * count - p * (count > 0).to(dtype)
 
 
-def _padded(token_ids: tuple[list[int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(token_ids: tuple[list[int], ...],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-empty id lists as one [N, L] int64 tensor padded with each row's last id, and a
     [N, L] bool mask of the real (not padding) entries."""
     width = max(len(ids) for ids in token_ids)
