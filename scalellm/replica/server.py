@@ -63,7 +63,9 @@ class ReplicaService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except Exception as error:  # noqa: BLE001 - an engine failure must reach the gateway as a status
             logger.exception("request %s failed in the engine", args.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"engine error: {error}")
+            # Before any output the gateway may still retry on another replica: report UNAVAILABLE.
+            code = grpc.StatusCode.UNAVAILABLE if first else grpc.StatusCode.INTERNAL
+            await context.abort(code, f"engine error: {error}")
         finally:
             await _close(stream)
             if not finished:

@@ -1,0 +1,126 @@
+"""The `scalellm` command: serve | replica | gateway | bench.
+
+Each subcommand's flags come from the module that owns them, imported only when that subcommand
+runs, so `scalellm replica` never loads the gateway and `scalellm gateway` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from scalellm import env
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    from scalellm.gateway.cli_args import add_gateway_args
+    from scalellm.replica.launch import add_engine_args
+
+    add_engine_args(parser)
+    parser.add_argument("--replicas", type=int, default=1, help="replica processes (default %(default)s)")
+    parser.add_argument("--startup-timeout", type=float, default=600.0,
+                        help="seconds a replica may take to load its model (default %(default)s)")
+    add_gateway_args(parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from scalellm.gateway.cli_args import gateway_config_from_args
+    from scalellm.replica.launch import engine_argv
+    from scalellm.supervisor import Supervisor, free_ports
+
+    if args.replicas < 1:
+        raise ValueError("--replicas must be >= 1")
+    num_threads = args.num_threads or max(1, len(os.sched_getaffinity(0)) // args.replicas)
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(args.replicas)]
+    argvs = [[sys.executable, "-m", "scalellm.cli", "replica", *engine_argv(args, num_threads),
+              "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]] for address in addresses]
+    config = gateway_config_from_args(args, addresses)
+    return Supervisor(argvs, addresses, config, startup_timeout_s=args.startup_timeout).run()
+
+
+def _add_replica_args(parser: argparse.ArgumentParser) -> None:
+    from scalellm.replica.launch import add_replica_args
+
+    add_replica_args(parser)
+
+
+def _replica(args: argparse.Namespace) -> int:
+    from scalellm.replica.launch import run_replica
+
+    run_replica(args)
+    return 0
+
+
+def _add_gateway_args(parser: argparse.ArgumentParser) -> None:
+    from scalellm.gateway.cli_args import add_gateway_args
+
+    parser.add_argument("--replica", action="append", required=True, metavar="HOST:PORT",
+                        help="a replica's gRPC address (repeat for each replica)")
+    add_gateway_args(parser)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from scalellm.gateway.app import run_gateway
+    from scalellm.gateway.cli_args import gateway_config_from_args
+
+    run_gateway(gateway_config_from_args(args, args.replica))
+    return 0
+
+
+def _add_bench_args(parser: argparse.ArgumentParser) -> None:
+    from scalellm.bench.cli import add_bench_args
+
+    add_bench_args(parser)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from scalellm.bench.cli import run_bench
+
+    result = run_bench(args)
+    return result if isinstance(result, int) else 0
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {
+    "serve": ("run a gateway and N replicas on this machine", _add_serve_args, _serve),
+    "replica": ("run one replica (gRPC server over an engine)", _add_replica_args, _replica),
+    "gateway": ("run the OpenAI-compatible gateway alone", _add_gateway_args, _gateway),
+    "bench": ("benchmark a running server", _add_bench_args, _bench),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s flags are added (and only its modules imported)."""
+    parser = argparse.ArgumentParser(prog="scalellm", description="ScaleLLM: serve LLMs over an OpenAI API.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        subparser.set_defaults(run=run)
+        if name == command:
+            add_args(subparser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `scalellm` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if env.parent_pid() is not None:
+        from scalellm.supervisor import die_with_parent
+
+        die_with_parent()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        sys.exit(args.run(args))
+    except ValueError as error:
+        parser.exit(2, f"scalellm {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""`scalellm replica`: flags, building the engine (real or mock) and running the gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from scalellm.config import DTYPES, EngineConfig
+from scalellm.engine.client import EngineClient
+
+ENGINES = ("real", "mock")
+DEFAULT_PORT = 50051
+MOCK_MAX_MODEL_LEN = 4096
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that shape the engine of a replica (shared by `scalellm replica` and `scalellm serve`)."""
+    defaults = EngineConfig()
+    group = parser.add_argument_group("engine")
+    group.add_argument("model", nargs="?", default=None,
+                       help="Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    group.add_argument("--engine", choices=ENGINES, default="real",
+                       help="real: the model; mock: synthetic tokens, to measure the serving path")
+    group.add_argument("--tpot-ms", type=float, default=5.0, help="mock engine: ms per output token")
+    group.add_argument("--ttft-ms", type=float, default=0.0, help="mock engine: ms before the first token")
+    group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="weights and activations")
+    group.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib,
+                       help="memory for the KV cache (default %(default)s GiB)")
+    group.add_argument("--max-model-len", type=int, default=None, help="context length cap")
+    group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+                       help="most requests in one batch (default %(default)s)")
+    group.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                       help="token budget per engine step (default %(default)s)")
+    group.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+def engine_argv(args: argparse.Namespace, num_threads: int | None = None) -> list[str]:
+    """The `add_engine_args` flags of `args` as command-line arguments (for a replica subprocess)."""
+    argv = [args.model] if args.model else []
+    argv += ["--engine", args.engine, "--tpot-ms", str(args.tpot_ms), "--ttft-ms", str(args.ttft_ms),
+             "--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib),
+             "--max-num-seqs", str(args.max_num_seqs),
+             "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.max_model_len is not None:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    threads = num_threads if num_threads is not None else args.num_threads
+    if threads is not None:
+        argv += ["--num-threads", str(threads)]
+    return argv
+
+
+def add_replica_args(parser: argparse.ArgumentParser) -> None:
+    """All flags of `scalellm replica`."""
+    add_engine_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (default %(default)s)")
+
+
+def build_engine(args: argparse.Namespace) -> EngineClient:
+    """The engine the flags describe; the real one is imported only when asked for. ValueError on bad flags."""
+    if args.engine == "mock":
+        from scalellm.replica.mock_engine import MockEngine
+
+        return MockEngine(args.model or "mock", tpot_ms=args.tpot_ms, ttft_ms=args.ttft_ms,
+                          max_model_len=args.max_model_len or MOCK_MAX_MODEL_LEN,
+                          max_num_seqs=args.max_num_seqs)
+    from scalellm.engine.async_llm import AsyncLLM
+
+    return AsyncLLM(EngineConfig(
+        model=args.model, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads))
+
+
+def run_replica(args: argparse.Namespace) -> None:
+    """Serve one replica until SIGTERM/SIGINT (blocking), on uvloop."""
+    import uvloop
+
+    from scalellm.replica.server import serve_until_signal
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = build_engine(args)
+    uvloop.run(serve_until_signal(engine, args.host, args.port))
