@@ -9,7 +9,7 @@ Contract for servers (ScaleLLM's gateway emits it; any server may):
   header may also be sent, but a streamed header cannot know the last token).
   When both are present the body field wins.
 * What: a JSON object of wall-clock timestamps, in seconds since the Unix
-  epoch as floats (``time.time()``), each optional::
+  epoch as floats (``time.time()``), each optional (absent, null or 0 = not reported)::
 
       {"gateway_receive": ..,  # gateway has read the whole HTTP request
        "routed": ..,           # gateway chose a replica and sent the gRPC call
@@ -70,8 +70,8 @@ def request_points(result: RequestResult) -> dict[str, float]:
     points = {"client_send": result.start_wall, "client_end": result.end_wall}
     for key in TIMESTAMP_KEYS:
         value = (result.timings or {}).get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            points[key] = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            points[key] = float(value)  # 0 or absent: the stage was not reached or not reported
     return points
 
 

@@ -124,7 +124,7 @@ async def send_request(session: aiohttp.ClientSession, config: ClientConfig, bod
         async with session.post(config.url, data=body) as response:
             if response.status != 200:
                 text = (await response.text(errors="replace"))[:_MAX_ERROR_CHARS]
-                raise _ResponseError(f"HTTP {response.status}: {text}")
+                raise BadResponse(f"HTTP {response.status}: {text}")
             result.timings = _header_timings(response)
             if config.stream:
                 await _read_stream(response, result, start, config.endpoint)
@@ -139,7 +139,7 @@ async def send_request(session: aiohttp.ClientSession, config: ClientConfig, bod
     return result
 
 
-class _ResponseError(Exception):
+class BadResponse(Exception):
     """The server answered, but not with a usable OpenAI response."""
 
 
@@ -157,9 +157,9 @@ async def _read_stream(response: aiohttp.ClientResponse, result: RequestResult,
             break
         chunk = orjson.loads(payload)
         if not isinstance(chunk, dict):
-            raise _ResponseError(f"stream chunk is not a JSON object: {payload[:100]!r}")
+            raise BadResponse(f"stream chunk is not a JSON object: {payload[:100]!r}")
         if "error" in chunk:
-            raise _ResponseError(f"error in stream: {str(chunk['error'])[:_MAX_ERROR_CHARS]}")
+            raise BadResponse(f"error in stream: {str(chunk['error'])[:_MAX_ERROR_CHARS]}")
         now = time.perf_counter()
         if _chunk_text(chunk, endpoint):
             if result.num_chunks == 0:
@@ -174,9 +174,9 @@ async def _read_stream(response: aiohttp.ClientResponse, result: RequestResult,
             result.timings = chunk[TIMINGS_FIELD]
     result.latency = time.perf_counter() - start
     if not done:
-        raise _ResponseError("stream ended without data: [DONE]")
+        raise BadResponse("stream ended without data: [DONE]")
     if result.num_chunks == 0:
-        raise _ResponseError("stream carried no content")
+        raise BadResponse("stream carried no content")
     _take_usage(result, usage)
 
 
@@ -186,7 +186,7 @@ async def _read_body(response: aiohttp.ClientResponse, result: RequestResult,
     result.latency = result.ttft = time.perf_counter() - start
     data = orjson.loads(raw)
     if not isinstance(data, dict) or not data.get("choices"):
-        raise _ResponseError(f"response has no choices: {raw[:_MAX_ERROR_CHARS]!r}")
+        raise BadResponse(f"response has no choices: {raw[:_MAX_ERROR_CHARS]!r}")
     result.num_chunks = 1
     if isinstance(data.get(TIMINGS_FIELD), dict):
         result.timings = data[TIMINGS_FIELD]
@@ -206,7 +206,7 @@ def _chunk_text(chunk: dict, endpoint: str) -> str:
 
 def _take_usage(result: RequestResult, usage: dict | None) -> None:
     if not isinstance(usage, dict) or "completion_tokens" not in usage:
-        raise _ResponseError("response has no usage.completion_tokens")
+        raise BadResponse("response has no usage.completion_tokens")
     result.output_tokens = int(usage["completion_tokens"])
     result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
 
@@ -224,4 +224,6 @@ def _header_timings(response: aiohttp.ClientResponse) -> dict | None:
 
 def _describe(error: BaseException) -> str:
     text = str(error) or repr(error)
+    if isinstance(error, BadResponse):
+        return text[:_MAX_ERROR_CHARS]
     return f"{type(error).__name__}: {text}"[:_MAX_ERROR_CHARS]

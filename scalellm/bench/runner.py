@@ -63,6 +63,18 @@ class PointResult:
                 "summary": self.summary, "requests": [asdict(r) for r in self.requests]}
 
 
+def run_async(coroutine):
+    """Run a coroutine on uvloop when it is installed (a cheaper client), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    if uvloop is None or not hasattr(asyncio, "Runner"):  # asyncio.Runner is Python 3.11+
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
 def point_requests(plan: BenchPlan, concurrency: int, repeat: int) -> list[datasets.RequestSpec]:
     """Warm-up plus measured requests for one point (warm-up first)."""
     count = plan.num_warmup + plan.requests_at(concurrency)
@@ -82,8 +94,8 @@ def run_point(system: str, client: ClientConfig, plan: BenchPlan, concurrency: i
                       request_rate=plan.request_rate, num_warmup=plan.num_warmup, seed=plan.seed + repeat)
     if progress:
         progress.restart(len(measured), f"{system} C={concurrency} #{repeat + 1}")
-    results, window = asyncio.run(run_load(client, load, measured, warmup, server_pids,
-                                           progress.update if progress else None))
+    results, window = run_async(run_load(client, load, measured, warmup, server_pids,
+                                         progress.update if progress else None))
     if progress:
         progress.close()
     summary = summarize(results, window, plan.slos)
@@ -110,3 +122,10 @@ def aggregate_points(points: Sequence[PointResult]) -> list[dict]:
                      "metrics": aggregate_repeats([p.summary for p in members]),
                      "breakdown": breakdown_table(all_requests)})
     return rows
+
+
+def results_document(config: dict, systems: dict, points: Sequence[PointResult],
+                     ratios: list[dict] | None = None) -> dict:
+    """Everything a report needs, in the layout documented in report.py."""
+    return {"config": config, "systems": systems, "runs": [p.to_json() for p in points],
+            "aggregates": aggregate_points(points), "ratios": ratios or []}

@@ -1,0 +1,202 @@
+"""``scalellm bench``: measure any OpenAI endpoint, or several systems side by side.
+
+    scalellm bench --url http://127.0.0.1:8000 --concurrency 1,16,64
+    scalellm bench --compare --systems scalellm,vllm,llamacpp --repeat 3 --output benchmarks/
+
+``add_bench_args`` fills a parser (the top-level CLI mounts it as a
+subcommand); ``run_bench`` runs the parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from scalellm.bench import compare, peer_install, peers, procstat
+from scalellm.bench.client import ClientConfig, normalize_base_url
+from scalellm.bench.metrics import parse_slos
+from scalellm.bench.modelinfo import discover_model
+from scalellm.bench.progress import ProgressLine
+from scalellm.bench.report import results_table, write_report
+from scalellm.bench.runner import BenchPlan, results_document, run_plan
+
+
+def concurrency_list(text: str) -> tuple[int, ...]:
+    """argparse type: ``"1,16,64"`` -> (1, 16, 64)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,16,64, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"concurrencies must be positive integers, got {text!r}")
+    return values
+
+
+def request_rate(text: str) -> float:
+    """argparse type: a positive number of requests per second, or ``inf``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected requests per second or 'inf', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the request rate must be > 0, got {text!r}")
+    return value
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    """Add every ``scalellm bench`` option to ``parser``."""
+    target = parser.add_argument_group("target")
+    target.add_argument("--url", help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--model", help="model name to send (default: the first id of GET /v1/models)")
+    target.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    target.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    target.add_argument("--no-keepalive", action="store_true",
+                        help="open a fresh connection per request (llama.cpp's server needs it)")
+    target.add_argument("--server-pids", type=int, nargs="+", default=[], metavar="PID",
+                        help="server processes whose CPU (with all descendants) is measured from /proc")
+    target.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+
+    load = parser.add_argument_group("workload")
+    load.add_argument("--concurrency", type=concurrency_list, default=(1, 16, 64),
+                      help="requests in flight, comma-separated (default 1,16,64)")
+    load.add_argument("--requests", type=int, help="measured requests per point (default max(16, 4*C))")
+    load.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                      help="stream the responses (default) or not")
+    load.add_argument("--dataset", default="random", help="'random' (default) or a JSONL file of requests")
+    load.add_argument("--input-len", type=int, default=48, help="words per random prompt (default 48)")
+    load.add_argument("--output-len", type=int, default=64, help="max_tokens (default 64)")
+    load.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                      help="ask the server to ignore EOS so every request yields --output-len tokens")
+    load.add_argument("--request-rate", type=request_rate, default=math.inf,
+                      help="Poisson arrivals per second; inf (default) = closed loop")
+    load.add_argument("--slo", help="goodput SLOs in seconds, e.g. ttft=0.5,tpot=0.05,e2el=10")
+    load.add_argument("--repeat", type=int, help="runs per point (default 1; 3 with --compare)")
+    load.add_argument("--warmup", type=int, default=2, help="warm-up requests before each point (default 2)")
+    load.add_argument("--seed", type=int, default=0, help="seed of the random prompts and arrivals")
+    parser.add_argument("--output", type=Path, default=Path("bench-results"),
+                        help="folder for results.json, results.md and plots (default bench-results/)")
+    _add_compare_args(parser)
+
+
+def _add_compare_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compare mode")
+    group.add_argument("--compare", action="store_true", help="start and measure several systems in turn")
+    group.add_argument("--systems", default="scalellm,vllm,llamacpp",
+                       help=f"comma-separated, from {','.join(peers.SYSTEMS)} or --system-cmd names")
+    group.add_argument("--system-cmd", action="append", metavar="NAME=COMMAND",
+                       help="start command of a system, with {port} (also {gguf} {scalellm} {python}); "
+                            "overrides a built-in one or defines a new one")
+    group.add_argument("--baseline", default="scalellm", help="system the ratios are taken against")
+    group.add_argument("--peers-cache", type=Path, default=None,
+                       help="where peers are installed (default ~/.cache/scalellm/peers)")
+    group.add_argument("--gguf", type=Path, help="GGUF the peers serve (default: the default model's)")
+    group.add_argument("--build-jobs", type=int, default=1, help="parallel jobs for building llama.cpp")
+    group.add_argument("--install-peers", action="store_true",
+                       help="only install/build the --systems peers, then exit")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run ``scalellm bench``; 0 on success, 1 when the run failed, 2 for bad input."""
+    try:
+        if args.install_peers:
+            return _install_peers(args)
+        return _run_compare(args) if args.compare else _run_single(args)
+    except ValueError as error:
+        print(f"scalellm bench: error: {error}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as error:
+        print(f"scalellm bench: failed: {error}", file=sys.stderr)
+        return 1
+
+
+def build_plan(args: argparse.Namespace, default_repeat: int) -> BenchPlan:
+    if args.dataset != "random" and not Path(args.dataset).is_file():
+        raise ValueError(f"--dataset {args.dataset!r} is neither 'random' nor an existing JSONL file")
+    return BenchPlan(concurrencies=tuple(args.concurrency), num_requests=args.requests,
+                     repeats=args.repeat or default_repeat, num_warmup=args.warmup,
+                     request_rate=args.request_rate, dataset=args.dataset, input_len=args.input_len,
+                     output_len=args.output_len, seed=args.seed, slos=parse_slos(args.slo))
+
+
+def build_client(args: argparse.Namespace, base_url: str, model: str) -> ClientConfig:
+    return ClientConfig(base_url=base_url, model=model, endpoint=args.endpoint, stream=args.stream,
+                        ignore_eos=args.ignore_eos, api_key=args.api_key,
+                        keepalive=not args.no_keepalive, timeout_s=args.timeout)
+
+
+def describe_config(args: argparse.Namespace, plan: BenchPlan) -> dict:
+    """The resolved settings, recorded in results.json."""
+    mode = "closed loop" if math.isinf(plan.request_rate) else f"Poisson {plan.request_rate}/s"
+    prompts = (f"{plan.input_len} random words (seed {plan.seed})" if plan.dataset == "random"
+               else f"dataset {plan.dataset}")
+    workload = (f"{args.endpoint}, {prompts}, max_tokens {plan.output_len}, ignore_eos {args.ignore_eos}, "
+                f"temperature 0, {'streamed' if args.stream else 'not streamed'}, {mode}, "
+                f"N = {plan.num_requests or 'max(16, 4C)'} after {plan.num_warmup} warm-up, "
+                f"{plan.repeats} repeat(s)")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k != "api_key" and not callable(v)}
+    settings["request_rate"] = "inf" if math.isinf(plan.request_rate) else plan.request_rate
+    return {"workload": workload, "argv": sys.argv, **settings}
+
+
+def _run_single(args: argparse.Namespace) -> int:
+    if not args.url:
+        raise ValueError("--url is required (or use --compare to start systems)")
+    base_url = normalize_base_url(args.url)
+    plan = build_plan(args, default_repeat=1)
+    pids = procstat.check_pids(args.server_pids)
+    model = args.model or discover_model(base_url, args.api_key)
+    client = build_client(args, base_url, model)
+    points = run_plan("server", client, plan, pids, ProgressLine(0))
+    systems = {"server": {"url": base_url, "model": model, "server_pids": pids}}
+    return _finish(args, results_document(describe_config(args, plan), systems, points))
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    plan = build_plan(args, default_repeat=3)
+    custom = peers.parse_system_commands(args.system_cmd)
+    names = compare.check_systems([s.strip() for s in args.systems.split(",") if s.strip()], custom)
+    client = build_client(args, base_url="http://127.0.0.1", model=args.model or "")
+    systems, points = compare.run_compare(names, custom, _peer_options(args), client, plan,
+                                          args.output, ProgressLine(0))
+    document = results_document(describe_config(args, plan), systems, points)
+    document["ratios"] = compare.compute_ratios(document["aggregates"], args.baseline)
+    return _finish(args, document)
+
+
+def _install_peers(args: argparse.Namespace) -> int:
+    options = _peer_options(args)
+    custom = peers.parse_system_commands(args.system_cmd)
+    for name in compare.check_systems([s.strip() for s in args.systems.split(",") if s.strip()], custom):
+        spec = peers.prepare_system(name, options, custom)
+        print(f"{name}: {spec.command}")
+    return 0
+
+
+def _peer_options(args: argparse.Namespace) -> peers.PeerOptions:
+    if args.build_jobs < 1:
+        raise ValueError(f"--build-jobs must be >= 1, got {args.build_jobs}")
+    gguf = args.gguf or peer_install.default_gguf_path()
+    if not gguf.is_file():
+        raise ValueError(f"--gguf {gguf} is not a file")
+    return peers.PeerOptions(cache_dir=args.peers_cache or peer_install.default_cache_dir(),
+                             gguf=gguf.resolve(), build_jobs=args.build_jobs)
+
+
+def _finish(args: argparse.Namespace, document: dict) -> int:
+    files = write_report(args.output, document)
+    print(results_table(document["aggregates"]))
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    failed = sum(run["summary"]["failed"] for run in document["runs"])
+    missing = [name for name, info in document["systems"].items() if "error" in info]
+    if missing:
+        print(f"systems not measured: {', '.join(missing)} (see results.json)", file=sys.stderr)
+    return 1 if (failed or missing or not document["runs"]) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scalellm bench", description=__doc__.split("\n\n")[0])
+    add_bench_args(parser)
+    return run_bench(parser.parse_args(argv))

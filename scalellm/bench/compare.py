@@ -1,0 +1,90 @@
+"""Compare mode: start each system in turn, run the same plan on it, report side by side.
+
+For every system: install it if needed, start it on a free port (log under
+OUTPUT/logs/NAME.log), wait until its readiness path answers, learn its model
+name from /v1/models, run every (concurrency, repeat) point with its process
+tree's CPU measured from /proc, and stop it. A system that cannot be installed
+or started is recorded with its error and the others still run. Ratios compare
+the baseline (``scalellm`` by default) with every other system, point by point.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from scalellm.bench.client import ClientConfig
+from scalellm.bench.modelinfo import discover_model
+from scalellm.bench.peers import SYSTEMS, LaunchSpec, PeerOptions, RunningSystem, prepare_system
+from scalellm.bench.progress import ProgressLine
+from scalellm.bench.runner import BenchPlan, PointResult, run_plan
+
+RATIO_KEYS = ("output_throughput", "median_ttft_ms", "median_e2el_ms", "server_cpu_ms_per_request")
+
+
+def check_systems(names: Sequence[str], custom: dict[str, str]) -> list[str]:
+    """Validate the system names up front (ValueError for an unknown one)."""
+    if not names:
+        raise ValueError("--systems needs at least one system")
+    unknown = [n for n in names if n not in SYSTEMS and n not in custom]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}: use {', '.join(SYSTEMS)} or define one "
+                         "with --system-cmd NAME='COMMAND --port {port}'")
+    return list(names)
+
+
+def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig, plan: BenchPlan,
+                   output_dir: Path, progress: ProgressLine | None) -> tuple[dict, list[PointResult]]:
+    """Start one prepared system, measure the plan on it, stop it."""
+    info: dict = {"command": spec.command, "env": spec.env, "keepalive": spec.keepalive and client.keepalive}
+    log_path = output_dir / "logs" / f"{spec.name}.log"
+    with RunningSystem(spec, options.gguf, log_path) as running:
+        info.update(argv=running.argv, log=str(log_path))
+        print(f"[compare] starting {spec.name}: {' '.join(running.argv)}", file=sys.stderr, flush=True)
+        running.wait_ready()
+        model = client.model or discover_model(running.base_url, client.api_key)
+        info["model"] = model
+        system_client = replace(client, base_url=running.base_url, model=model,
+                                keepalive=spec.keepalive and client.keepalive)
+        points = run_plan(spec.name, system_client, plan, [running.process.pid], progress)
+    return info, points
+
+
+def run_compare(names: Sequence[str], custom: dict[str, str], options: PeerOptions, client: ClientConfig,
+                plan: BenchPlan, output_dir: Path,
+                progress: ProgressLine | None = None) -> tuple[dict, list[PointResult]]:
+    """Measure every system; return per-system info and all points."""
+    systems: dict[str, dict] = {}
+    points: list[PointResult] = []
+    for name in check_systems(names, custom):
+        try:
+            spec = prepare_system(name, options, custom)
+            systems[name], measured = measure_system(spec, options, client, plan, output_dir, progress)
+            points += measured
+        except (RuntimeError, OSError) as error:
+            print(f"[compare] {name} skipped: {error}", file=sys.stderr, flush=True)
+            systems[name] = {"error": str(error)}
+    return systems, points
+
+
+def compute_ratios(aggregates: Sequence[dict], baseline: str) -> list[dict]:
+    """baseline / peer of each RATIO_KEYS median, for every concurrency both measured."""
+    by_point = {(row["system"], row["concurrency"]): row["metrics"] for row in aggregates}
+    ratios = []
+    for (system, concurrency), metrics in by_point.items():
+        base = by_point.get((baseline, concurrency))
+        if system == baseline or base is None:
+            continue
+        row: dict = {"baseline": baseline, "peer": system, "concurrency": concurrency}
+        for key in RATIO_KEYS:
+            row[key] = _ratio(base.get(key), metrics.get(key))
+        ratios.append(row)
+    return ratios
+
+
+def _ratio(base: dict | None, peer: dict | None) -> float | None:
+    if not base or not peer or not peer["median"]:
+        return None
+    return base["median"] / peer["median"]

@@ -1,0 +1,25 @@
+"""Ask an OpenAI server which model it serves (GET /v1/models)."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import orjson
+
+
+def discover_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    """The first model id listed at ``base_url``/v1/models; RuntimeError if there is none."""
+    request = urllib.request.Request(base_url + "/v1/models")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            listing = orjson.loads(response.read())
+    except (urllib.error.URLError, OSError, orjson.JSONDecodeError) as error:
+        raise RuntimeError(f"could not list models at {base_url}/v1/models ({error}); "
+                           "is the server up? pass --model to skip this") from None
+    models = listing.get("data") if isinstance(listing, dict) else None
+    if not models or not isinstance(models[0], dict) or "id" not in models[0]:
+        raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model")
+    return str(models[0]["id"])

@@ -1,0 +1,262 @@
+"""The benchmark against an in-process fake OpenAI server with known delays.
+
+The fake streams NUM_TOKENS content chunks: the first TTFT_S after the request
+arrives, then one every ITL_S (scheduled on absolute times, so no drift), then
+a usage chunk and [DONE]. The model name picks a behaviour (ok, bad-json,
+http-500, drop, no-usage, fast). It records how many requests were in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+
+import orjson
+import pytest
+from aiohttp import web
+
+from scalellm.bench.cli import main as bench_main
+from scalellm.bench.client import ClientConfig, build_body
+from scalellm.bench.datasets import random_requests
+from scalellm.bench.loadgen import LoadConfig, poisson_offsets, run_load
+from scalellm.bench.metrics import summarize
+from scalellm.bench.runner import BenchPlan, run_plan
+
+TTFT_S = 0.050
+ITL_S = 0.010
+NUM_TOKENS = 8
+PROMPT_TOKENS = 20
+E2E_S = TTFT_S + (NUM_TOKENS - 1) * ITL_S
+TOLERANCE_S = 0.006  # a few ms: scheduling jitter on a shared 2-core machine
+
+
+class FakeOpenAI:
+    """An aiohttp server on its own thread and loop; ``url`` is its base URL."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.num_requests = 0
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def reset(self) -> None:
+        self.in_flight = self.max_in_flight = self.num_requests = 0
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/v1/completions", self._handle)
+        app.router.add_get("/v1/models", self._models)
+        self.runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self._ready.set()
+        self.loop.run_forever()
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "ok", "object": "model"}]})
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrival, arrival_wall = time.perf_counter(), time.time()
+        body = await request.json()
+        self.num_requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if body["model"] == "http-500":
+                return web.json_response({"error": {"message": "boom"}}, status=500)
+            if not body.get("stream"):
+                await _sleep_until(arrival + E2E_S)
+                return web.json_response(_full_body(body))
+            return await self._stream(request, body, arrival, arrival_wall)
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, request: web.Request, body: dict, arrival: float,
+                      arrival_wall: float) -> web.StreamResponse:
+        mode = body["model"]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        num_tokens = 1 if mode == "fast" else NUM_TOKENS
+        ttft = 0.0 if mode == "fast" else TTFT_S
+        for index in range(num_tokens):
+            await _sleep_until(arrival + ttft + index * ITL_S)
+            if mode == "bad-json" and index == 2:
+                await response.write(b"data: {not json\n\n")
+            if mode == "drop" and index == 3:
+                request.transport.abort()
+                return response
+            await response.write(_sse({"choices": [{"index": 0, "delta": {"content": f" w{index}"}}]}))
+        if mode != "no-usage":
+            usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": num_tokens,
+                     "total_tokens": PROMPT_TOKENS + num_tokens}
+            await response.write(_sse({"choices": [], "usage": usage,
+                                       "scalellm_timings": _timings(arrival_wall, ttft, num_tokens)}))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+async def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _sse(chunk: dict) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _full_body(body: dict) -> dict:
+    message = {"role": "assistant", "content": " w" * NUM_TOKENS}
+    usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": NUM_TOKENS}
+    if body["model"] == "no-usage":
+        return {"choices": [{"index": 0, "message": message}]}
+    return {"choices": [{"index": 0, "message": message}], "usage": usage}
+
+
+def _timings(arrival_wall: float, ttft: float, num_tokens: int) -> dict:
+    """Stage timestamps as a gateway would report them (routing 1 ms, transport 2 ms, ...)."""
+    return {"gateway_receive": arrival_wall, "routed": arrival_wall + 0.001,
+            "replica_receive": arrival_wall + 0.003, "scheduled": arrival_wall + 0.010,
+            "first_token": arrival_wall + ttft, "last_token": arrival_wall + ttft + (num_tokens - 1) * ITL_S,
+            "gateway_send": arrival_wall + ttft + (num_tokens - 1) * ITL_S + 0.001}
+
+
+@pytest.fixture(scope="module")
+def server():
+    fake = FakeOpenAI()
+    yield fake
+    fake.stop()
+
+
+def measure(server: FakeOpenAI, model: str = "ok", concurrency: int = 1, num_requests: int = 8,
+            stream: bool = True, rate: float = math.inf, slos: dict | None = None):
+    server.reset()
+    client = ClientConfig(base_url=server.url, model=model, stream=stream)
+    bodies = [build_body(spec, client) for spec in random_requests(num_requests, 8, NUM_TOKENS)]
+    load = LoadConfig(concurrency=concurrency, num_requests=num_requests, request_rate=rate, num_warmup=0)
+    results, window = asyncio.run(run_load(client, load, bodies))
+    return results, summarize(results, window, slos)
+
+
+def test_streamed_latencies_match_the_server(server):
+    results, summary = measure(server, num_requests=8)
+    assert summary["completed"] == 8 and summary["failed"] == 0
+    assert summary["median_ttft_ms"] == pytest.approx(TTFT_S * 1000, abs=TOLERANCE_S * 1000)
+    assert summary["median_tpot_ms"] == pytest.approx(ITL_S * 1000, abs=2.0)
+    assert summary["mean_itl_ms"] == pytest.approx(ITL_S * 1000, abs=2.0)
+    assert summary["median_e2el_ms"] == pytest.approx(E2E_S * 1000, abs=TOLERANCE_S * 1000)
+    assert all(len(r.itl) == NUM_TOKENS - 1 and r.output_tokens == NUM_TOKENS for r in results)
+    assert summary["total_output_tokens"] == 8 * NUM_TOKENS
+    assert summary["total_input_tokens"] == 8 * PROMPT_TOKENS
+    expected_rate = 1.0 / E2E_S
+    assert summary["request_throughput"] == pytest.approx(expected_rate, rel=0.08)
+    assert summary["output_throughput"] == pytest.approx(expected_rate * NUM_TOKENS, rel=0.08)
+    assert summary["total_token_throughput"] == pytest.approx(
+        expected_rate * (NUM_TOKENS + PROMPT_TOKENS), rel=0.08)
+
+
+def test_not_streamed_ttft_is_e2e(server):
+    results, summary = measure(server, num_requests=6, stream=False)
+    assert summary["completed"] == 6
+    assert summary["median_e2el_ms"] == pytest.approx(E2E_S * 1000, abs=TOLERANCE_S * 1000)
+    assert all(r.ttft == r.latency and r.output_tokens == NUM_TOKENS for r in results)
+    assert summary["mean_itl_ms"] == 0.0
+
+
+def test_goodput_against_slos(server):
+    _, met = measure(server, num_requests=6, slos={"ttft": 0.2, "tpot": 0.05})
+    assert met["request_goodput"] == pytest.approx(met["request_throughput"])
+    _, missed_ttft = measure(server, num_requests=4, slos={"ttft": 0.02})
+    assert missed_ttft["request_goodput"] == 0.0
+    _, missed_tpot = measure(server, num_requests=4, slos={"tpot": 0.005})
+    assert missed_tpot["request_goodput"] == 0.0
+
+
+@pytest.mark.parametrize("model, stream, message", [
+    ("bad-json", True, "JSONDecodeError"),
+    ("http-500", True, "HTTP 500"),
+    ("drop", True, ""),
+    ("no-usage", True, "no usage"),
+    ("no-usage", False, "no usage"),
+])
+def test_malformed_answers_are_failures(server, model, stream, message):
+    results, summary = measure(server, model=model, num_requests=3, stream=stream)
+    assert summary["completed"] == 0 and summary["failed"] == 3
+    assert all(r.error for r in results)
+    assert message in summary["errors"][0]
+
+
+def test_closed_loop_keeps_exactly_c_in_flight(server):
+    _, summary = measure(server, concurrency=4, num_requests=16)
+    assert summary["completed"] == 16
+    assert server.max_in_flight == 4
+    assert summary["request_throughput"] == pytest.approx(4 / E2E_S, rel=0.2)
+
+
+def test_poisson_open_loop_follows_its_seeded_schedule(server):
+    rate, num_requests = 40.0, 60
+    results, summary = measure(server, model="fast", concurrency=64, num_requests=num_requests, rate=rate)
+    assert summary["completed"] == num_requests
+    offsets = poisson_offsets(num_requests, rate, seed=0)
+    assert (num_requests - 1) / offsets[-1] == pytest.approx(rate, rel=0.2)  # the seeded draw itself
+    starts = [r.start_wall - results[0].start_wall for r in results]
+    lateness = sorted(abs(s - o) for s, o in zip(starts, offsets))
+    assert lateness[len(lateness) // 2] < 0.005  # median; a loaded machine may delay a few sends
+    measured_rate = (num_requests - 1) / (starts[-1] - starts[0])
+    assert measured_rate == pytest.approx((num_requests - 1) / offsets[-1], rel=0.05)
+
+
+def test_breakdown_from_reported_timings(server):
+    server.reset()
+    client = ClientConfig(base_url=server.url, model="ok")
+    plan = BenchPlan(concurrencies=(2,), num_requests=4, num_warmup=1)
+    [point] = run_plan("fake", client, plan)
+    stages = {row["stage"]: row for row in point.summary["breakdown"]}
+    assert stages["gateway in"]["median_ms"] == pytest.approx(1.0, abs=0.01)
+    assert stages["prefill"]["median_ms"] == pytest.approx((TTFT_S - 0.010) * 1000, abs=0.01)
+    assert stages["decode"]["median_ms"] == pytest.approx((NUM_TOKENS - 1) * ITL_S * 1000, abs=0.01)
+    assert 0 <= stages["after last token"]["median_ms"] < TOLERANCE_S * 1000
+    assert stages["client -> gateway"]["count"] == 4
+
+
+def test_cli_writes_json_markdown_and_plots(server, tmp_path):
+    server.reset()
+    rc = bench_main(["--url", server.url + "/v1", "--concurrency", "1,2", "--requests", "4",
+                     "--warmup", "1", "--repeat", "2", "--output", str(tmp_path), "--slo", "ttft=1"])
+    assert rc == 0
+    document = orjson.loads((tmp_path / "results.json").read_bytes())
+    assert len(document["runs"]) == 4 and len(document["aggregates"]) == 2
+    summary = document["runs"][0]["summary"]
+    for key in ("request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms",
+                "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+                "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms",
+                "median_e2el_ms", "p99_e2el_ms", "completed", "failed", "duration", "request_goodput",
+                "bench_cpu_ms_per_request"):
+        assert key in summary, key
+    assert len(document["runs"][0]["requests"]) == 4
+    assert set(document["aggregates"][0]["metrics"]["output_throughput"]) == {"median", "min", "max"}
+    assert "| server | 2 |" in (tmp_path / "results.md").read_text()
+    for name in ("throughput.png", "latency.png", "ttft_cdf.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_cli_reports_user_errors(server, tmp_path, capsys):
+    assert bench_main(["--output", str(tmp_path)]) == 2
+    assert "--url is required" in capsys.readouterr().err
+    assert bench_main(["--url", server.url, "--slo", "speed=3", "--output", str(tmp_path)]) == 2
+    assert bench_main(["--url", server.url, "--server-pids", "999999999", "--output", str(tmp_path)]) == 2
