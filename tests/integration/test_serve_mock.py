@@ -1,0 +1,150 @@
+"""`scalellm serve --engine mock` as a real process tree, called with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import psutil
+import pytest
+
+from scalellm.gateway.replica_client import ReplicaClient, ReplicaError
+from scalellm.protocol.types import SamplingParams
+from scalellm.supervisor import free_ports
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def start_serve(*extra: str) -> tuple[subprocess.Popen, int, str]:
+    """Start `scalellm serve` and wait for its banner; returns the process, its port and the banner."""
+    port = free_ports(1)[0]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scalellm.cli", "serve", "--engine", "mock", "--tpot-ms", "1",
+         "--port", str(port), "--drain-timeout", "2", "--health-interval", "0.5", "--no-request-log", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    banner = process.stdout.readline()
+    if "ScaleLLM serving" not in banner:
+        process.kill()
+        raise AssertionError(f"serve did not start (exit code {process.wait()}): {banner!r}")
+    return process, port, banner
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def replicas_of(process: subprocess.Popen) -> dict[str, psutil.Process]:
+    """The live replica children by port."""
+    found = {}
+    for child in psutil.Process(process.pid).children():
+        cmdline = child.cmdline()
+        if "replica" in cmdline and child.status() != psutil.STATUS_ZOMBIE:
+            found[cmdline[cmdline.index("--port") + 1]] = child
+    return found
+
+
+@pytest.fixture(scope="module")
+def serve():
+    process, port, banner = start_serve("--replicas", "2", "--routing-policy", "round_robin")
+    yield process, port, banner
+    stop(process)
+
+
+def openai_client(port: int) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=20)
+
+
+def test_banner(serve):
+    _, port, banner = serve
+    assert banner.strip() == f"ScaleLLM serving mock at http://127.0.0.1:{port} (2 replicas)"
+
+
+def test_chat(serve):
+    _, port, _ = serve
+    response = openai_client(port).chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "hello there"}], max_tokens=4)
+    assert response.choices[0].message.content == "tok0 tok1 tok2 tok3"
+    assert response.choices[0].finish_reason == "length"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (2, 4)
+
+
+def test_chat_streamed(serve):
+    _, port, _ = serve
+    stream = openai_client(port).chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "tok0 tok1 tok2 tok3 tok4"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_bad_request_is_a_400(serve):
+    _, port, _ = serve
+    with pytest.raises(openai.BadRequestError):
+        openai_client(port).completions.create(model="mock", prompt="", max_tokens=2)
+
+
+async def _generate_once(address: str) -> str:
+    client = ReplicaClient(address)
+    try:
+        outputs = [o async for o in client.generate("direct", "x", SamplingParams(max_tokens=2), time.time())]
+        return "".join(c.text for o in outputs for c in o.outputs)
+    finally:
+        await client.close()
+
+
+def test_killed_replica_is_restarted_and_serves(serve):
+    process, port, _ = serve
+    before = replicas_of(process)
+    killed_port, victim = sorted(before.items())[0]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    deadline = time.monotonic() + 30
+    while True:
+        replica = replicas_of(process).get(killed_port)
+        if replica is not None and replica.pid != victim.pid:
+            try:
+                assert asyncio.run(_generate_once(f"127.0.0.1:{killed_port}")) == "tok0 tok1"
+                break
+            except ReplicaError:
+                pass
+        assert time.monotonic() < deadline, "the killed replica was not restarted"
+        time.sleep(0.2)
+    client = openai_client(port)
+    for _ in range(4):  # round robin: both replicas serve through the gateway
+        response = client.completions.create(model="mock", prompt="a b", max_tokens=2)
+        assert response.choices[0].text == "tok0 tok1"
+
+
+def test_sigterm_stops_everything(serve):
+    process, _, _ = serve
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    assert len(descendants) >= 3
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    gone, alive = psutil.wait_procs(descendants, timeout=5)
+    assert not alive, f"orphans left: {alive}"
+
+
+def test_children_die_with_a_killed_supervisor():
+    process, _, _ = start_serve("--replicas", "1")
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        gone, alive = psutil.wait_procs(descendants, timeout=15)
+        assert not alive, f"orphans left: {alive}"
+    finally:
+        for child in descendants:
+            if child.is_running():
+                child.kill()
