@@ -1,0 +1,53 @@
+"""Randomly initialised tiny models of each supported architecture, made with transformers' own classes."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+VOCAB_SIZE = 49152  # the default model's tokenizer, so every tiny model can share it
+
+COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2)
+
+VARIANTS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False, num_key_value_heads=1,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64, "rope_theta": 500000.0})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+}
+
+
+def make_tiny_model(kind: str, out_dir: str, tokenizer_dir: str, seed: int = 0):
+    """Save a random model of `kind` plus the shared tokenizer to out_dir; returns the transformers model."""
+    import transformers
+
+    config_name, model_name, extra = VARIANTS[kind]
+    config = getattr(transformers, config_name)(**{**COMMON, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # larger weights than the default init give peaked, tie-free distributions
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.08)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        try:
+            shutil.copy(f"{tokenizer_dir}/{name}", out_dir)
+        except FileNotFoundError:
+            pass
+    return model
+
+
+def hf_greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy continuation, exactly num_tokens long."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=num_tokens, min_new_tokens=num_tokens,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
