@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Callable
 
@@ -29,11 +28,11 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from scalellm.gateway.cli_args import gateway_config_from_args
     from scalellm.replica.launch import engine_argv
-    from scalellm.supervisor import Supervisor, free_ports
+    from scalellm.supervisor import Supervisor, free_ports, threads_per_replica
 
     if args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
-    num_threads = args.num_threads or max(1, len(os.sched_getaffinity(0)) // args.replicas)
+    num_threads = args.num_threads or threads_per_replica(args.replicas)
     addresses = [f"127.0.0.1:{port}" for port in free_ports(args.replicas)]
     argvs = [[sys.executable, "-m", "scalellm.cli", "replica", *engine_argv(args, num_threads),
               "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]] for address in addresses]

@@ -224,6 +224,12 @@ def die_with_parent() -> None:
         sys.exit("the supervisor exited before this process started")
 
 
+def threads_per_replica(num_replicas: int, num_cores: int | None = None) -> int:
+    """Torch threads for each of `num_replicas` replicas sharing this machine's cores: max(1, C // N)."""
+    cores = num_cores if num_cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // num_replicas)
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct TCP ports that are free right now on `host`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
