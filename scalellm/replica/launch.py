@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from scalellm.config import DTYPES, EngineConfig
 from scalellm.engine.client import EngineClient
@@ -76,9 +77,12 @@ def run_replica(args: argparse.Namespace) -> None:
     """Serve one replica until SIGTERM/SIGINT (blocking), on uvloop."""
     import uvloop
 
-    from scalellm.replica.server import serve_until_signal
+    from scalellm.replica.server import ListenError, serve_until_signal
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = build_engine(args)
-    uvloop.run(serve_until_signal(engine, args.host, args.port))
+    try:
+        uvloop.run(serve_until_signal(engine, args.host, args.port))
+    except ListenError as error:
+        sys.exit(f"scalellm replica: error: {error}")

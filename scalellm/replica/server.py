@@ -107,6 +107,10 @@ async def _close(stream: AsyncIterator[Any]) -> None:
         await aclose()
 
 
+class ListenError(RuntimeError):
+    """The server could not bind its address (taken, or not an address of this machine)."""
+
+
 class ReplicaServer:
     """A grpc.aio server serving one engine on HOST:PORT (port 0 picks a free one)."""
 
@@ -123,13 +127,13 @@ class ReplicaServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        """Bind and start serving (the engine must already be started). Raises RuntimeError if the port is taken."""
+        """Bind and start serving (the engine must already be started). Raises ListenError if the port is taken."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((ReplicaService(self.engine).rpc_handler(),))
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as error:
-            raise RuntimeError(f"cannot listen on {self.address}: {error}") from error
+            raise ListenError(f"cannot listen on {self.address}: {error}") from error
         await server.start()
         self._server = server
 
