@@ -217,7 +217,8 @@ class InferenceService:
         body = builder.render()
         self._account(record, builder, last)
         conn.send_response(200, body)
-        record.first_send_time = time.time()
+        if last.metrics is not None and last.metrics.first_token_time:
+            record.first_send_time = last.metrics.first_token_time  # no byte left earlier: the replica's TTFT
         return True
 
     @staticmethod
