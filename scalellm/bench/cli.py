@@ -57,6 +57,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--server-pids", type=int, nargs="+", default=[], metavar="PID",
                         help="server processes whose CPU (with all descendants) is measured from /proc")
     target.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    target.add_argument("--label", default="server", help="name of the measured system in the report")
 
     load = parser.add_argument_group("workload")
     load.add_argument("--concurrency", type=concurrency_list, default=(1, 16, 64),
@@ -149,8 +150,8 @@ def _run_single(args: argparse.Namespace) -> int:
     pids = procstat.check_pids(args.server_pids)
     model = args.model or discover_model(base_url, args.api_key)
     client = build_client(args, base_url, model)
-    points = run_plan("server", client, plan, pids, ProgressLine(0))
-    systems = {"server": {"url": base_url, "model": model, "server_pids": pids}}
+    points = run_plan(args.label, client, plan, pids, ProgressLine(0))
+    systems = {args.label: {"url": base_url, "model": model, "server_pids": pids}}
     return _finish(args, results_document(describe_config(args, plan), systems, points))
 
 

@@ -33,8 +33,14 @@ def _systems(document: dict) -> list[str]:
     return list(dict.fromkeys(row["system"] for row in document["aggregates"]))
 
 
-def _concurrency_axis(axis, title: str, ylabel: str) -> None:
+def _concurrencies(document: dict) -> list[int]:
+    return sorted({row["concurrency"] for row in document["aggregates"]})
+
+
+def _concurrency_axis(axis, title: str, ylabel: str, concurrencies: list[int]) -> None:
     axis.set_xscale("log", base=2)
+    axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+    axis.minorticks_off()
     axis.set_xlabel("concurrency (requests in flight)")
     axis.set_ylabel(ylabel)
     axis.set_title(title)
@@ -48,8 +54,11 @@ def plot_throughput(document: dict, path: Path) -> None:
         for axis, key in zip(axes, ("output_throughput", "request_throughput")):
             xs, ys, errors = _series(document, system, key)
             axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=system)
-    _concurrency_axis(axes[0], "Output throughput", "output tokens/s")
-    _concurrency_axis(axes[1], "Request throughput", "requests/s")
+    concurrencies = _concurrencies(document)
+    _concurrency_axis(axes[0], "Output throughput", "output tokens/s", concurrencies)
+    _concurrency_axis(axes[1], "Request throughput", "requests/s", concurrencies)
+    for axis in axes:
+        axis.set_ylim(bottom=0)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -63,8 +72,9 @@ def plot_latency(document: dict, path: Path) -> None:
             for pct, style in (("median", "-"), ("p99", "--")):
                 xs, ys, _ = _series(document, system, f"{pct}_{metric}_ms")
                 axis.plot(xs, ys, style, marker="o", color=color, label=f"{system} {pct}")
-    _concurrency_axis(axes[0], "Time to first token", "ms")
-    _concurrency_axis(axes[1], "End-to-end latency", "ms")
+    concurrencies = _concurrencies(document)
+    _concurrency_axis(axes[0], "Time to first token", "ms", concurrencies)
+    _concurrency_axis(axes[1], "End-to-end latency", "ms", concurrencies)
     for axis in axes:
         axis.set_yscale("log")
     figure.tight_layout()
@@ -73,7 +83,7 @@ def plot_latency(document: dict, path: Path) -> None:
 
 
 def plot_ttft_cdf(document: dict, path: Path) -> None:
-    concurrencies = sorted({run["concurrency"] for run in document["runs"]})
+    concurrencies = _concurrencies(document)
     figure, axes = plt.subplots(1, len(concurrencies), figsize=(4.2 * len(concurrencies), 3.8), squeeze=False)
     for axis, concurrency in zip(axes[0], concurrencies):
         for system in _systems(document):
