@@ -45,7 +45,12 @@ def _concurrency_axis(axis, title: str, ylabel: str, concurrencies: list[int]) -
     axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(True, alpha=0.3)
-    axis.legend(fontsize="small")
+    _legend(axis)
+
+
+def _legend(axis) -> None:
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize="small")
 
 
 def plot_throughput(document: dict, path: Path) -> None:
@@ -97,14 +102,16 @@ def plot_ttft_cdf(document: dict, path: Path) -> None:
         axis.set_xlabel("TTFT (ms)")
         axis.set_ylabel("fraction of requests")
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize="small")
+        _legend(axis)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def write_plots(output_dir: Path, document: dict) -> list[Path]:
-    """Draw every plot into ``output_dir``; return their paths."""
+    """Draw every plot into ``output_dir``; return their paths (none when nothing was measured)."""
+    if not document["aggregates"]:
+        return []
     paths = [output_dir / "throughput.png", output_dir / "latency.png", output_dir / "ttft_cdf.png"]
     plot_throughput(document, paths[0])
     plot_latency(document, paths[1])

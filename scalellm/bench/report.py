@@ -101,6 +101,9 @@ def render_markdown(document: dict) -> str:
         table = breakdown_markdown(row.get("breakdown") or [])
         if table:
             parts += ["", f"## Latency breakdown: {row['system']}, C={row['concurrency']}", "", table]
+    for name, info in document.get("systems", {}).items():
+        if "error" in info:
+            parts += ["", f"## Not measured: {name}", "", "```", info["error"].strip()[-1500:], "```"]
     errors = errors_section(document.get("runs", []))
     if errors:
         parts += ["", "## Errors (first few per run)", "", errors]
