@@ -109,8 +109,7 @@ def build_body(spec: RequestSpec, config: ClientConfig) -> bytes:
 
 def make_session(config: ClientConfig, concurrency: int) -> aiohttp.ClientSession:
     """A session whose connection pool is sized to the concurrency."""
-    connector = aiohttp.TCPConnector(limit=max(1, concurrency), force_close=not config.keepalive,
-                                     enable_cleanup_closed=not config.keepalive)
+    connector = aiohttp.TCPConnector(limit=max(1, concurrency), force_close=not config.keepalive)
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, headers=config.headers,
                                  skip_auto_headers=("User-Agent",))
