@@ -17,6 +17,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+import sys
+from pathlib import Path
+
 from scalellm.bench.cli import main as bench_main
 from scalellm.bench.client import ClientConfig, build_body
 from scalellm.bench.datasets import random_requests
@@ -35,7 +38,8 @@ TOLERANCE_S = 0.006  # a few ms: scheduling jitter on a shared 2-core machine
 class FakeOpenAI:
     """An aiohttp server on its own thread and loop; ``url`` is its base URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
         self.in_flight = 0
         self.max_in_flight = 0
         self.num_requests = 0
@@ -54,9 +58,10 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/v1/completions", self._handle)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._models)
         self.runner = web.AppRunner(app, access_log=None)
         self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
         self.loop.run_until_complete(site.start())
         self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
         self._ready.set()
@@ -260,3 +265,22 @@ def test_cli_reports_user_errors(server, tmp_path, capsys):
     assert "--url is required" in capsys.readouterr().err
     assert bench_main(["--url", server.url, "--slo", "speed=3", "--output", str(tmp_path)]) == 2
     assert bench_main(["--url", server.url, "--server-pids", "999999999", "--output", str(tmp_path)]) == 2
+
+
+def test_compare_mode_starts_measures_and_stops_systems(tmp_path):
+    command = f"{{python}} {Path(__file__).resolve()} --port {{port}}"
+    rc = bench_main(["--compare", "--systems", "fake-a,fake-b", "--system-cmd", f"fake-a={command}",
+                     "--system-cmd", f"fake-b={command}", "--baseline", "fake-a", "--concurrency", "2",
+                     "--requests", "4", "--repeat", "2", "--warmup", "1", "--output", str(tmp_path)])
+    assert rc == 0
+    document = orjson.loads((tmp_path / "results.json").read_bytes())
+    assert [row["system"] for row in document["aggregates"]] == ["fake-a", "fake-b"]
+    assert all(run["summary"]["server_cpu_seconds"] is not None for run in document["runs"])
+    assert document["ratios"][0]["peer"] == "fake-b"
+    assert document["ratios"][0]["median_ttft_ms"] == pytest.approx(1.0, rel=0.2)
+    assert "| fake-a vs fake-b | 2 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "logs" / "fake-b.log").exists()
+
+
+if __name__ == "__main__":  # the compare-mode test starts this file as a server
+    FakeOpenAI(port=int(sys.argv[sys.argv.index("--port") + 1]))._thread.join()

@@ -122,3 +122,19 @@ def test_report_files(tmp_path):
     assert "| scalellm vs vllm | 4 | 2.00 | 0.50 | 0.50 | - |" in markdown
     assert all(path.stat().st_size > 0 for path in files) and len(files) == 5
     assert not math.isnan(orjson.loads((tmp_path / "results.json").read_bytes())["runs"][0]["requests"][0]["ttft"])
+
+
+def test_progress_line_draws_only_when_enabled():
+    import io
+
+    from scalellm.bench.progress import ProgressLine
+
+    stream = io.StringIO()
+    line = ProgressLine(2, "x C=1", stream=stream, enabled=True, interval_s=0.0)
+    line.update(RequestResult(success=True))
+    line.update(RequestResult(success=False))
+    line.close()
+    assert "x C=1 2/2 done, 1 failed" in stream.getvalue()
+    quiet = io.StringIO()
+    ProgressLine(1, stream=quiet).update(RequestResult(success=True))  # StringIO is not a TTY
+    assert quiet.getvalue() == ""
