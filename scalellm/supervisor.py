@@ -84,8 +84,8 @@ class ChildProcess:
             logger.info("%s restarted (pid %d)", self.name, self.process.pid)
 
     def signal(self, signum: int) -> None:
-        """Send `signum` to the child's whole process group."""
-        if self.poll() is None:
+        """Send `signum` to the child's whole process group (if it runs)."""
+        if self.process is not None and self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signum)
             except ProcessLookupError:
@@ -126,6 +126,7 @@ class Supervisor:
         """Start everything, supervise until SIGINT/SIGTERM, stop everything; returns the exit code."""
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            _check_port_free(self.gateway_config.host, self.gateway_config.port)
             for replica in self.replicas:
                 replica.start()
             model_name = asyncio.run(self._wait_for_replicas())
@@ -222,6 +223,17 @@ def die_with_parent() -> None:
         pass
     if os.getppid() != parent:
         sys.exit("the supervisor exited before this process started")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail fast (before loading models) when the gateway's port is already taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
 def threads_per_replica(num_replicas: int, num_cores: int | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +11,8 @@ import time
 import pytest
 
 from scalellm.replica.launch import add_replica_args, engine_argv
-from scalellm.supervisor import ChildProcess, free_ports, threads_per_replica
+from scalellm.gateway.config import GatewayConfig
+from scalellm.supervisor import ChildProcess, Supervisor, free_ports, threads_per_replica
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,3 +74,13 @@ def test_engine_argv_round_trips_through_the_replica_parser():
     for name in ("model", "engine", "tpot_ms", "ttft_ms", "max_model_len", "kv_cache_gib", "dtype",
                  "max_num_seqs", "max_num_batched_tokens"):
         assert getattr(again, name) == getattr(args, name), name
+
+
+def test_taken_gateway_port_fails_before_starting_anything():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = GatewayConfig(port=taken.getsockname()[1])
+        supervisor = Supervisor([[sys.executable, "-c", "pass"]], ["127.0.0.1:1"], config)
+        assert supervisor.run() == 1
+        assert supervisor.replicas[0].process is None
