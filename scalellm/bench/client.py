@@ -3,9 +3,14 @@
 Definitions follow ``vllm bench serve``:
 
 * TTFT: send -> first chunk carrying content (non-empty ``delta.content`` for
-  chat, ``text`` for completions). Without streaming TTFT equals the e2e latency.
+  chat, ``text`` for completions). vLLM's client takes the first chunk with any
+  ``choices``; a server that sends a role-only chunk before the first token
+  would fake a low TTFT that way, so content is required here. Without
+  streaming TTFT equals the e2e latency.
 * ITL: the gaps between consecutive content chunks (a chunk may carry several tokens).
-* E2E latency: send -> end of the response (``[DONE]`` or the whole body).
+* E2E latency: send -> the last chunk carrying ``choices`` (as vLLM: the
+  trailing usage chunk and ``[DONE]`` are not part of it), or the whole body
+  without streaming. ``stream_end`` records when ``[DONE]`` arrived.
 * Token counts come from ``usage``; a response without usage is a failure,
   because the throughput numbers would otherwise be guesses.
 
@@ -69,6 +74,7 @@ class RequestResult:
     start_wall: float = 0.0
     ttft: float = 0.0
     latency: float = 0.0
+    stream_end: float = 0.0
     itl: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -144,7 +150,7 @@ class BadResponse(Exception):
 
 async def _read_stream(response: aiohttp.ClientResponse, result: RequestResult,
                        start: float, endpoint: str) -> None:
-    last = start
+    last = last_choice = start
     done = False
     usage = None
     async for line in response.content:
@@ -160,6 +166,8 @@ async def _read_stream(response: aiohttp.ClientResponse, result: RequestResult,
         if "error" in chunk:
             raise BadResponse(f"error in stream: {str(chunk['error'])[:_MAX_ERROR_CHARS]}")
         now = time.perf_counter()
+        if chunk.get("choices"):
+            last_choice = now
         if _chunk_text(chunk, endpoint):
             if result.num_chunks == 0:
                 result.ttft = now - start
@@ -171,7 +179,8 @@ async def _read_stream(response: aiohttp.ClientResponse, result: RequestResult,
             usage = chunk["usage"]
         if isinstance(chunk.get(TIMINGS_FIELD), dict):
             result.timings = chunk[TIMINGS_FIELD]
-    result.latency = time.perf_counter() - start
+    result.stream_end = time.perf_counter() - start
+    result.latency = last_choice - start
     if not done:
         raise BadResponse("stream ended without data: [DONE]")
     if result.num_chunks == 0:
@@ -182,7 +191,7 @@ async def _read_stream(response: aiohttp.ClientResponse, result: RequestResult,
 async def _read_body(response: aiohttp.ClientResponse, result: RequestResult,
                      start: float, endpoint: str) -> None:
     raw = await response.read()
-    result.latency = result.ttft = time.perf_counter() - start
+    result.latency = result.ttft = result.stream_end = time.perf_counter() - start
     data = orjson.loads(raw)
     if not isinstance(data, dict) or not data.get("choices"):
         raise BadResponse(f"response has no choices: {raw[:_MAX_ERROR_CHARS]!r}")

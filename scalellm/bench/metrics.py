@@ -7,7 +7,7 @@ Names and definitions follow ``vllm bench serve`` so numbers compare directly:
 * TTFT per request: first content chunk. TPOT per request: (e2e - ttft) /
   (output_tokens - 1), for requests with more than one output token.
   ITL: every gap between consecutive content chunks, pooled over requests.
-  E2EL: the request's end-to-end latency.
+  E2EL: the request's end-to-end latency (see client.py for where it ends).
 * Percentiles: linear interpolation between closest ranks (numpy's default).
 * Goodput: completed requests meeting every given SLO (ttft, tpot, e2el, in
   seconds), per second of duration.

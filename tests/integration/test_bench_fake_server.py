@@ -32,6 +32,7 @@ ITL_S = 0.010
 NUM_TOKENS = 8
 PROMPT_TOKENS = 20
 E2E_S = TTFT_S + (NUM_TOKENS - 1) * ITL_S
+SLOW_DONE_S = 0.030
 TOLERANCE_S = 0.006  # a few ms: scheduling jitter on a shared 2-core machine
 
 
@@ -98,6 +99,8 @@ class FakeOpenAI:
         await response.prepare(request)
         num_tokens = 1 if mode == "fast" else NUM_TOKENS
         ttft = 0.0 if mode == "fast" else TTFT_S
+        if mode == "role-first":  # a role-only chunk before any token must not count as the first token
+            await response.write(_sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
         for index in range(num_tokens):
             await _sleep_until(arrival + ttft + index * ITL_S)
             if mode == "bad-json" and index == 2:
@@ -111,6 +114,8 @@ class FakeOpenAI:
                      "total_tokens": PROMPT_TOKENS + num_tokens}
             await response.write(_sse({"choices": [], "usage": usage,
                                        "scalellm_timings": _timings(arrival_wall, ttft, num_tokens)}))
+        if mode == "slow-done":
+            await asyncio.sleep(SLOW_DONE_S)
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -173,6 +178,14 @@ def test_streamed_latencies_match_the_server(server):
     assert summary["output_throughput"] == pytest.approx(expected_rate * NUM_TOKENS, rel=0.08)
     assert summary["total_token_throughput"] == pytest.approx(
         expected_rate * (NUM_TOKENS + PROMPT_TOKENS), rel=0.08)
+
+
+def test_role_chunk_is_not_the_first_token_and_e2e_ends_at_the_last_choice(server):
+    _, role_first = measure(server, model="role-first", num_requests=3)
+    assert role_first["median_ttft_ms"] == pytest.approx(TTFT_S * 1000, abs=TOLERANCE_S * 1000)
+    results, slow_done = measure(server, model="slow-done", num_requests=3)
+    assert slow_done["median_e2el_ms"] == pytest.approx(E2E_S * 1000, abs=TOLERANCE_S * 1000)
+    assert all(r.stream_end - r.latency >= SLOW_DONE_S - 0.002 for r in results)
 
 
 def test_not_streamed_ttft_is_e2e(server):
