@@ -10,7 +10,10 @@ Names and definitions follow ``vllm bench serve`` so numbers compare directly:
   E2EL: the request's end-to-end latency (see client.py for where it ends).
 * Percentiles: linear interpolation between closest ranks (numpy's default).
 * Goodput: completed requests meeting every given SLO (ttft, tpot, e2el, in
-  seconds), per second of duration.
+  seconds), per second of duration (None without SLOs).
+* Peaks: ``max_concurrent_requests`` (most requests open at once) and
+  ``max_output_tokens_per_s`` (content chunks, one per token as vLLM counts
+  them, in the busiest whole second since the first send).
 """
 
 from __future__ import annotations
@@ -115,14 +118,45 @@ def summarize(results: Sequence[RequestResult], window: RunWindow,
         "output_throughput": output_tokens / window.duration_s,
         "total_token_throughput": (input_tokens + output_tokens) / window.duration_s,
     }
+    summary["request_goodput"] = None
     if slos:
         good = sum(1 for r in done if meets_slos(r, slos))
         summary["request_goodput"] = good / window.duration_s
         summary["slos"] = dict(slos)
+    summary["max_concurrent_requests"] = max_concurrent_requests(results)
+    summary["max_output_tokens_per_s"] = max_output_tokens_per_s(done)
     for name, values in latency_samples(results).items():
         summary.update(_latency_stats(name, values))
     summary.update(_cpu_stats(window, len(done)))
     return summary
+
+
+def max_concurrent_requests(results: Iterable[RequestResult]) -> int:
+    """The most requests open at the same time (send to end of response)."""
+    events = []
+    for result in results:
+        events.append((result.start_wall, 1))
+        events.append((result.start_wall + max(result.stream_end, result.latency), -1))
+    open_now = peak = 0
+    for _, change in sorted(events):  # at equal times an end (-1) sorts before a start
+        open_now += change
+        peak = max(peak, open_now)
+    return peak
+
+
+def max_output_tokens_per_s(results: Sequence[RequestResult]) -> int:
+    """Content chunks received in the busiest whole second after the first send."""
+    if not results:
+        return 0
+    origin = min(r.start_wall for r in results)
+    buckets: dict[int, int] = {}
+    for result in results:
+        moment = result.start_wall + result.ttft
+        for gap in [0.0, *result.itl]:
+            moment += gap
+            second = int(moment - origin)
+            buckets[second] = buckets.get(second, 0) + 1
+    return max(buckets.values())
 
 
 def _latency_stats(name: str, values_s: list[float]) -> dict[str, float]:

@@ -223,6 +223,7 @@ def test_closed_loop_keeps_exactly_c_in_flight(server):
     _, summary = measure(server, concurrency=4, num_requests=16)
     assert summary["completed"] == 16
     assert server.max_in_flight == 4
+    assert summary["max_concurrent_requests"] == 4
     assert summary["request_throughput"] == pytest.approx(4 / E2E_S, rel=0.2)
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from scalellm.bench.client import RequestResult
-from scalellm.bench.metrics import (RunWindow, aggregate_repeats, latency_samples, meets_slos, parse_slos,
-                                    percentile, request_tpot, summarize)
+from scalellm.bench.metrics import (RunWindow, aggregate_repeats, latency_samples, max_concurrent_requests,
+                                    max_output_tokens_per_s, meets_slos, parse_slos, percentile, request_tpot,
+                                    summarize)
 
 
 def ok(ttft, latency, output_tokens, itl=(), prompt_tokens=10):
@@ -58,7 +59,15 @@ def test_summary_throughputs_and_keys():
     assert summary["server_cpu_ms_per_request"] == pytest.approx(250.0)
     assert summary["bench_cpu_ms_per_request"] == pytest.approx(50.0)
     assert summary["request_rate"] == "inf"
-    assert "request_goodput" not in summary
+    assert summary["request_goodput"] is None
+
+
+def test_peaks_of_concurrency_and_token_rate():
+    results = [RequestResult(success=True, start_wall=0.0, latency=1.0, ttft=0.1, itl=[0.1] * 4),
+               RequestResult(success=True, start_wall=0.5, latency=1.0, ttft=0.1, itl=[0.6]),
+               RequestResult(success=True, start_wall=1.0, latency=0.5, ttft=0.1)]
+    assert max_concurrent_requests(results) == 2  # the first ends exactly when the third starts
+    assert max_output_tokens_per_s(results) == 6  # second 0: five chunks of the first, one of the second
 
 
 def test_goodput_counts_requests_meeting_every_slo():
