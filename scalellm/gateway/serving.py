@@ -128,30 +128,38 @@ class InferenceService:
 
     async def _serve(self, request: Request, conn: HttpConnection, chat: bool, record: RequestRecord) -> int:
         parsed = self._parse(request, chat)
-        dispatch, stream, first = await self._start(parsed, record)
         model = self.model.name or parsed.model or "unknown"
-        ok: bool | None = None
-        try:
-            if parsed.stream:
-                ok = await self._stream(conn, parsed, record, model, stream, first)
-            else:
-                ok = await self._collect(conn, parsed, record, model, stream, first)
-        except ReplicaError as exc:
-            ok = False
-            raise OpenAIError(exc.status_code if exc.status_code >= 400 else 502, exc.message,
-                              type="server_error") from None
-        finally:
-            await stream.aclose()
-            dispatch.finish(ok)
-        status = 200 if ok else 500
-        self._finish(record, status)
-        return status
+        tried: set[int] = set()
+        while True:
+            dispatch, stream, first = await self._start(parsed, record, tried)
+            ok: bool | None = None
+            try:
+                if parsed.stream:
+                    ok = await self._stream(conn, parsed, record, model, stream, first)
+                else:
+                    ok = await self._collect(conn, parsed, record, model, stream, first)
+            except ReplicaError as exc:
+                ok = False
+                if not parsed.stream and exc.status_code >= 500:
+                    # Nothing reached the client yet: the whole request can run again elsewhere.
+                    tried.add(dispatch.replica.index)
+                    continue
+                raise OpenAIError(exc.status_code if exc.status_code >= 400 else 502, exc.message,
+                                  type="server_error") from None
+            finally:
+                await stream.aclose()
+                dispatch.finish(ok)
+            status = 200 if ok else 500
+            self._finish(record, status)
+            return status
 
-    async def _start(self, parsed: ParsedRequest, record: RequestRecord):
-        """Dispatch and wait for the first output, failing over while no byte reached the client."""
+    async def _start(self, parsed: ParsedRequest, record: RequestRecord, tried: set[int]):
+        """Dispatch and wait for the first output, failing over while no byte reached the client.
+
+        `tried` holds the replicas that already failed this request; it grows with each failure.
+        """
         route = RouteRequest(parsed.affinity_key, parsed.num_prompt_tokens_estimate
                              + parsed.params.n * (parsed.params.max_tokens or 256))
-        tried: set[int] = set()
         while True:
             try:
                 dispatch = self.router.dispatch(route, frozenset(tried))
