@@ -49,6 +49,8 @@ class GatewayConfig:
     """prefix_affinity leaves the preferred replica when its tokens in flight exceed the least loaded's by this."""
     log_requests: bool = True
     """Write one JSON log line per request."""
+    report_timings: bool = True
+    """Add the non-standard "scalellm_timings" field (stage timestamps) to successful responses."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replica_addresses", tuple(self.replica_addresses))

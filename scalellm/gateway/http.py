@@ -56,7 +56,7 @@ class Request:
         self.headers = headers
         self.body = body
         self.receive_time = receive_time
-        """time.time() when the request's headers arrived."""
+        """time.time() when the whole request (headers and body) had been read."""
 
 
 Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
@@ -84,7 +84,6 @@ class HttpConnection(asyncio.Protocol):
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
         self._body_size = 0
-        self._receive_time = 0.0
         self._rejected = False
         self._pending: deque[tuple[Request, bool]] = deque()
         self._task: asyncio.Task | None = None
@@ -128,7 +127,6 @@ class HttpConnection(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._body_size = 0
-        self._receive_time = time.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -153,8 +151,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         path = self._url.split(b"?", 1)[0].decode("latin-1")
-        request = Request(self._parser.get_method(), path, self._headers, b"".join(self._body),
-                          self._receive_time)
+        request = Request(self._parser.get_method(), path, self._headers, b"".join(self._body), time.time())
         keep_alive = self._parser.should_keep_alive()
         if self._task is None:
             self._start(request, keep_alive)

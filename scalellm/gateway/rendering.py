@@ -5,6 +5,11 @@ The SSE hot path builds each event from bytes prepared once per request:
     data: {"id":"chatcmpl-…","object":"chat.completion.chunk","created":…,"model":"…","choices":[   ← head
       {"index":0,"delta":{"content":"<new text>"},"logprobs":null,"finish_reason":null}           ← per event
     ]}\\n\\n                                                                                       ← tail
+
+Non-standard extension: the gateway may add a top-level ``"scalellm_timings"`` object (the request's
+stage timestamps, contract in scalellm/bench/breakdown.py) to the non-streamed body and, in streams,
+to the final chunk that carries ``usage`` (only sent when ``stream_options.include_usage`` is set; no
+chunk is added for it). OpenAI clients ignore unknown fields. It costs one orjson dump per request.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from scalellm.protocol.openai import (CompletionLogprobs, ParsedRequest, chat_lo
 from scalellm.protocol.types import CompletionOutput, RequestOutput
 
 DONE_EVENT = b"data: [DONE]\n\n"
+TIMINGS_FIELD = "scalellm_timings"
 _NULL = b"null"
 _FINISH = {None: _NULL, "stop": b'"stop"', "length": b'"length"'}
 
@@ -94,12 +100,13 @@ class StreamRenderer(_Accounting):
         return (b'{"index":%d,"text":' % sample.index + orjson.dumps(sample.text) + b',"logprobs":'
                 + logprobs_bytes + b',"finish_reason":' + _finish_bytes(sample.finish_reason) + b"}")
 
-    def finish(self) -> bytes:
-        """The usage event (when asked for) and the [DONE] terminator."""
+    def finish(self, timings: dict | None = None) -> bytes:
+        """The usage event (when asked for, with `timings` as "scalellm_timings") and the [DONE] terminator."""
         if not self._include_usage:
             return DONE_EVENT
+        extra = b"" if timings is None else b',"' + TIMINGS_FIELD.encode() + b'":' + orjson.dumps(timings)
         return (self._head + b'],"usage":' + orjson.dumps(usage(self.num_prompt_tokens, self.num_output_tokens))
-                + b"}\n\n" + DONE_EVENT)
+                + extra + b"}\n\n" + DONE_EVENT)
 
 
 def error_event(body: bytes) -> bytes:
@@ -141,13 +148,16 @@ class ResponseBuilder(_Accounting):
                     "logprobs": logprobs, "finish_reason": self._finish_reasons[index]}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": self._finish_reasons[index]}
 
-    def render(self) -> bytes:
-        """The whole response body."""
-        return orjson.dumps({
+    def render(self, timings: dict | None = None) -> bytes:
+        """The whole response body (with `timings` as "scalellm_timings" when given)."""
+        body = {
             "id": self._request_id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self._created,
             "model": self._model,
             "choices": [self._choice(i) for i in range(len(self._texts))],
             "usage": usage(self.num_prompt_tokens, self.num_output_tokens),
-        })
+        }
+        if timings is not None:
+            body[TIMINGS_FIELD] = timings
+        return orjson.dumps(body)

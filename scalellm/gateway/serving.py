@@ -5,6 +5,9 @@ One path for every request:
     admit (auth, draining, rate limit, in-flight cap) → parse → dispatch to a replica → first output
       └─ ReplicaUnavailable before the first output: count the failure, try another replica
     → stream events or build the body → release the replica's load and the admission slot (always)
+
+Successful responses carry the request's stage timestamps as the non-standard ``scalellm_timings``
+field (see `stage_timings` and rendering.py) unless `GatewayConfig.report_timings` is off.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from scalellm.gateway.replica_client import ReplicaError, ReplicaUnavailable
 from scalellm.gateway.router import Dispatch, NoReplicaAvailable, Router
 from scalellm.protocol.openai import (OpenAIError, ParsedRequest, created_now, new_request_id,
                                       parse_chat_request, parse_completion_request)
-from scalellm.protocol.types import RequestOutput
+from scalellm.protocol.types import RequestMetrics, RequestOutput
 
 access_log = logging.getLogger("scalellm.gateway.access")
 
@@ -210,7 +213,7 @@ class InferenceService:
             conn.end_stream(error_event(error.body()))
             self._account(record, renderer, last)
             return False
-        conn.end_stream(renderer.finish())
+        conn.end_stream(renderer.finish(self._timings(record, last.metrics)))
         self._account(record, renderer, last)
         return True
 
@@ -222,12 +225,16 @@ class InferenceService:
         async for output in stream:
             builder.add(output)
             last = output
-        body = builder.render()
+        body = builder.render(self._timings(record, last.metrics))
         self._account(record, builder, last)
         conn.send_response(200, body)
         if last.metrics is not None and last.metrics.first_token_time:
             record.first_send_time = last.metrics.first_token_time  # no byte left earlier: the replica's TTFT
         return True
+
+    def _timings(self, record: RequestRecord, metrics: RequestMetrics | None) -> dict | None:
+        """The scalellm_timings object, stamped now as gateway_send (None when reporting is off)."""
+        return stage_timings(record, metrics, time.time()) if self.config.report_timings else None
 
     @staticmethod
     def _account(record: RequestRecord, counts, last: RequestOutput) -> None:
@@ -251,6 +258,20 @@ class InferenceService:
                                           record.num_output_tokens)
         if self.config.log_requests and access_log.isEnabledFor(logging.INFO):
             access_log.info(orjson.dumps(_log_fields(record, status, end, error)).decode())
+
+
+def stage_timings(record: RequestRecord, metrics: RequestMetrics | None, send_time: float) -> dict:
+    """The request's stage timestamps (time.time() seconds; 0 = not reached) in the bench's contract.
+
+    Keys as in scalellm/bench/breakdown.py: gateway_receive, routed, replica_receive, scheduled,
+    first_token, last_token, gateway_send ("queued" is not reported by the replicas yet).
+    """
+    timings = {"gateway_receive": record.receive_time, "routed": record.routed_time}
+    if metrics is not None:
+        timings.update(replica_receive=metrics.replica_receive_time, scheduled=metrics.scheduled_time,
+                       first_token=metrics.first_token_time, last_token=metrics.last_token_time)
+    timings["gateway_send"] = send_time
+    return timings
 
 
 def _ms(since: float, moment: float | None) -> float | None:
