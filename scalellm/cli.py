@@ -19,9 +19,12 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     from scalellm.replica.launch import add_engine_args
 
     add_engine_args(parser)
-    parser.add_argument("--replicas", type=int, default=1, help="replica processes (default %(default)s)")
-    parser.add_argument("--startup-timeout", type=float, default=600.0,
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="replica processes (default %(default)s)")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",
                         help="seconds a replica may take to load its model (default %(default)s)")
+    parser.add_argument("--no-gateway", action="store_true",
+                        help="serve the HTTP API from one process holding the engine (no gRPC; --replicas 1)")
     add_gateway_args(parser)
 
 
@@ -32,12 +35,39 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
+    if args.no_gateway:
+        return _serve_local(args)
     num_threads = args.num_threads or threads_per_replica(args.replicas)
     addresses = [f"127.0.0.1:{port}" for port in free_ports(args.replicas)]
     argvs = [[sys.executable, "-m", "scalellm.cli", "replica", *engine_argv(args, num_threads),
               "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]] for address in addresses]
     config = gateway_config_from_args(args, addresses)
     return Supervisor(argvs, addresses, config, startup_timeout_s=args.startup_timeout).run()
+
+
+def _serve_local(args: argparse.Namespace) -> int:
+    """`serve --no-gateway`: the gateway's HTTP app and the engine in this one process."""
+    from scalellm.gateway.cli_args import gateway_config_from_args
+    from scalellm.gateway.local_replica import run_local_server
+    from scalellm.replica.launch import build_engine
+    from scalellm.supervisor import StartupError, check_port_free, threads_per_replica
+
+    if args.replicas != 1:
+        raise ValueError(f"--no-gateway serves one in-process engine: use --replicas 1 (got {args.replicas})")
+    config = gateway_config_from_args(args, ())
+    try:
+        check_port_free(config.host, config.port)
+    except StartupError as error:
+        raise ValueError(str(error)) from None
+    engine = build_engine(argparse.Namespace(**{**vars(args), "num_threads": args.num_threads
+                                                or threads_per_replica(1)}))
+
+    def banner(app) -> None:
+        print(f"ScaleLLM serving {engine.model_name} at http://{config.host}:{app.port} "
+              "(one process: engine in-process, no gRPC hop)", flush=True)
+
+    run_local_server(engine, config, banner)
+    return 0
 
 
 def _add_replica_args(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +114,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
-    "serve": ("run a gateway and N replicas on this machine", _add_serve_args, _serve),
+    "serve": ("run a gateway and N replicas on this machine (or one process: --no-gateway)",
+              _add_serve_args, _serve),
     "replica": ("run one replica (gRPC server over an engine)", _add_replica_args, _replica),
     "gateway": ("run the OpenAI-compatible gateway alone", _add_gateway_args, _gateway),
     "bench": ("benchmark a running server", _add_bench_args, _bench),

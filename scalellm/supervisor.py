@@ -126,7 +126,7 @@ class Supervisor:
         """Start everything, supervise until SIGINT/SIGTERM, stop everything; returns the exit code."""
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            _check_port_free(self.gateway_config.host, self.gateway_config.port)
+            check_port_free(self.gateway_config.host, self.gateway_config.port)
             for replica in self.replicas:
                 replica.start()
             model_name = asyncio.run(self._wait_for_replicas())
@@ -225,7 +225,7 @@ def die_with_parent() -> None:
         sys.exit("the supervisor exited before this process started")
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """Fail fast (before loading models) when the gateway's port is already taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as sock:

@@ -7,9 +7,8 @@ and client options. Templates may use ``{port}``, ``{gguf}``, ``{scalellm}``
 Built-in systems (``SYSTEMS``):
 
 * ``scalellm``        - ``scalellm serve``: gateway + replica, the full path.
-* ``scalellm-direct`` - ScaleLLM with the gateway left out. The CLI flag for a
-  gateway-less serve is not settled yet; the default command below is a
-  placeholder and the hook is ``--system-cmd scalellm-direct='...'``.
+* ``scalellm-direct`` - ``scalellm serve --no-gateway``: the same HTTP API and
+  engine in one process, with no gRPC hop, so the gateway's own cost shows.
 * ``vllm``            - vLLM's OpenAI server from its own venv (installed on first use).
 * ``llamacpp``        - llama.cpp's ``llama-server`` (built on first use); it closes
   keep-alive connections, so the client opens a fresh connection per request.

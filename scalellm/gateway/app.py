@@ -145,10 +145,17 @@ class GatewayApp:
         conn.send_response(200 if ok else 503, orjson.dumps(body))
 
 
-async def serve_until_signalled(config: GatewayConfig) -> None:
-    """Run a gateway until SIGTERM or SIGINT, then drain and return."""
-    app = GatewayApp(config)
+async def serve_until_signalled(config: GatewayConfig, clients: Sequence | None = None,
+                                on_started: Callable[[GatewayApp], None] | None = None) -> None:
+    """Run a gateway until SIGTERM or SIGINT, then drain and return.
+
+    `clients` replaces the gRPC clients of `config.replica_addresses` (the in-process replica of
+    `scalellm serve --no-gateway`); `on_started` is called once the HTTP server listens.
+    """
+    app = GatewayApp(config, clients)
     await app.start()
+    if on_started is not None:
+        on_started(app)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

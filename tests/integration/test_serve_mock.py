@@ -148,3 +148,53 @@ def test_children_die_with_a_killed_supervisor():
         for child in descendants:
             if child.is_running():
                 child.kill()
+
+
+@pytest.fixture(scope="module")
+def direct():
+    process, port, banner = start_serve("--no-gateway", "--tpot-ms", "20")
+    yield process, port, banner
+    stop(process)
+
+
+def test_no_gateway_is_one_process(direct):
+    process, port, banner = direct
+    assert banner.strip() == (f"ScaleLLM serving mock at http://127.0.0.1:{port} "
+                              "(one process: engine in-process, no gRPC hop)")
+    assert psutil.Process(process.pid).children(recursive=True) == []
+
+
+def test_no_gateway_chat(direct):
+    _, port, _ = direct
+    response = openai_client(port).chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "hello there"}], max_tokens=3)
+    assert response.choices[0].message.content == "tok0 tok1 tok2"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (2, 3)
+    assert response.model_extra["scalellm_timings"]["replica_receive"] > 0
+
+
+def test_no_gateway_streamed_with_usage(direct):
+    _, port, _ = direct
+    chunks = list(openai_client(port).completions.create(
+        model="mock", prompt="a b", max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "tok0 tok1 tok2"
+    assert chunks[-1].usage.completion_tokens == 3
+    timings = chunks[-1].model_extra["scalellm_timings"]
+    assert 0 < timings["routed"] <= timings["replica_receive"] <= timings["last_token"] <= timings["gateway_send"]
+
+
+def test_no_gateway_bad_request_is_a_400(direct):
+    _, port, _ = direct
+    with pytest.raises(openai.BadRequestError):
+        openai_client(port).completions.create(model="mock", prompt="", max_tokens=2)
+
+
+def test_no_gateway_sigterm_drains_the_stream_in_flight(direct):
+    process, port, _ = direct
+    stream = openai_client(port).completions.create(model="mock", prompt="a", max_tokens=10, stream=True)
+    texts = [next(stream).choices[0].text]
+    process.send_signal(signal.SIGTERM)
+    texts += [c.choices[0].text for c in stream if c.choices]
+    assert "".join(texts) == " ".join(f"tok{i}" for i in range(10))
+    assert process.wait(30) == 0
+
