@@ -13,33 +13,42 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
     defaults = GatewayConfig()
     group = parser.add_argument_group("gateway")
     group.add_argument("--host", default=defaults.host, help="interface to bind (default %(default)s)")
-    group.add_argument("--port", type=int, default=defaults.port, help="HTTP port (default %(default)s)")
-    group.add_argument("--served-model-name", default=None,
+    group.add_argument("--port", type=int, default=defaults.port, metavar="PORT",
+                       help="HTTP port (default %(default)s)")
+    group.add_argument("--served-model-name", default=None, metavar="NAME",
                        help="model name clients must send; default: the replicas' own")
-    group.add_argument("--api-key", action="append", default=[], dest="api_keys",
+    group.add_argument("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
                        help="accepted API key (repeatable); /health and /metrics need none")
-    group.add_argument("--api-key-file", default=None, help="file with one API key per line")
-    group.add_argument("--routing-policy", default=defaults.routing_policy, choices=policy_names(),
-                       help="how requests are spread over replicas (default %(default)s)")
-    group.add_argument("--rate-limit-rpm", type=float, default=None, help="requests per minute per API key")
-    group.add_argument("--max-queue", type=int, default=defaults.max_queue,
+    group.add_argument("--api-key-file", default=None, metavar="PATH", help="file with one API key per line")
+    policies = policy_names()
+    group.add_argument("--routing-policy", "--routing", default=defaults.routing_policy, choices=policies,
+                       metavar="POLICY",
+                       help=f"how requests are spread over replicas: {', '.join(policies)} (default %(default)s)")
+    group.add_argument("--rate-limit-rpm", type=float, default=None, metavar="RPM",
+                       help="requests per minute per API key")
+    group.add_argument("--max-queue", type=int, default=defaults.max_queue, metavar="N",
                        help="most requests in flight; beyond it a fast 429 (default %(default)s)")
-    group.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+    group.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, metavar="N",
                        help="largest request body (default %(default)s)")
     group.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
-                       dest="request_timeout_s", help="seconds per request (default %(default)s)")
+                       dest="request_timeout_s", metavar="S",
+                       help="seconds per request (default %(default)s)")
     group.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
-                       dest="drain_timeout_s", help="seconds to drain on SIGTERM (default %(default)s)")
+                       dest="drain_timeout_s", metavar="S",
+                       help="seconds to drain on SIGTERM (default %(default)s)")
     group.add_argument("--health-interval", type=float, default=defaults.health_interval_s,
-                       dest="health_interval_s", help="seconds between replica probes (default %(default)s)")
+                       dest="health_interval_s", metavar="S",
+                       help="seconds between replica probes (default %(default)s)")
     group.add_argument("--breaker-failures", type=int, default=defaults.breaker_failure_threshold,
-                       dest="breaker_failure_threshold",
+                       dest="breaker_failure_threshold", metavar="N",
                        help="consecutive failures that take a replica out (default %(default)s)")
     group.add_argument("--breaker-cooldown", type=float, default=defaults.breaker_cooldown_s,
-                       dest="breaker_cooldown_s",
+                       dest="breaker_cooldown_s", metavar="S",
                        help="seconds before a failed replica is tried again (default %(default)s)")
     group.add_argument("--no-request-log", action="store_false", dest="log_requests",
                        help="do not write one JSON line per request")
+    group.add_argument("--no-timings", action="store_false", dest="report_timings",
+                       help="leave the non-standard scalellm_timings field out of responses")
 
 
 def gateway_config_from_args(args: argparse.Namespace, replica_addresses: list[str] | tuple[str, ...]
@@ -62,4 +71,5 @@ def gateway_config_from_args(args: argparse.Namespace, replica_addresses: list[s
         breaker_failure_threshold=args.breaker_failure_threshold,
         breaker_cooldown_s=args.breaker_cooldown_s,
         log_requests=args.log_requests,
+        report_timings=args.report_timings,
     )

@@ -22,17 +22,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct)")
     group.add_argument("--engine", choices=ENGINES, default="real",
                        help="real: the model; mock: synthetic tokens, to measure the serving path")
-    group.add_argument("--tpot-ms", type=float, default=5.0, help="mock engine: ms per output token")
-    group.add_argument("--ttft-ms", type=float, default=0.0, help="mock engine: ms before the first token")
-    group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="weights and activations")
-    group.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib,
+    group.add_argument("--tpot-ms", type=float, default=5.0, metavar="MS",
+                       help="mock engine: ms per output token (default %(default)s)")
+    group.add_argument("--ttft-ms", type=float, default=0.0, metavar="MS",
+                       help="mock engine: ms before the first token (default %(default)s)")
+    group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                       help="weights and activations (default %(default)s)")
+    group.add_argument("--kv-cache-gib", type=float, default=defaults.kv_cache_gib, metavar="GIB",
                        help="memory for the KV cache (default %(default)s GiB)")
-    group.add_argument("--max-model-len", type=int, default=None, help="context length cap")
-    group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+    group.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                       help="context length cap (default: the model's; mock: 4096)")
+    group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, metavar="N",
                        help="most requests in one batch (default %(default)s)")
     group.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
-                       help="token budget per engine step (default %(default)s)")
-    group.add_argument("--num-threads", type=int, default=None, help="torch threads (default: torch's)")
+                       metavar="N", help="token budget per engine step (default %(default)s)")
+    group.add_argument("--num-threads", type=int, default=None, metavar="N",
+                       help="torch threads (default: torch's)")
 
 
 def engine_argv(args: argparse.Namespace, num_threads: int | None = None) -> list[str]:
