@@ -33,6 +33,8 @@ class EngineConfig:
     """torch intra-op threads; None leaves torch's default."""
     seed: int = 0
     """Seed for requests that bring none."""
+    quantization: str | None = None
+    """None keeps the weights in `dtype`; "int8" is W8A8 dynamic int8 (per-channel weights, per-token activations)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -47,5 +49,7 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.quantization not in (None, "none", "int8"):
+            raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")

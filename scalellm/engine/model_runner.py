@@ -7,6 +7,7 @@ import torch
 from scalellm.config import EngineConfig
 from scalellm.engine.loader.base import ModelFiles
 from scalellm.engine.models import ForwardContext, model_class
+from scalellm.engine.quantization import get_quantization_method
 from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from scalellm.engine.sampler import Sampler, SamplingRow, make_generator
 from scalellm.engine.step_inputs import build_step_inputs
@@ -22,7 +23,8 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.block_size = config.block_size
         with torch.device(device):
-            self.model = model_class(files.config.architecture)(files.config, max_model_len, dtype)
+            self.model = model_class(files.config.architecture)(
+                files.config, max_model_len, dtype, get_quantization_method(config.quantization))
         self.model.load_weights(files.iter_weights())
         self.model.eval()
         self.num_blocks = self._num_blocks(config.kv_cache_gib)

@@ -49,9 +49,10 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: 
     row_of_token = torch.repeat_interleave(
         torch.arange(len(ordered)), torch.tensor([c.num_new_tokens for c in ordered]))
     slot_mapping = _slots(tables[row_of_token], positions_t.unsqueeze(1), block_size).squeeze(1)
-    meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode_tokens=len(decodes))
+    meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode_tokens=len(decodes),
+                             block_size=block_size)
     if decodes:
-        meta.decode_kv_slots, meta.decode_mask = _decode_context(
+        meta.decode_block_table, meta.decode_mask = _decode_context(
             tables[:len(decodes)], positions_t[:len(decodes)], block_size, sliding_window, device)
     offset = len(decodes)
     for row, chunk in enumerate(prefills, start=len(decodes)):
@@ -78,14 +79,14 @@ def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> to
 
 def _decode_context(tables: torch.Tensor, positions: torch.Tensor, block_size: int,
                     sliding_window: int | None, device: torch.device):
+    """The block tables trimmed to the longest context, and the mask of real (and in-window) keys."""
     context_lens = positions + 1  # [B]
-    max_len = int(context_lens.max())
-    key_positions = torch.arange(max_len).expand(len(positions), max_len)  # [B, L]
+    num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
+    key_positions = torch.arange(num_blocks * block_size).expand(len(positions), -1)  # [B, L]
     valid = key_positions < context_lens.unsqueeze(1)
     if sliding_window is not None:
         valid &= key_positions > (positions.unsqueeze(1) - sliding_window)
-    slots = _slots(tables, torch.where(valid, key_positions, 0), block_size)
-    return slots.to(device), valid[:, None, None, :].to(device)  # [B, L], [B, 1, 1, L]
+    return tables[:, :num_blocks].contiguous().to(device), valid[:, None, None, :].to(device)
 
 
 def _prefill_span(chunk: ScheduledChunk, table: torch.Tensor, token_start: int, block_size: int,

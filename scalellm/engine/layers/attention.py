@@ -38,10 +38,11 @@ class AttentionMetadata:
     """[T] the slot where each new token's K/V is written."""
     num_decode_tokens: int
     """The first num_decode_tokens tokens are one-token queries."""
-    decode_kv_slots: torch.Tensor | None = None
-    """[B, Lmax] slots of each one-token query's context, padded."""
+    block_size: int = 16
+    decode_block_table: torch.Tensor | None = None
+    """[B, max_blocks] the blocks of each one-token query's context, padded with block 0."""
     decode_mask: torch.Tensor | None = None
-    """[B, 1, 1, Lmax] bool, False on padding (and outside a sliding window)."""
+    """[B, 1, 1, max_blocks * block_size] bool, False on padding (and outside a sliding window)."""
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -70,13 +71,21 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata) -> torch.Tensor:
     # A one-token query needs no causal mask, so the query heads that share a KV head are laid out
     # as that head's "sequence": GQA without repeating K/V.
+    # Whole blocks are gathered (contiguous copies of block_size * KH * D), not single slots.
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    keys = k_cache[meta.decode_kv_slots].transpose(1, 2)  # [B, KH, L, D]
-    values = v_cache[meta.decode_kv_slots].transpose(1, 2)
+    keys = _gather_blocks(k_cache, meta.decode_block_table, meta.block_size)  # [B, KH, L, D]
+    values = _gather_blocks(v_cache, meta.decode_block_table, meta.block_size)
     q = q.view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, KH, G, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask)
     return out.reshape(num_tokens, num_heads, head_dim)
+
+
+def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """cache [slots, KH, D], block_table [B, NB] -> [B, KH, NB * block_size, D] (a strided view of a copy)."""
+    num_rows, num_blocks = block_table.shape
+    blocks = cache.view(-1, block_size, *cache.shape[1:])[block_table]  # [B, NB, bs, KH, D]
+    return blocks.view(num_rows, num_blocks * block_size, *cache.shape[1:]).transpose(1, 2)
 
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalellm.engine.layers.attention import AttentionMetadata, paged_attention
-from scalellm.engine.layers.linear import Embedding, Linear
+from scalellm.engine.layers.linear import Embedding, Linear, LogitsHead
+from scalellm.engine.quantization import QuantizationMethod
 from scalellm.engine.layers.norm import RMSNorm
 from scalellm.engine.layers.rotary import RotaryEmbedding
 from scalellm.engine.loader.model_config import ModelConfig, ModelLoadError
@@ -30,13 +31,14 @@ class ForwardContext:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 quant: QuantizationMethod) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias,
-                               shard_names=["q", "k", "v"], dtype=dtype)
-        self.o_proj = Linear(q_size, config.hidden_size, dtype=dtype)
+                               shard_names=["q", "k", "v"], dtype=dtype, quant_method=quant)
+        self.o_proj = Linear(q_size, config.hidden_size, dtype=dtype, quant_method=quant)
         self.rotary = rotary
         self.split = [q_size, kv_size, kv_size]
 
@@ -52,11 +54,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, quant: QuantizationMethod) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [size, size], shard_names=["gate", "up"], dtype=dtype)
-        self.down_proj = Linear(size, config.hidden_size, dtype=dtype)
+        self.gate_up_proj = Linear(config.hidden_size, [size, size], shard_names=["gate", "up"], dtype=dtype,
+                                   quant_method=quant)
+        self.down_proj = Linear(size, config.hidden_size, dtype=dtype, quant_method=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -64,12 +67,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 quant: QuantizationMethod) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, rotary, dtype)
+        self.self_attn = LlamaAttention(config, rotary, dtype, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.mlp = LlamaMLP(config, dtype, quant)
 
     def forward(self, positions, x, kv_cache, meta) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
@@ -85,15 +89,18 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype,
+                 quant: QuantizationMethod) -> None:
         super().__init__()
         self.config = config
         rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, dtype) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, dtype, quant)
+                                    for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else Embedding(
             config.vocab_size, config.hidden_size, dtype)
+        self.logits_head = LogitsHead(self.lm_head, quant)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """token_ids, positions [T] -> final hidden states [T, hidden]."""
@@ -104,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] -> logits [S, vocab] in fp32."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.logits_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors; every parameter must be covered exactly."""
@@ -131,6 +138,9 @@ class LlamaForCausalLM(nn.Module):
                 raise ModelLoadError(f"weight {name}: {exc}") from None
             loaded.add(f"{module_name}.{kind}.{shard}")
         self._check_complete(loaded)
+        for module in list(self.modules()):
+            if isinstance(module, (Linear, LogitsHead)):
+                module.process_weights_after_loading()
 
     def _check_complete(self, loaded: set[str]) -> None:
         expected = set()
