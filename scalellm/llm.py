@@ -37,6 +37,14 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         return self._run([ChatPrompt(c, add_generation_prompt) for c in conversations], sampling_params)
 
+    def perplexity(self, text: str) -> float:
+        """exp(mean negative log-likelihood) of the text's tokens under the model (a quality check)."""
+        import math
+
+        token_ids = self.engine.tokenizer.encode(text)
+        logprobs = self.engine.core.runner.score(token_ids)
+        return math.exp(-float(logprobs.mean()))
+
     def _run(self, prompts: list[PromptInput], sampling_params) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)

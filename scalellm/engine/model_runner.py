@@ -6,6 +6,7 @@ import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.loader.base import ModelFiles
+from scalellm.engine.layers.attention import AttentionMetadata, PrefillSpan
 from scalellm.engine.models import ForwardContext, model_class
 from scalellm.engine.quantization import get_quantization_method
 from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
@@ -76,6 +77,27 @@ class ModelRunner:
                 generator = make_generator(params.seed + request.sample_index, self.device)
                 self._generators[request.request_id] = generator
         return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """log p(t_i | t_<i) for i = 1..n-1 [n-1], from one forward pass over a private KV cache.
+
+        For quality checks (perplexity); the engine's own cache and scheduler are not touched.
+        """
+        num = len(token_ids)
+        if num < 2:
+            raise ValueError("scoring needs at least 2 tokens")
+        c = self.model_config
+        shape = (num, c.num_kv_heads, c.head_dim)
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+        slots = torch.arange(num, device=self.device)
+        meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=0, block_size=1,
+                                 prefills=[PrefillSpan(token_start=0, num_tokens=num, kv_slots=slots, mask=None)])
+        tokens = torch.tensor(token_ids, device=self.device)
+        hidden = self.model(tokens, slots, ForwardContext(attention=meta, kv_caches=caches))  # [n, hidden]
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:-1]), dim=-1)  # [n-1, V]
+        return logprobs.gather(1, tokens[1:, None]).squeeze(1)
 
     def release(self, request_ids) -> None:
         """Forget per-request state (seeded generators) of finished requests."""

@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        metavar="N", help="token budget per engine step (default %(default)s)")
     group.add_argument("--num-threads", type=int, default=None, metavar="N",
                        help="torch threads (default: torch's)")
+    group.add_argument("--quantization", choices=("none", "int8"), default="none",
+                       help="weights: none (in --dtype) or int8 (W8A8 dynamic, per-token activations)")
 
 
 def engine_argv(args: argparse.Namespace, num_threads: int | None = None) -> list[str]:
@@ -46,7 +48,8 @@ def engine_argv(args: argparse.Namespace, num_threads: int | None = None) -> lis
     argv += ["--engine", args.engine, "--tpot-ms", str(args.tpot_ms), "--ttft-ms", str(args.ttft_ms),
              "--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib),
              "--max-num-seqs", str(args.max_num_seqs),
-             "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+             "--quantization", args.quantization]
     if args.max_model_len is not None:
         argv += ["--max-model-len", str(args.max_model_len)]
     threads = num_threads if num_threads is not None else args.num_threads
@@ -75,7 +78,8 @@ def build_engine(args: argparse.Namespace) -> EngineClient:
     return AsyncLLM(EngineConfig(
         model=args.model, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads))
+        max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads,
+        quantization=args.quantization))
 
 
 def run_replica(args: argparse.Namespace) -> None:
