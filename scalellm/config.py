@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "cpp", "torch")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class EngineConfig:
     """Seed for requests that bring none."""
     quantization: str | None = None
     """None keeps the weights in `dtype`; "int8" is W8A8 dynamic int8 (per-channel weights, per-token activations)."""
+    attention_backend: str = "auto"
+    """Decode attention: "cpp" is a fused C++ CPU kernel reading the paged KV cache in place (compiled on
+    first use; float32/bfloat16 on the CPU), "torch" is scaled_dot_product_attention on gathered blocks,
+    "auto" is "cpp" where it applies and builds, else "torch"."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -53,3 +58,6 @@ class EngineConfig:
             raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")

@@ -6,7 +6,7 @@ import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.loader.base import ModelFiles
-from scalellm.engine.layers.attention import AttentionMetadata, PrefillSpan
+from scalellm.engine.layers.attention import AttentionMetadata, PrefillSpan, resolve_decode_backend
 from scalellm.engine.models import ForwardContext, model_class
 from scalellm.engine.quantization import get_quantization_method
 from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
@@ -23,6 +23,7 @@ class ModelRunner:
         self.model_config = files.config
         self.device, self.dtype = device, dtype
         self.block_size = config.block_size
+        self.decode_backend = resolve_decode_backend(config.attention_backend, device, dtype)
         with torch.device(device):
             self.model = model_class(files.config.architecture)(
                 files.config, max_model_len, dtype, get_quantization_method(config.quantization))
@@ -53,7 +54,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run the forward pass for the scheduled chunks and sample where a chunk reaches its end."""
-        inputs = build_step_inputs(scheduled, self.block_size, self.model_config.sliding_window, self.device)
+        inputs = build_step_inputs(scheduled, self.block_size, self.model_config.sliding_window, self.device,
+                                   self.decode_backend)
         ctx = ForwardContext(attention=inputs.attention, kv_caches=self.kv_caches)
         hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
         output = ModelRunnerOutput()

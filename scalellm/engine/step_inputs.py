@@ -30,7 +30,7 @@ class StepInputs:
 
 
 def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: int | None,
-                      device: torch.device) -> StepInputs:
+                      device: torch.device, decode_backend: str = "torch") -> StepInputs:
     decodes = [c for c in output.chunks if c.num_new_tokens == 1]
     prefills = [c for c in output.chunks if c.num_new_tokens > 1]
     ordered = decodes + prefills
@@ -50,10 +50,12 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: 
         torch.arange(len(ordered)), torch.tensor([c.num_new_tokens for c in ordered]))
     slot_mapping = _slots(tables[row_of_token], positions_t.unsqueeze(1), block_size).squeeze(1)
     meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode_tokens=len(decodes),
-                             block_size=block_size)
+                             block_size=block_size, decode_sliding_window=sliding_window or 0,
+                             decode_backend=decode_backend)
     if decodes:
-        meta.decode_block_table, meta.decode_mask = _decode_context(
-            tables[:len(decodes)], positions_t[:len(decodes)], block_size, sliding_window, device)
+        meta.decode_block_table, meta.decode_context_lens, meta.decode_mask = _decode_context(
+            tables[:len(decodes)], positions_t[:len(decodes)], block_size, sliding_window, device,
+            with_mask=decode_backend == "torch")
     offset = len(decodes)
     for row, chunk in enumerate(prefills, start=len(decodes)):
         meta.prefills.append(_prefill_span(chunk, tables[row], offset, block_size, sliding_window, device))
@@ -78,15 +80,19 @@ def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> to
 
 
 def _decode_context(tables: torch.Tensor, positions: torch.Tensor, block_size: int,
-                    sliding_window: int | None, device: torch.device):
-    """The block tables trimmed to the longest context, and the mask of real (and in-window) keys."""
+                    sliding_window: int | None, device: torch.device, with_mask: bool):
+    """The block tables trimmed to the longest context, the context lengths, and (with_mask) the
+    mask of real (and in-window) keys."""
     context_lens = positions + 1  # [B]
     num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
+    block_table = tables[:, :num_blocks].contiguous().to(device)
+    if not with_mask:
+        return block_table, context_lens.to(device), None
     key_positions = torch.arange(num_blocks * block_size).expand(len(positions), -1)  # [B, L]
     valid = key_positions < context_lens.unsqueeze(1)
     if sliding_window is not None:
         valid &= key_positions > (positions.unsqueeze(1) - sliding_window)
-    return tables[:, :num_blocks].contiguous().to(device), valid[:, None, None, :].to(device)
+    return block_table, context_lens.to(device), valid[:, None, None, :].to(device)
 
 
 def _prefill_span(chunk: ScheduledChunk, table: torch.Tensor, token_start: int, block_size: int,

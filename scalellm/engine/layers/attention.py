@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache, in plain torch (scaled_dot_product_attention on gathered blocks).
+"""Attention over the paged KV cache: scaled_dot_product_attention on gathered blocks, or for
+one-token queries on the CPU a fused C++ kernel that reads the blocks in place (kernels/).
 
 The KV cache of one layer is two tensors [num_slots, num_kv_heads, head_dim]; slot = block_id *
 block_size + offset. A step's tokens are laid out as
@@ -42,7 +43,14 @@ class AttentionMetadata:
     decode_block_table: torch.Tensor | None = None
     """[B, max_blocks] the blocks of each one-token query's context, padded with block 0."""
     decode_mask: torch.Tensor | None = None
-    """[B, 1, 1, max_blocks * block_size] bool, False on padding (and outside a sliding window)."""
+    """[B, 1, 1, max_blocks * block_size] bool, False on padding (and outside a sliding window);
+    built for the "torch" decode backend only."""
+    decode_context_lens: torch.Tensor | None = None
+    """[B] long, the context length of each one-token query (its position + 1)."""
+    decode_sliding_window: int = 0
+    """Keys a one-token query sees, counting itself; <= 0: the whole context."""
+    decode_backend: str = "torch"
+    """How one-token queries attend: a key of DECODE_BACKENDS."""
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -60,7 +68,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     outputs = []
     if meta.num_decode_tokens:
-        outputs.append(_decode_attention(q[:meta.num_decode_tokens], k_cache, v_cache, meta))
+        decode = DECODE_BACKENDS[meta.decode_backend]
+        outputs.append(decode(q[:meta.num_decode_tokens], k_cache, v_cache, meta))
     for span in meta.prefills:
         q_span = q[span.token_start:span.token_start + span.num_tokens]
         outputs.append(_prefill_attention(q_span, k_cache, v_cache, span))
@@ -79,6 +88,41 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     q = q.view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, KH, G, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask)
     return out.reshape(num_tokens, num_heads, head_dim)
+
+
+def _decode_attention_cpp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: AttentionMetadata) -> torch.Tensor:
+    # The fused kernel reads K/V in place from the cache blocks; the op was registered by
+    # load_paged_attention() when the model runner resolved the backend.
+    return torch.ops.scalellm.paged_decode_attention(
+        q, k_cache, v_cache, meta.decode_block_table, meta.decode_context_lens, meta.block_size,
+        q.shape[-1] ** -0.5, meta.decode_sliding_window)  # [B, H, D]
+
+
+DECODE_BACKENDS = {"torch": _decode_attention, "cpp": _decode_attention_cpp}
+"""Decode attention implementations, by AttentionMetadata.decode_backend."""
+
+
+def resolve_decode_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """EngineConfig.attention_backend -> a DECODE_BACKENDS key; compiles the C++ kernel if needed.
+
+    "auto" is "cpp" when the kernel applies (CPU, float32 or bfloat16) and builds, else "torch";
+    "cpp" raises ValueError with the reason when it cannot be used.
+    """
+    if requested == "torch":
+        return "torch"
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        if requested == "cpp":
+            raise ValueError(f"attention_backend='cpp' needs a CPU device and float32 or bfloat16, got "
+                             f"{device.type} and {dtype}; use attention_backend='torch' or 'auto'")
+        return "torch"
+    from scalellm.engine.layers.kernels import load_paged_attention, paged_attention_load_error
+    if load_paged_attention() is not None:
+        return "cpp"
+    if requested == "cpp":
+        raise ValueError(f"attention_backend='cpp' but the C++ kernel cannot be built "
+                         f"({paged_attention_load_error()}); use attention_backend='torch' or 'auto'")
+    return "torch"
 
 
 def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:

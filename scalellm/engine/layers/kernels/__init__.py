@@ -1,0 +1,122 @@
+"""C++ CPU kernels, compiled on first use with torch.utils.cpp_extension.
+
+`load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
+context_lens, block_size, scale, sliding_window) -> out`, or None when the kernel cannot be built
+(no C++ compiler, no ninja, a compile error); `paged_attention_load_error()` then says why.
+
+What the op computes (see the comment block of paged_attention.cpp): for each decode row b with
+ctx = context_lens[b] and each query head h, softmax(scale * q[b, h] . K[t]) over the key positions
+t in [max(0, ctx - sliding_window), ctx) (the whole context when sliding_window <= 0), weighted sum
+of V[t]; float32 or bfloat16 in, float accumulation. K[t] / V[t] are read in place from the paged
+cache [slots, KH, D] through the block table (slot = block * block_size + t % block_size), one
+(row, KV head) pair per task on the intra-op thread pool, each K/V vector loaded once for the G
+query heads that share it: no gather copy of the context.
+
+Build: -O3 -march=native -fopenmp into $XDG_CACHE_HOME (or ~/.cache)/scalellm/kernels/<name>-<hash>,
+the hash covering the source, torch's version, the architecture and the CPU's feature flags, so
+processes on one machine share the build and a changed source or CPU gets a fresh one. A file lock
+serializes builds of one directory (two replicas starting together build once). When ninja is not
+on PATH but the `ninja` package is installed, its bin directory is appended to PATH.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
+def load_paged_attention() -> Callable[..., torch.Tensor] | None:
+    """The compiled paged decode-attention op, or None when it cannot be built (warned once)."""
+    return _build_paged_attention()[0]
+
+
+def paged_attention_load_error() -> str | None:
+    """Why load_paged_attention() returns None; None when the kernel is available."""
+    return _build_paged_attention()[1]
+
+
+@functools.cache
+def _build_paged_attention() -> tuple[Callable[..., torch.Tensor] | None, str | None]:
+    try:
+        _compile_and_load("scalellm_paged_attention", _SOURCE)
+        return torch.ops.scalellm.paged_decode_attention, None
+    except Exception as exc:  # any build or load failure means: use the torch path
+        reason = _short_reason(exc)
+        logger.warning("C++ paged attention kernel unavailable, decode uses the torch path: %s", reason)
+        return None, reason
+
+
+def _compile_and_load(name: str, source: Path) -> None:
+    """Build `source` into the shared cache directory (once per machine) and load it as a torch library."""
+    from filelock import FileLock  # a dependency of torch
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH)")
+    _ensure_ninja_on_path()
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not available (pip install ninja)")
+    build_dir = _cache_root() / f"{name}-{_build_hash(source, compiler)}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(build_dir / "scalellm.lock")):
+        # Under this lock no other loader is building here: a torch baton left behind by a process
+        # killed mid-build would otherwise make every later build wait forever.
+        (build_dir / "lock").unlink(missing_ok=True)
+        cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_CFLAGS,
+                           extra_ldflags=_LDFLAGS, build_directory=str(build_dir),
+                           is_python_module=False, verbose=False)
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "scalellm" / "kernels"
+
+
+def _build_hash(source: Path, compiler: str) -> str:
+    digest = hashlib.sha256(source.read_bytes())
+    for part in (torch.__version__, platform.machine(), compiler, " ".join(_CFLAGS), _cpu_flags()):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what -march=native compiles for); empty where /proc/cpuinfo is missing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; a pip-installed ninja in a non-activated venv is not on it."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
+
+
+def _short_reason(exc: Exception) -> str:
+    """The exception's message, cut to its last lines (compiler output can be long)."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return " | ".join(lines[-6:])

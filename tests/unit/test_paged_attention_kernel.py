@@ -1,0 +1,112 @@
+"""The C++ paged decode-attention kernel against the torch decode path, on shuffled block tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scalellm.config import EngineConfig
+from scalellm.engine.layers.attention import AttentionMetadata, DECODE_BACKENDS, resolve_decode_backend
+from scalellm.engine.layers.kernels import load_paged_attention, paged_attention_load_error
+
+HEAD_DIM = 64
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    op = load_paged_attention()
+    if op is None:
+        pytest.skip(f"the C++ paged attention kernel cannot be built here: {paged_attention_load_error()}")
+    return op
+
+
+def _random_batch(num_rows: int, num_heads: int, num_kv_heads: int, block_size: int,
+                  dtype: torch.dtype, seed: int, head_dim: int = HEAD_DIM):
+    """q [B, H, D], caches [slots, KH, D], a shuffled block table [B, NB] and context lengths [B]."""
+    gen = torch.Generator().manual_seed(seed)
+    context_lens = torch.randint(1, 301, (num_rows,), generator=gen)
+    context_lens[0] = 1  # the shortest context always occurs
+    max_blocks = (int(context_lens.max()) + block_size - 1) // block_size
+    num_cache_blocks = num_rows * max_blocks + 3
+    # Every row gets distinct, non-contiguous blocks; padding entries point at block 0.
+    blocks = torch.randperm(num_cache_blocks, generator=gen)[:num_rows * max_blocks].view(num_rows, max_blocks)
+    used = (torch.arange(max_blocks) * block_size).unsqueeze(0) < context_lens.unsqueeze(1)
+    block_table = torch.where(used, blocks, torch.zeros_like(blocks))
+    shape = (num_cache_blocks * block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    q = torch.randn(num_rows, num_heads, head_dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, block_table, context_lens
+
+
+def _torch_reference(q, k_cache, v_cache, block_table, context_lens, block_size, window):
+    """The engine's torch decode path, with the mask step_inputs builds."""
+    key_positions = torch.arange(block_table.shape[1] * block_size).unsqueeze(0)  # [1, L]
+    valid = key_positions < context_lens.unsqueeze(1)
+    if window:
+        valid &= key_positions >= (context_lens.unsqueeze(1) - window)
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decode_tokens=len(q),
+                             block_size=block_size, decode_block_table=block_table,
+                             decode_mask=valid[:, None, None, :])
+    return DECODE_BACKENDS["torch"](q, k_cache, v_cache, meta)
+
+
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2)], ids=["mha", "gqa3", "gqa4"])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("window", [0, 37], ids=["full", "window37"])
+def test_matches_torch_path(kernel, dtype, num_heads, num_kv_heads, block_size, window):
+    for seed, num_rows in enumerate((1, 5, 33)):
+        q, k_cache, v_cache, block_table, context_lens = _random_batch(
+            num_rows, num_heads, num_kv_heads, block_size, dtype, seed)
+        expected = _torch_reference(q, k_cache, v_cache, block_table, context_lens, block_size, window)
+        out = kernel(q, k_cache, v_cache, block_table, context_lens, block_size, HEAD_DIM ** -0.5, window)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("head_dim", [32, 80, 256])
+def test_int32_indices_and_other_head_dims(kernel, head_dim):
+    q, k_cache, v_cache, block_table, context_lens = _random_batch(
+        7, 6, 2, 16, torch.float32, seed=11, head_dim=head_dim)
+    expected = _torch_reference(q, k_cache, v_cache, block_table, context_lens, 16, 0)
+    out = kernel(q, k_cache, v_cache, block_table.int(), context_lens.int(), 16, head_dim ** -0.5, 0)
+    torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])
+
+
+def test_rejects_out_of_range_inputs(kernel):
+    q, k_cache, v_cache, block_table, context_lens = _random_batch(3, 4, 2, 4, torch.float32, seed=3)
+    too_long = context_lens.clone()
+    too_long[1] = block_table.shape[1] * 4 + 1
+    with pytest.raises(RuntimeError, match="context_lens"):
+        kernel(q, k_cache, v_cache, block_table, too_long, 4, 0.125, 0)
+    bad_table = block_table.clone()
+    bad_table[0, 0] = k_cache.shape[0]  # a block id past the cache
+    with pytest.raises(RuntimeError, match="not a block of the cache"):
+        kernel(q, k_cache, v_cache, bad_table, context_lens, 4, 0.125, 0)
+
+
+def test_backend_resolution(kernel):
+    cpu = torch.device("cpu")
+    assert resolve_decode_backend("auto", cpu, torch.float32) == "cpp"
+    assert resolve_decode_backend("auto", cpu, torch.float16) == "torch"
+    assert resolve_decode_backend("torch", cpu, torch.bfloat16) == "torch"
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        resolve_decode_backend("cpp", cpu, torch.float16)
+
+
+def test_config_validates_attention_backend():
+    assert EngineConfig(attention_backend="cpp").attention_backend == "cpp"
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(attention_backend="flash")
+
+
+def test_loader_reports_a_missing_compiler(monkeypatch, caplog):
+    from scalellm.engine.layers.kernels import _build_paged_attention
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    op, reason = _build_paged_attention.__wrapped__()  # the uncached build
+    assert op is None and "no C++ compiler" in reason
+    assert "torch path" in caplog.text
