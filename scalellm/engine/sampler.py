@@ -50,6 +50,12 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token per row [B]; max(dim) is vectorized on CPU where argmax is not (1.5 vs 2.6 ms
+    for [32, 49152]). Ties resolve to the first maximal index, as argmax does."""
+    return logits.max(dim=-1).indices
+
+
 class Sampler:
     """Samples one token per row; stateless apart from its own generator for unseeded rows."""
 
@@ -62,7 +68,7 @@ class Sampler:
         if len(rows) != logits.shape[0]:
             raise ValueError(f"got {logits.shape[0]} rows of logits for {len(rows)} sampling rows")
         if all(_is_plain_greedy(row.params) for row in rows):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            return SamplerOutput(greedy_ids(logits).tolist(), [None] * len(rows))
         processed = self._penalized(logits, rows)  # [B, V] float32
         token_ids = torch.empty(len(rows), dtype=torch.int64, device=logits.device)  # [B]
         self._sample_greedy(processed, rows, token_ids)
@@ -84,10 +90,10 @@ class Sampler:
                        token_ids: torch.Tensor) -> None:
         selected = [i for i, row in enumerate(rows) if row.params.greedy]
         if len(selected) == len(rows):
-            token_ids.copy_(logits.argmax(dim=-1))
+            token_ids.copy_(greedy_ids(logits))
         elif selected:
             index = torch.tensor(selected, device=logits.device)
-            token_ids[index] = logits[index].argmax(dim=-1)
+            token_ids[index] = greedy_ids(logits[index])
 
     def _sample_random(self, logits: torch.Tensor, rows: list[SamplingRow],
                        token_ids: torch.Tensor) -> None:
