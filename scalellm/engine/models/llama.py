@@ -17,7 +17,7 @@ from scalellm.engine.layers.attention import AttentionMetadata, paged_attention
 from scalellm.engine.layers.linear import Embedding, Linear, LogitsHead
 from scalellm.engine.quantization import QuantizationMethod
 from scalellm.engine.layers.norm import RMSNorm
-from scalellm.engine.layers.rotary import RotaryEmbedding
+from scalellm.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from scalellm.engine.loader.model_config import ModelConfig, ModelLoadError
 
 
@@ -31,24 +31,22 @@ class ForwardContext:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
-                 quant: QuantizationMethod) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, quant: QuantizationMethod) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias,
                                shard_names=["q", "k", "v"], dtype=dtype, quant_method=quant)
         self.o_proj = Linear(q_size, config.hidden_size, dtype=dtype, quant_method=quant)
-        self.rotary = rotary
-        self.split = [q_size, kv_size, kv_size]
+        self.split = [q_size + kv_size, kv_size]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope, x: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KH, D]
+        qk, v = self.qkv_proj(x).split(self.split, dim=-1)
+        # q and k are rotated together: [T, H + KH, D]
+        qk = apply_rotary(qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # [T, H, D], [T, KH, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache, meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
@@ -67,16 +65,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
-                 quant: QuantizationMethod) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, quant: QuantizationMethod) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, rotary, dtype, quant)
+        self.self_attn = LlamaAttention(config, dtype, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, dtype, quant)
 
-    def forward(self, positions, x, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+    def forward(self, rope, x, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -93,9 +90,9 @@ class LlamaForCausalLM(nn.Module):
                  quant: QuantizationMethod) -> None:
         super().__init__()
         self.config = config
-        rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
+        self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, dtype, quant)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, quant)
                                     for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else Embedding(
@@ -105,8 +102,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """token_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(token_ids)
+        rope = self.rotary.cos_sin(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, ctx.kv_caches):
-            x = layer(positions, x, kv_cache, ctx.attention)
+            x = layer(rope, x, kv_cache, ctx.attention)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
