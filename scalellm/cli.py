@@ -19,8 +19,8 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     from scalellm.replica.launch import add_engine_args
 
     add_engine_args(parser)
-    parser.add_argument("--replicas", type=int, default=1, metavar="N",
-                        help="replica processes (default %(default)s)")
+    parser.add_argument("--replicas", type=int, default=None, metavar="N",
+                        help="replica processes (default: one per CPU core up to 4, one with a GPU)")
     parser.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",
                         help="seconds a replica may take to load its model (default %(default)s)")
     parser.add_argument("--no-gateway", action="store_true",
@@ -31,12 +31,14 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from scalellm.gateway.cli_args import gateway_config_from_args
     from scalellm.replica.launch import engine_argv
-    from scalellm.supervisor import Supervisor, free_ports, threads_per_replica
+    from scalellm.supervisor import Supervisor, default_replica_count, free_ports, threads_per_replica
 
-    if args.replicas < 1:
+    if args.replicas is not None and args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
     if args.no_gateway:
         return _serve_local(args)
+    if args.replicas is None:
+        args.replicas = default_replica_count()
     num_threads = args.num_threads or threads_per_replica(args.replicas)
     addresses = [f"127.0.0.1:{port}" for port in free_ports(args.replicas)]
     argvs = [[sys.executable, "-m", "scalellm.cli", "replica", *engine_argv(args, num_threads),
@@ -52,7 +54,7 @@ def _serve_local(args: argparse.Namespace) -> int:
     from scalellm.replica.launch import build_engine
     from scalellm.supervisor import StartupError, check_port_free, threads_per_replica
 
-    if args.replicas != 1:
+    if args.replicas not in (None, 1):
         raise ValueError(f"--no-gateway serves one in-process engine: use --replicas 1 (got {args.replicas})")
     config = gateway_config_from_args(args, ())
     try:

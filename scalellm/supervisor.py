@@ -236,6 +236,19 @@ def check_port_free(host: str, port: int) -> None:
             raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
 
 
+def default_replica_count(num_cores: int | None = None) -> int:
+    """One single-threaded replica per core (up to 4) on a CPU; one replica when a GPU is present.
+
+    Measured on 2 cores: two 1-thread replicas serve twice the tokens/s of one 2-thread replica at 16
+    and 64 concurrent requests, because OpenMP's barriers stall whenever the gateway or a client
+    takes one of the cores; at one request they are even.
+    """
+    if os.path.exists("/dev/nvidiactl"):
+        return 1
+    cores = num_cores if num_cores is not None else len(os.sched_getaffinity(0))
+    return max(1, min(cores, 4))
+
+
 def threads_per_replica(num_replicas: int, num_cores: int | None = None) -> int:
     """Torch threads for each of `num_replicas` replicas sharing this machine's cores: max(1, C // N)."""
     cores = num_cores if num_cores is not None else len(os.sched_getaffinity(0))

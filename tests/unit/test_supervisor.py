@@ -84,3 +84,11 @@ def test_taken_gateway_port_fails_before_starting_anything():
         supervisor = Supervisor([[sys.executable, "-c", "pass"]], ["127.0.0.1:1"], config)
         assert supervisor.run() == 1
         assert supervisor.replicas[0].process is None
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (16, 4)])
+def test_default_replica_count_on_a_cpu(cores, expected, monkeypatch):
+    from scalellm.supervisor import default_replica_count
+
+    monkeypatch.setattr("os.path.exists", lambda path: False)
+    assert default_replica_count(cores) == expected
