@@ -28,3 +28,14 @@ def tokenizer_dir(tmp_path_factory, default_gguf_path) -> str:
     out = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_gguf_path):
+    """transformers' model and tokenizer on the default model's weights (fp32), the parity reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = os.path.split(default_gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    return model, tokenizer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -25,16 +24,6 @@ BF16_LOGPROB_TOLERANCE = 0.35
 
 
 @pytest.fixture(scope="module")
-def hf_model(default_gguf_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, name = os.path.split(default_gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def llm_fp32():
     return LLM(dtype="float32", max_num_batched_tokens=24, kv_cache_gib=0.05)
 
@@ -45,8 +34,8 @@ def hf_generate(model, ids: list[int], num_tokens: int, **kwargs) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def test_chat_matches_transformers(hf_model, llm_fp32):
-    model, tokenizer = hf_model
+def test_chat_matches_transformers(hf_default_model, llm_fp32):
+    model, tokenizer = hf_default_model
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ours = llm_fp32.chat(messages, SamplingParams(temperature=0, max_tokens=16))[0].outputs[0]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
@@ -56,8 +45,8 @@ def test_chat_matches_transformers(hf_model, llm_fp32):
     assert "Paris" in ours.text
 
 
-def test_eight_prompts_batched_and_chunked(hf_model, llm_fp32):
-    model, tokenizer = hf_model
+def test_eight_prompts_batched_and_chunked(hf_default_model, llm_fp32):
+    model, tokenizer = hf_default_model
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS)
     outputs = llm_fp32.generate(PROMPTS, params)
     for prompt, output in zip(PROMPTS, outputs):
@@ -67,8 +56,8 @@ def test_eight_prompts_batched_and_chunked(hf_model, llm_fp32):
         assert output.outputs[0].token_ids == expected, prompt
 
 
-def test_bf16_logprobs_within_tolerance(hf_model):
-    model, tokenizer = hf_model
+def test_bf16_logprobs_within_tolerance(hf_default_model):
+    model, tokenizer = hf_default_model
     llm = LLM(dtype="bfloat16", kv_cache_gib=0.05)
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
     for prompt in PROMPTS[:4]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -41,17 +40,6 @@ def serve():
         process.wait(60)
 
 
-@pytest.fixture(scope="module")
-def reference(default_gguf_path):
-    """transformers on the same weights (fp32), for greedy parity."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, name = os.path.split(default_gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    return model, tokenizer
-
-
 def client_for(port: int) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -61,9 +49,9 @@ def metric(port: int, name: str) -> list[float]:
     return [float(m) for m in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
 
 
-def test_chat_greedy_matches_transformers(serve, reference):
+def test_chat_greedy_matches_transformers(serve, hf_default_model):
     _, port = serve
-    model, tokenizer = reference
+    model, tokenizer = hf_default_model
     client = client_for(port)
     for question in QUESTIONS:
         messages = [{"role": "user", "content": question}]
