@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 
+import uvloop
+
 from scalellm.gateway.app import GatewayApp
 from scalellm.gateway.config import GatewayConfig
 from scalellm.gateway.replica_client import ReplicaError, ReplicaUnavailable
@@ -114,6 +116,54 @@ class GatewayThread:
         async def wrapper():
             return fn()
         return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.app.port}"
+
+
+class MockCluster:
+    """Mock-engine replicas behind real gRPC servers and a gateway, on one event loop on a background thread."""
+
+    def __init__(self, num_replicas: int = 1, tpot_ms: float = 1.0, max_model_len: int = 64, **gateway) -> None:
+        from scalellm.replica.mock_engine import MockEngine
+        from scalellm.replica.server import ReplicaServer
+
+        self._make_engine = lambda: MockEngine("mock-model", tpot_ms=tpot_ms, max_model_len=max_model_len)
+        self._make_server = ReplicaServer
+        self._num_replicas, self._gateway = num_replicas, gateway
+        self.engines, self.servers = [], []
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(self._start())
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(20)
+
+    async def _start(self) -> None:
+        for _ in range(self._num_replicas):
+            engine = self._make_engine()
+            await engine.start()
+            server = self._make_server(engine, "127.0.0.1", 0)
+            await server.start()
+            self.engines.append(engine)
+            self.servers.append(server)
+        config = GatewayConfig(replica_addresses=tuple(s.address for s in self.servers), port=0, **self._gateway)
+        self.app = GatewayApp(config)
+        await self.app.start()
+        await self.app.monitor.probe_all()
+
+    async def _stop(self) -> None:
+        await self.app.shutdown()
+        for server, engine in zip(self.servers, self.engines):
+            await server.stop(0)
+            await engine.shutdown()
+
+    def close(self) -> None:
+        self.run(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
     @property
     def base_url(self) -> str:

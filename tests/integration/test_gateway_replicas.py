@@ -1,65 +1,21 @@
 """The gateway over real gRPC replicas running the mock engine (in-process servers, real sockets)."""
 
-import asyncio
 import socket
-import threading
 import time
 
 import openai
 import pytest
-import uvloop
 
-from scalellm.gateway.app import GatewayApp
-from scalellm.gateway.config import GatewayConfig
-from scalellm.replica.mock_engine import MockEngine
-from scalellm.replica.server import ReplicaServer
+from gateway_fakes import MockCluster
 
 pytestmark = pytest.mark.timeout(60)
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
 
-class Cluster:
-    """Two mock-engine replicas and a gateway on one event loop on a background thread."""
-
-    def __init__(self) -> None:
-        self.loop = uvloop.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.engines, self.servers = [], []
-        self.run(self._start())
-
-    def run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(20)
-
-    async def _start(self) -> None:
-        for _ in range(2):
-            engine = MockEngine("mock-model", tpot_ms=1.0, max_model_len=64)
-            await engine.start()
-            server = ReplicaServer(engine, "127.0.0.1", 0)
-            await server.start()
-            self.engines.append(engine)
-            self.servers.append(server)
-        config = GatewayConfig(replica_addresses=tuple(s.address for s in self.servers), port=0,
-                               health_interval_s=0.2, routing_policy="round_robin")
-        self.app = GatewayApp(config)
-        await self.app.start()
-        await self.app.monitor.probe_all()
-
-    async def _stop(self) -> None:
-        await self.app.shutdown()
-        for server, engine in zip(self.servers, self.engines):
-            await server.stop(0)
-            await engine.shutdown()
-
-    def close(self) -> None:
-        self.run(self._stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = Cluster()
+    cluster = MockCluster(num_replicas=2, tpot_ms=1.0, max_model_len=64, health_interval_s=0.2,
+                          routing_policy="round_robin")
     yield cluster
     cluster.close()
 

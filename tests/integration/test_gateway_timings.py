@@ -1,22 +1,16 @@
 """The non-standard scalellm_timings field: what the gateway sends, that the official openai client
 still parses it, and that the benchmark's breakdown turns it into stages."""
 
-import asyncio
 import http.client
-import threading
 
 import openai
 import orjson
 import pytest
-import uvloop
-from gateway_fakes import FAKE_MODEL, FakeReplica, GatewayThread
+from gateway_fakes import FAKE_MODEL, FakeReplica, GatewayThread, MockCluster
 
 from scalellm.bench.client import ClientConfig
-from scalellm.bench.runner import BenchPlan, run_plan
-from scalellm.gateway.app import GatewayApp
 from scalellm.gateway.config import GatewayConfig
-from scalellm.replica.mock_engine import MockEngine
-from scalellm.replica.server import ReplicaServer
+from scalellm.bench.runner import BenchPlan, run_plan
 
 pytestmark = pytest.mark.timeout(60)
 MESSAGES = [{"role": "user", "content": "hello there"}]
@@ -24,46 +18,9 @@ ORDER = ("gateway_receive", "routed", "replica_receive", "scheduled", "first_tok
          "gateway_send")
 
 
-class MockCluster:
-    """One mock-engine replica over real gRPC and a gateway, on one event loop on a background thread."""
-
-    def __init__(self) -> None:
-        self.loop = uvloop.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.run(self._start())
-
-    def run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(20)
-
-    async def _start(self) -> None:
-        self.engine = MockEngine("mock-model", tpot_ms=2.0, max_model_len=256)
-        await self.engine.start()
-        self.server = ReplicaServer(self.engine, "127.0.0.1", 0)
-        await self.server.start()
-        self.app = GatewayApp(GatewayConfig(replica_addresses=(self.server.address,), port=0,
-                                            log_requests=False))
-        await self.app.start()
-        await self.app.monitor.probe_all()
-
-    async def _stop(self) -> None:
-        await self.app.shutdown()
-        await self.server.stop(0)
-        await self.engine.shutdown()
-
-    def close(self) -> None:
-        self.run(self._stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.app.port}"
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = MockCluster()
+    cluster = MockCluster(num_replicas=1, tpot_ms=2.0, max_model_len=256, log_requests=False)
     yield cluster
     cluster.close()
 
