@@ -62,10 +62,10 @@ class AsyncLLM(EngineClient):
         core = await ready
         tokenizer = core.files.load_tokenizer()
         model_config = core.files.config
-        eos = model_config.eos_token_ids[0] if model_config.eos_token_ids else tokenizer.eos_token_id
         self.model_name, self.max_model_len = core.files.name, core.max_model_len
         self.tokenizer = tokenizer
-        self.input_processor = InputProcessor(tokenizer, model_config.vocab_size, core.max_model_len, eos)
+        self.input_processor = InputProcessor(tokenizer, model_config.vocab_size, core.max_model_len,
+                                              model_config.eos_token_ids)
         self.output_processor = OutputProcessor(tokenizer)
 
     async def shutdown(self) -> None:

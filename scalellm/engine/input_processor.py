@@ -13,11 +13,15 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 class InputProcessor:
     """Tokenizes prompts and renders chat templates; raises ValueError for input that cannot be served."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_id: int | None) -> None:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, eos_token_ids: tuple[int, ...]) -> None:
+        """eos_token_ids: every id that ends generation like EOS; the tokenizer's EOS when empty."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
-        self.eos_token_id = eos_token_id
+        if not eos_token_ids and tokenizer.eos_token_id is not None:
+            eos_token_ids = (tokenizer.eos_token_id,)
+        self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
+        self.other_eos_token_ids = tuple(eos_token_ids[1:])
 
     def tokenize(self, prompt: PromptInput) -> list[int]:
         if isinstance(prompt, ChatPrompt):
@@ -59,7 +63,8 @@ class InputProcessor:
         arrival = arrival_time or time.time()
         ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         return [Request(request_id=child_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
-                        max_tokens=max_tokens, eos_token_id=self.eos_token_id, sample_index=i,
+                        max_tokens=max_tokens, eos_token_id=self.eos_token_id,
+                        other_eos_token_ids=self.other_eos_token_ids, sample_index=i,
                         arrival_time=arrival) for i, child_id in enumerate(ids)]
 
 

@@ -20,8 +20,8 @@ class LLMEngine:
         self.max_model_len = self.core.max_model_len
         self.tokenizer = self.core.files.load_tokenizer()
         model_config = self.core.files.config
-        eos = model_config.eos_token_ids[0] if model_config.eos_token_ids else self.tokenizer.eos_token_id
-        self.input_processor = InputProcessor(self.tokenizer, model_config.vocab_size, self.max_model_len, eos)
+        self.input_processor = InputProcessor(self.tokenizer, model_config.vocab_size, self.max_model_len,
+                                              model_config.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,

@@ -47,6 +47,8 @@ class Request:
     max_tokens: int
     """Output tokens allowed, already capped by the context length."""
     eos_token_id: int | None = None
+    other_eos_token_ids: tuple[int, ...] = ()
+    """Further ids that end generation like EOS (a model's generation config may list several)."""
     sample_index: int = 0
     """Which of the parent request's n samples this is (seeded sampling offsets the seed by it)."""
     arrival_time: float = field(default_factory=time.time)

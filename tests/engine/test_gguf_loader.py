@@ -165,3 +165,14 @@ def test_unsupported_and_missing_models_are_clear_errors(tmp_path):
                                           '"num_attention_heads": 2}')
     with pytest.raises(ModelLoadError, match="safetensors"):
         open_model_files(str(tmp_path))
+
+
+def test_generation_config_adds_eos_ids(tmp_path):
+    from scalellm.engine.loader.hf import HFDirectoryFiles
+
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, '
+        '"num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": 2}')
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 5, 7]}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert HFDirectoryFiles(str(tmp_path)).config.eos_token_ids == (2, 5, 7)

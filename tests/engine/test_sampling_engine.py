@@ -141,3 +141,19 @@ def test_bad_input_is_a_value_error(tiny):
         engine.add_request("empty", "", SamplingParams())
     with pytest.raises(ValueError):
         engine.add_request("vocab", [10 ** 9], SamplingParams())
+
+
+def test_generation_config_eos_ids_end_generation(tiny, tmp_path):
+    import json
+    import shutil
+
+    _, engine = tiny
+    greedy = run(engine, {"g": (PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))})["g"]
+    tokens = greedy.outputs[0].token_ids
+    directory = tmp_path / "model"
+    shutil.copytree(engine.config.model, directory)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, tokens[2]]}))
+    other = LLMEngine(EngineConfig(model=str(directory), dtype="float32", kv_cache_gib=0.01, block_size=4))
+    out = run(other, {"e": (PROMPT, SamplingParams(temperature=0, max_tokens=8))})["e"].outputs[0]
+    assert out.token_ids == tokens[:tokens.index(tokens[2]) + 1]
+    assert out.finish_reason == "stop"

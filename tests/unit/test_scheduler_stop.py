@@ -84,3 +84,15 @@ def test_logprobs_are_appended_and_reported():
     assert update.new_logprobs == [logprobs] and request.output_logprobs == [logprobs]
     assert update.finish_reason == "length"
     assert request.last_token_time >= request.first_token_time >= request.scheduled_time > 0
+
+
+def test_any_of_several_eos_ids_stops():
+    scheduler = make_scheduler()
+    request = make_request("a", max_tokens=10, eos_token_id=EOS)
+    request.other_eos_token_ids = (77,)
+    scheduler.add_request(request)
+    while scheduler.has_unfinished_requests():
+        step(scheduler, sequence_runner([5, 77, 6]))
+    assert request.output_token_ids == [5, 77]
+    assert request.status is RequestStatus.FINISHED_STOPPED and request.stop_reason is None
+    assert_all_blocks_free(scheduler)

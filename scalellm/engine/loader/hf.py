@@ -26,7 +26,7 @@ class HFDirectoryFiles(ModelFiles):
                 raw = json.load(f)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot read {config_path}: {exc}") from None
-        self.config = ModelConfig.from_hf_dict(raw)
+        self.config = ModelConfig.from_hf_dict(raw, _read_generation_config(path))
         self.weight_files = self._find_weight_files()
 
     def _find_weight_files(self) -> list[str]:
@@ -65,3 +65,15 @@ class HFDirectoryFiles(ModelFiles):
             return AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
         except Exception as exc:  # transformers raises many types for missing/broken tokenizer files
             raise ModelLoadError(f"cannot load the tokenizer from {self.path}: {exc}") from None
+
+
+def _read_generation_config(path: str) -> dict:
+    """generation_config.json when present (it may list several EOS ids); {} otherwise."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {file}: {exc}") from None

@@ -50,8 +50,8 @@ class ModelConfig:
             raise ModelLoadError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
 
     @classmethod
-    def from_hf_dict(cls, config: dict) -> "ModelConfig":
-        """Build from a Hugging Face config.json dictionary."""
+    def from_hf_dict(cls, config: dict, generation_config: dict | None = None) -> "ModelConfig":
+        """Build from a Hugging Face config.json dictionary (and generation_config.json's EOS ids)."""
         architectures = config.get("architectures") or []
         known = [a for a in architectures if a in SUPPORTED_ARCHITECTURES]
         if not known:
@@ -79,7 +79,8 @@ class ModelConfig:
                 rope_scaling=_rope_scaling(config),
                 sliding_window=config.get("sliding_window") if config.get("use_sliding_window", arch == "mistral") else None,
                 bos_token_id=config.get("bos_token_id"),
-                eos_token_ids=_as_tuple(config.get("eos_token_id")),
+                eos_token_ids=tuple(dict.fromkeys(_as_tuple(config.get("eos_token_id"))
+                                                  + _as_tuple((generation_config or {}).get("eos_token_id")))),
             )
         except KeyError as exc:
             raise ModelLoadError(f"config.json is missing {exc.args[0]!r}") from None
