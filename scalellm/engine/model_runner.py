@@ -46,10 +46,17 @@ class ModelRunner:
         return num_blocks
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (K, V) [slots, KH, D].
+
+        The C++ decode kernel and the prefill path read only slots already written, so on the CPU the
+        cache is left uninitialized and its pages become resident as they are used. The torch decode
+        path reads whole blocks (masking the unwritten tail), which must hold finite values: zeros.
+        """
         c = self.model_config
         shape = (num_blocks * self.block_size, c.num_kv_heads, c.head_dim)  # [slots, KH, D]
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+        allocate = torch.empty if self.decode_backend == "cpp" else torch.zeros
+        return [(allocate(shape, dtype=self.dtype, device=self.device),
+                 allocate(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
