@@ -60,13 +60,10 @@ class AsyncLLM(EngineClient):
         self._thread = threading.Thread(target=self._run, args=(ready,), name="engine-loop", daemon=True)
         self._thread.start()
         core = await ready
-        tokenizer = core.files.load_tokenizer()
-        model_config = core.files.config
         self.model_name, self.max_model_len = core.files.name, core.max_model_len
-        self.tokenizer = tokenizer
-        self.input_processor = InputProcessor(tokenizer, model_config.vocab_size, core.max_model_len,
-                                              model_config.eos_token_ids)
-        self.output_processor = OutputProcessor(tokenizer)
+        self.tokenizer = core.files.load_tokenizer()
+        self.input_processor = InputProcessor.for_core(core, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
 
     async def shutdown(self) -> None:
         for request_id in list(self._queues):

@@ -23,6 +23,12 @@ class InputProcessor:
         self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
         self.other_eos_token_ids = tuple(eos_token_ids[1:])
 
+    @classmethod
+    def for_core(cls, core, tokenizer) -> "InputProcessor":
+        """The input processor matching an EngineCore's model and context length."""
+        model_config = core.files.config
+        return cls(tokenizer, model_config.vocab_size, core.max_model_len, model_config.eos_token_ids)
+
     def tokenize(self, prompt: PromptInput) -> list[int]:
         if isinstance(prompt, ChatPrompt):
             text = self.render_chat(prompt)

@@ -19,9 +19,7 @@ class LLMEngine:
         self.model_name = self.core.files.name
         self.max_model_len = self.core.max_model_len
         self.tokenizer = self.core.files.load_tokenizer()
-        model_config = self.core.files.config
-        self.input_processor = InputProcessor(self.tokenizer, model_config.vocab_size, self.max_model_len,
-                                              model_config.eos_token_ids)
+        self.input_processor = InputProcessor.for_core(self.core, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
