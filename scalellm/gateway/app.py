@@ -4,8 +4,9 @@ Routes:
     POST /v1/chat/completions, POST /v1/completions   (API key when configured)
     GET  /v1/models                                    (API key when configured)
     GET  /health    200 when at least one replica is routable and the gateway is not draining, else 503
-    GET  /metrics   Prometheus text
-/health and /metrics never need the API key: load balancers and scrapers call them without one.
+    GET  /metrics   Prometheus text (a key with the metrics scope when keys are configured)
+    GET  /openapi.json   the OpenAPI document of these routes
+/health and /openapi.json never need a key: load balancers call them without one (see auth.py).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Callable, Sequence
 
 import orjson
 
-from scalellm.gateway.auth import ApiKeyAuth
+from scalellm.gateway.auth import INFERENCE, METRICS, ApiKeyAuth
 from scalellm.gateway.config import GatewayConfig
 from scalellm.gateway.health import HealthMonitor
-from scalellm.gateway.http import HttpConnection, Request, start_http_server
+from scalellm.gateway.http import HttpConnection, HttpLimits, Request, start_http_server
 from scalellm.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from scalellm.gateway.metrics import GatewayMetrics
+from scalellm.gateway.openapi import openapi_document
 from scalellm.gateway.policies import create_policy
 from scalellm.gateway.router import Router
 from scalellm.gateway.serving import InferenceService, ModelInfo
@@ -32,7 +34,7 @@ from scalellm.protocol.openai import OpenAIError
 logger = logging.getLogger("scalellm.gateway")
 
 _METHODS = {"/v1/chat/completions": b"POST", "/v1/completions": b"POST", "/v1/models": b"GET",
-            "/health": b"GET", "/metrics": b"GET"}
+            "/health": b"GET", "/metrics": b"GET", "/openapi.json": b"GET"}
 
 
 def render_error(status: int, message: str) -> bytes:
@@ -83,8 +85,10 @@ class GatewayApp:
 
     async def start(self) -> None:
         """Listen, and start probing the replicas."""
-        self._server = await start_http_server(self.handle, self.config.host, self.config.port,
-                                               self.config.max_body_bytes, render_error)
+        config = self.config
+        limits = HttpLimits(config.max_body_bytes, config.max_connections, config.header_timeout_s,
+                            config.body_timeout_s, config.keep_alive_timeout_s)
+        self._server = await start_http_server(self.handle, config.host, config.port, limits, render_error)
         self.monitor.start()
         logger.info("gateway listening on http://%s:%d, replicas: %s", self.config.host, self.port,
                     ", ".join(r.address for r in self.router.replicas))
@@ -119,17 +123,28 @@ class GatewayApp:
             self._models(request, conn)
         elif path == "/health":
             self._health(conn)
+        elif path == "/openapi.json":
+            conn.send_response(200, orjson.dumps(openapi_document(self.model.name, self.model.max_model_len,
+                                                                  self.service.auth.enabled)))
         else:
-            conn.send_response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+            self._metrics(request, conn)
 
     def _error(self, conn: HttpConnection, error: OpenAIError, route: str) -> None:
         conn.send_response(error.status, error.body(), headers=error.headers)
         self.metrics.count_request(route, error.status)
 
+    def _metrics(self, request: Request, conn: HttpConnection) -> None:
+        try:
+            self.service.auth.authorize(request.headers.get(b"authorization"), METRICS)
+        except OpenAIError as error:
+            return self._error(conn, error, "/metrics")
+        conn.send_response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
+
     def _models(self, request: Request, conn: HttpConnection) -> None:
-        if self.service.auth.identify(request.headers.get(b"authorization")) is None:
-            return self._error(conn, OpenAIError(401, "missing or invalid API key", code="invalid_api_key"),
-                               "/v1/models")
+        try:
+            self.service.auth.authorize(request.headers.get(b"authorization"), INFERENCE)
+        except OpenAIError as error:
+            return self._error(conn, error, "/v1/models")
         data = []
         if self.model.name is not None:
             data.append({"id": self.model.name, "object": "model", "created": self._created,

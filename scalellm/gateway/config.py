@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from scalellm.gateway.auth import parse_key_spec
 
 
 @dataclass(frozen=True)
@@ -12,15 +14,16 @@ class GatewayConfig:
     replica_addresses: tuple[str, ...] = ()
     """HOST:PORT of each replica's gRPC server."""
     host: str = "127.0.0.1"
-    """Interface the HTTP server binds to."""
+    """Interface the HTTP server binds to: loopback only unless another address is asked for explicitly."""
     port: int = 8000
     """TCP port of the HTTP server."""
     served_model_name: str | None = None
     """Model name clients must send; None asks the replicas (`info()`) for theirs."""
-    api_keys: tuple[str, ...] = ()
-    """Accepted API keys (`Authorization: Bearer KEY`). Held only as sha256 digests once the app starts."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Accepted API keys as `KEY` or `KEY SCOPE[,SCOPE...]` (scopes: inference, metrics, admin; a bare
+    key is inference). Held only as sha256 digests once the app starts; never in the repr or the logs."""
     api_key_file: str | None = None
-    """A file with one API key per line (blank lines and lines starting with # are skipped)."""
+    """A file with one key per line in the same syntax (blank lines and lines starting with # are skipped)."""
     routing_policy: str = "least_load"
     """Name of a registered routing policy: round_robin, least_load or prefix_affinity."""
     rate_limit_rpm: float | None = None
@@ -29,6 +32,14 @@ class GatewayConfig:
     """Most inference requests in flight in the gateway; beyond it requests get a fast 429."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Largest accepted request body; larger ones get 413 before the gateway reads them."""
+    max_connections: int = 4096
+    """Most open client connections; a connection beyond it gets a 503 and is closed at once."""
+    header_timeout_s: float = 10.0
+    """A request's line and headers must arrive within this many seconds of its first byte (else 408)."""
+    body_timeout_s: float = 30.0
+    """A request's body must arrive within this many seconds of its headers (else 408)."""
+    keep_alive_timeout_s: float = 60.0
+    """An open connection with no request in progress is closed after this many idle seconds."""
     request_timeout_s: float = 600.0
     """Wall-clock limit of one inference request, streaming included."""
     drain_timeout_s: float = 30.0
@@ -66,12 +77,14 @@ class GatewayConfig:
         _positive("max_body_bytes", self.max_body_bytes)
         _positive("breaker_failure_threshold", self.breaker_failure_threshold)
         _positive("prefix_affinity_chars", self.prefix_affinity_chars)
-        for name in ("request_timeout_s", "health_interval_s", "health_timeout_s", "connect_timeout_s"):
+        _positive("max_connections", self.max_connections)
+        for name in ("request_timeout_s", "health_interval_s", "health_timeout_s", "connect_timeout_s",
+                     "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
             _positive(name, getattr(self, name))
         if self.drain_timeout_s < 0 or self.breaker_cooldown_s < 0 or self.prefix_affinity_load_bound < 0:
             raise ValueError("drain_timeout_s, breaker_cooldown_s and prefix_affinity_load_bound must be >= 0")
-        if any(not key for key in self.api_keys):
-            raise ValueError("API keys must be non-empty")
+        for spec in self.api_keys:
+            parse_key_spec(spec)
 
     @property
     def auth_enabled(self) -> bool:

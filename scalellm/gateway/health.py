@@ -1,7 +1,11 @@
 """Replica health: a circuit breaker per replica (passive failures) and an active probe loop.
 
 A replica is routable when its last probe succeeded (or none ran yet) and its breaker lets traffic
-through. Breaker states:
+through. So a replica that stops answering (hung, SIGSTOPped: its socket still open) leaves routing
+at its first failed probe, within interval_s + timeout_s; once its breaker opens on probe failures
+(`failure_threshold` probes in a row, within failure_threshold * (interval_s + timeout_s)) the
+requests still waiting on it are aborted: non-streamed ones run again elsewhere, streams end with an
+error event. Breaker states:
 
     closed ──K consecutive failures──▶ open ──cool-down elapsed──▶ half-open
       ▲                                  ▲                             │
@@ -104,3 +108,13 @@ class HealthMonitor:
         self._router.set_probe_result(state, healthy)
         if not healthy:
             logger.warning("replica %s unhealthy: %s", state.address, detail)
+            if state.breaker.state == OPEN:
+                self._abort_in_flight(state)
+
+    @staticmethod
+    def _abort_in_flight(state) -> None:
+        # In-process clients (no connection that can hang) have nothing to abort.
+        abort = getattr(state.client, "abort_in_flight", None)
+        num_aborted = abort() if abort is not None else 0
+        if num_aborted:
+            logger.warning("replica %s is down: aborted its %d requests in flight", state.address, num_aborted)

@@ -23,25 +23,60 @@ Content-Length before reading, and by counting while reading), hands complete `R
 handler one at a time per connection, and gives the handler `send_response` (Content-Length) or
 `start_stream`/`write`/`end_stream` (chunked). When the client goes away the handler's task is cancelled,
 so whatever it awaits (a replica stream) is closed by its own `finally`/`async with`.
+
+Hostile or broken clients cannot hold the server (`HttpLimits`): a connection must send its request
+head within header_timeout_s of its first byte (of connecting, for the first request) and its body
+within body_timeout_s of the head, else it gets a 408 and is closed; an idle keep-alive connection is
+closed after keep_alive_timeout_s; a head over MAX_HEADER_BYTES gets a 431; connections beyond
+max_connections get a 503 and are closed at once. One sweeper task per server checks the deadlines
+(each connection only stores a number, so the per-request cost is one clock read per phase).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import resource
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import httptools
 
 logger = logging.getLogger("scalellm.gateway.http")
 
-REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-           405: b"Method Not Allowed", 413: b"Payload Too Large", 429: b"Too Many Requests",
-           500: b"Internal Server Error", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+           405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
+           429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+           503: b"Service Unavailable", 504: b"Gateway Timeout"}
 _STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in REASONS.items()}
 _MAX_PIPELINED = 32
+MAX_HEADER_BYTES = 64 * 1024
+"""Largest request line plus headers."""
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client connection may take from the server (see the module docstring)."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_connections: int = 4096
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_connections", "header_timeout_s", "body_timeout_s",
+                     "keep_alive_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def sweep_interval_s(self) -> float:
+        """How often deadlines are checked: a quarter of the shortest timeout, at most one second."""
+        return min(1.0, self.header_timeout_s / 4, self.body_timeout_s / 4, self.keep_alive_timeout_s / 4)
 
 
 class Request:
@@ -74,10 +109,13 @@ def _header_block(headers) -> bytes:
 class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests and writes responses for the handler."""
 
-    def __init__(self, handler: Handler, max_body_bytes: int, render_error: ErrorRenderer) -> None:
+    def __init__(self, handler: Handler, limits: HttpLimits, render_error: ErrorRenderer,
+                 connections: "ConnectionSet") -> None:
         self._handler = handler
-        self._max_body_bytes = max_body_bytes
+        self._limits = limits
+        self._max_body_bytes = limits.max_body_bytes
         self._render_error = render_error
+        self._connections = connections
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
@@ -92,12 +130,23 @@ class HttpConnection(asyncio.Protocol):
         self._writable.set()
         self.closed = False
         self.response_started = False
+        self._reading = False
+        """True from a request's first byte until it is complete."""
+        self._head_bytes = 0
+        self.deadline = math.inf
+        """time.monotonic() by which the client must send more; inf while a handler runs."""
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self._transport = transport
+        if not self._connections.add(self):
+            self._reject(503, f"the server has too many open connections ({self._limits.max_connections}); "
+                         "retry shortly")
+            return
+        self.deadline = time.monotonic() + self._limits.header_timeout_s
 
     def connection_lost(self, exc) -> None:
+        self._connections.discard(self)
         self.closed = True
         self._writable.set()
         self._pending.clear()
@@ -120,6 +169,21 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self._rejected:
                 self._reject(400, f"malformed HTTP request: {exc}")
+        if self._head_bytes >= 0 and self._reading and not self._rejected:
+            self._head_bytes += len(data)  # still in the head after this chunk: count it
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._reject(431, f"request line and headers larger than {MAX_HEADER_BYTES} bytes")
+
+    def expire(self, now: float) -> None:
+        """Called by the sweeper once `deadline` has passed: 408 for a partial request, else just close."""
+        if self._task is not None or self.closed:
+            return
+        if self._reading:
+            phase, limit = (("headers", self._limits.header_timeout_s) if self._head_bytes >= 0
+                            else ("body", self._limits.body_timeout_s))
+            self._reject(408, f"the request {phase} did not arrive within {limit:g} s")
+        else:
+            self.close()
 
     # -- httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -127,6 +191,11 @@ class HttpConnection(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._body_size = 0
+        self._head_bytes = 0
+        if not self._reading:
+            self._reading = True
+            if self._task is None:
+                self.deadline = time.monotonic() + self._limits.header_timeout_s
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -135,6 +204,9 @@ class HttpConnection(asyncio.Protocol):
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        self._head_bytes = -1  # the head is over: body bytes are not counted as head
+        if self._task is None:
+            self.deadline = time.monotonic() + self._limits.body_timeout_s
         length = self._headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self._max_body_bytes):
             self._reject(413, f"request body larger than {self._max_body_bytes} bytes")
@@ -153,6 +225,7 @@ class HttpConnection(asyncio.Protocol):
         path = self._url.split(b"?", 1)[0].decode("latin-1")
         request = Request(self._parser.get_method(), path, self._headers, b"".join(self._body), time.time())
         keep_alive = self._parser.should_keep_alive()
+        self._reading = False
         if self._task is None:
             self._start(request, keep_alive)
         elif len(self._pending) < _MAX_PIPELINED:
@@ -164,6 +237,7 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, request: Request, keep_alive: bool) -> None:
         self._keep_alive = keep_alive
         self.response_started = False
+        self.deadline = math.inf
         self._task = asyncio.get_running_loop().create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:
@@ -184,6 +258,11 @@ class HttpConnection(asyncio.Protocol):
             self.close()
         elif self._pending:
             self._start(*self._pending.popleft())
+        elif not self._reading:
+            self.deadline = time.monotonic() + self._limits.keep_alive_timeout_s
+        else:  # the next request is arriving: its phase's deadline runs from now
+            timeout = self._limits.header_timeout_s if self._head_bytes >= 0 else self._limits.body_timeout_s
+            self.deadline = time.monotonic() + timeout
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request the handler never sees, then close the connection."""
@@ -244,9 +323,76 @@ class HttpConnection(asyncio.Protocol):
                                   + b"0\r\n\r\n")
 
 
-async def start_http_server(handler: Handler, host: str, port: int, max_body_bytes: int,
-                            render_error: ErrorRenderer, backlog: int = 2048) -> asyncio.base_events.Server:
-    """Listen on host:port and serve every connection with `handler`."""
+class ConnectionSet:
+    """The open connections of one server: the connection cap and the deadline sweeper."""
+
+    def __init__(self, limits: HttpLimits) -> None:
+        self._limits = limits
+        self._connections: set[HttpConnection] = set()
+        self._task: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def add(self, connection: HttpConnection) -> bool:
+        """Track a new connection; False when the server is at max_connections (the caller refuses it)."""
+        if len(self._connections) >= self._limits.max_connections:
+            return False
+        self._connections.add(connection)
+        return True
+
+    def discard(self, connection: HttpConnection) -> None:
+        self._connections.discard(connection)
+
+    def start(self) -> None:
+        """Start the sweeper on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._sweep())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _sweep(self) -> None:
+        interval = self._limits.sweep_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for connection in [c for c in self._connections if c.deadline < now]:
+                connection.expire(now)
+
+
+class HttpServer:
+    """A listening server: its sockets, its connections, and `close()`."""
+
+    def __init__(self, server: asyncio.base_events.Server, connections: ConnectionSet) -> None:
+        self._server = server
+        self.connections = connections
+
+    @property
+    def sockets(self):
+        return self._server.sockets
+
+    def close(self) -> None:
+        """Stop listening and stop the sweeper (open connections finish what they are doing)."""
+        self._server.close()
+        self.connections.stop()
+
+
+def raise_open_file_limit(wanted: int) -> None:
+    """Raise this process's soft limit on open files towards `wanted` (never above the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+async def start_http_server(handler: Handler, host: str, port: int, limits: HttpLimits,
+                            render_error: ErrorRenderer, backlog: int = 2048) -> HttpServer:
+    """Listen on host:port and serve every connection with `handler` within `limits`."""
+    raise_open_file_limit(limits.max_connections + 1024)  # replica channels, logs and spare room
+    connections = ConnectionSet(limits)
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: HttpConnection(handler, max_body_bytes, render_error),
-                                    host, port, backlog=backlog, reuse_address=True)
+    server = await loop.create_server(lambda: HttpConnection(handler, limits, render_error, connections),
+                                      host, port, backlog=backlog, reuse_address=True)
+    connections.start()
+    return HttpServer(server, connections)

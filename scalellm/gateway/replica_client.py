@@ -2,11 +2,14 @@
 
 Errors reach the gateway as `ReplicaError` carrying the HTTP status to answer with; `ReplicaUnavailable`
 means the replica could not be reached before any output arrived, so the request is safe to retry on
-another replica.
+another replica. `abort_in_flight()` ends every call in flight with such an error: the health monitor
+uses it when a replica stops answering with its connection still open (a hung or SIGSTOPped process),
+which gRPC alone would only notice after its keepalive timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 import grpc
@@ -59,6 +62,8 @@ class ReplicaClient:
             method.path, request_serializer=method.request_serializer,
             response_deserializer=method.response_deserializer)
             for method in (convert.HEALTH, convert.LOAD, convert.INFO)}
+        self._calls: set = set()
+        self._aborted: set = set()
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                        gateway_receive_time: float, timeout_s: float | None = None
@@ -74,10 +79,17 @@ class ReplicaClient:
         except ValueError as error:
             raise ReplicaError(str(error), 400) from None
         call = self._generate(request, timeout=timeout_s)
+        self._calls.add(call)
         received = False
         try:
             while True:
-                chunk = await call.read()
+                try:
+                    chunk = await call.read()
+                except asyncio.CancelledError:
+                    if call not in self._aborted:
+                        raise
+                    message = f"replica {self.address} stopped responding"
+                    raise ReplicaUnavailable(message) if not received else ReplicaError(message, 503) from None
                 if chunk is grpc.aio.EOF:
                     return
                 received = True
@@ -86,6 +98,19 @@ class ReplicaClient:
             raise self._error(error, retriable=not received) from None
         finally:
             call.cancel()
+            self._calls.discard(call)
+            self._aborted.discard(call)
+
+    def abort_in_flight(self) -> int:
+        """End every Generate call in flight with a ReplicaError (retriable if no output came yet).
+
+        Returns how many calls were aborted; closing each cancels its request on the replica.
+        """
+        calls = list(self._calls)
+        self._aborted.update(calls)
+        for call in calls:
+            call.cancel()
+        return len(calls)
 
     async def health(self, timeout_s: float = 1.0) -> EngineHealth:
         """The replica engine's health; raises ReplicaUnavailable if the replica cannot be reached."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from scalellm.gateway.auth import ApiKeyAuth
+from scalellm.gateway.auth import INFERENCE, ApiKeyAuth
 from scalellm.gateway.config import GatewayConfig
 from scalellm.gateway.http import HttpConnection, Request
 from scalellm.gateway.limits import AdmissionGate, RateLimiter
@@ -78,10 +78,7 @@ class InferenceService:
 
     def admit(self, request: Request) -> None:
         """Raise `OpenAIError` unless the request may start; on success the caller owns a gate slot."""
-        identity = self.auth.identify(request.headers.get(b"authorization"))
-        if identity is None:
-            raise OpenAIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")
+        identity = self.auth.authorize(request.headers.get(b"authorization"), INFERENCE)
         if self.draining:
             raise OpenAIError(503, "the gateway is shutting down; retry on another instance",
                               type="server_error", code="draining")

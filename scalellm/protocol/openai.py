@@ -8,6 +8,7 @@ and each event splices in only the new text, logprobs and finish reason.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,6 +21,40 @@ CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_N = 128
 MAX_TOKENS_WITHOUT_CONTEXT = 1 << 20
 """Upper bound on max_tokens while the model's context length is unknown."""
+MAX_STOP_SEQUENCES = 32
+MAX_STOP_CHARS = 512
+MAX_STOP_TOKEN_IDS = 1024
+MAX_TOKEN_ID = (1 << 32) - 1
+"""Token ids travel as uint32 to the replicas."""
+MAX_TOP_K = (1 << 31) - 1
+MAX_SEED = (1 << 63) - 1
+
+_NUMBER, _INTEGER, _BOOLEAN = {"type": "number"}, {"type": "integer"}, {"type": "boolean"}
+SAMPLING_FIELDS: dict[str, tuple[dict, object]] = {
+    "n": ({**_INTEGER, "minimum": 1, "maximum": MAX_N}, 1),
+    "temperature": ({**_NUMBER, "minimum": 0}, 1.0),
+    "top_p": ({**_NUMBER, "exclusiveMinimum": 0, "maximum": 1}, 1.0),
+    "top_k": ({**_INTEGER, "minimum": -1, "maximum": MAX_TOP_K}, 0),
+    "min_p": ({**_NUMBER, "minimum": 0, "maximum": 1}, 0.0),
+    "seed": ({**_INTEGER, "minimum": -MAX_SEED - 1, "maximum": MAX_SEED}, None),
+    "repetition_penalty": ({**_NUMBER, "exclusiveMinimum": 0}, 1.0),
+    "presence_penalty": ({**_NUMBER, "minimum": -2, "maximum": 2}, 0.0),
+    "frequency_penalty": ({**_NUMBER, "minimum": -2, "maximum": 2}, 0.0),
+    "stop_token_ids": ({"type": "array", "maxItems": MAX_STOP_TOKEN_IDS,
+                        "items": {**_INTEGER, "minimum": 0, "maximum": MAX_TOKEN_ID}}, []),
+    "include_stop_str_in_output": (_BOOLEAN, False),
+    "ignore_eos": (_BOOLEAN, False),
+    "min_tokens": ({**_INTEGER, "minimum": 0, "maximum": MAX_TOKEN_ID}, 0),
+    "skip_special_tokens": (_BOOLEAN, True),
+}
+"""Sampling fields of both routes: name -> (JSON Schema of a non-null value, default). The parser
+checks types from it and openapi.py publishes it; null always means the default."""
+STOP_SCHEMA = {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                         {"type": "array", "maxItems": MAX_STOP_SEQUENCES,
+                          "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}}]}
+_KINDS = {"integer": ((int,), "an integer"), "number": ((int, float), "a number"),
+          "boolean": ((bool,), "a boolean"), "string": ((str,), "a string"), "array": ((list,), "a list"),
+          "object": ((dict,), "an object")}
 
 
 class OpenAIError(Exception):
@@ -102,31 +137,39 @@ def _stop(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise _invalid("'stop' must be a non-empty string or a list of them", param="stop")
+    if len(stop) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise _invalid(f"'stop' takes at most {MAX_STOP_SEQUENCES} strings of at most {MAX_STOP_CHARS} "
+                       "characters each", param="stop")
     return stop
 
 
+def _bounded(name: str, value, schema: dict) -> None:
+    """Check the schema's numeric bounds (and list length) that SamplingParams leaves open."""
+    if schema.get("type") == "array":
+        if len(value) > schema["maxItems"] or not all(type(v) is int for v in value):
+            raise _invalid(f"'{name}' must be a list of at most {schema['maxItems']} integers", param=name)
+        for item in value:
+            _bounded(name, item, schema["items"])
+    elif "maximum" in schema and not schema.get("minimum", -math.inf) <= value <= schema["maximum"]:
+        raise _invalid(f"'{name}' must be between {schema.get('minimum')} and {schema['maximum']}, "
+                       f"got {value}", param=name)
+
+
+def _sampling_values(body: dict) -> dict:
+    values = {}
+    for name, (schema, default) in SAMPLING_FIELDS.items():
+        kinds, what = _KINDS[schema["type"]]
+        value = _get(body, name, kinds, default, what)
+        if value is not default:
+            _bounded(name, value, schema)
+        values[name] = value
+    return values
+
+
 def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    number = (int, float)
     try:
-        return SamplingParams(
-            n=_get(body, "n", (int,), 1, "an integer"),
-            temperature=_get(body, "temperature", number, 1.0, "a number"),
-            top_p=_get(body, "top_p", number, 1.0, "a number"),
-            top_k=_get(body, "top_k", (int,), 0, "an integer"),
-            min_p=_get(body, "min_p", number, 0.0, "a number"),
-            seed=_get(body, "seed", (int,), None, "an integer"),
-            repetition_penalty=_get(body, "repetition_penalty", number, 1.0, "a number"),
-            presence_penalty=_get(body, "presence_penalty", number, 0.0, "a number"),
-            frequency_penalty=_get(body, "frequency_penalty", number, 0.0, "a number"),
-            stop=_stop(body),
-            stop_token_ids=_get(body, "stop_token_ids", (list,), [], "a list of integers"),
-            include_stop_str_in_output=_get(body, "include_stop_str_in_output", (bool,), False, "a boolean"),
-            ignore_eos=_get(body, "ignore_eos", (bool,), False, "a boolean"),
-            max_tokens=max_tokens,
-            min_tokens=_get(body, "min_tokens", (int,), 0, "an integer"),
-            logprobs=logprobs,
-            skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True, "a boolean"),
-        )
+        return SamplingParams(**_sampling_values(body), stop=_stop(body), max_tokens=max_tokens,
+                              logprobs=logprobs)
     except ValueError as exc:
         raise _invalid(str(exc)) from None
 

@@ -73,7 +73,7 @@ def test_api_keys_401_and_health_without_key():
         good = openai.OpenAI(base_url=gw.base_url + "/v1", api_key="k-123", max_retries=0)
         assert good.chat.completions.create(model=FAKE_MODEL, messages=[{"role": "user", "content": "x"}]).choices
         assert request(gw.app.port, "GET", "/health")[0] == 200
-        assert request(gw.app.port, "GET", "/metrics")[0] == 200
+        assert request(gw.app.port, "GET", "/metrics")[0] == 401  # needs the metrics scope (test_auth_scopes.py)
 
 
 def test_rate_limit_429_with_retry_after():

@@ -30,7 +30,7 @@ BAD_CHAT = [
     (orjson.dumps({"model": "m", "messages": [{"role": "user", "content": 5}]}), "messages"),
     (orjson.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "messages"),
     (orjson.dumps({"model": "m", "messages": ["hi"]}), "messages"),
-    (chat(n=0), None),
+    (chat(n=0), "n"),
     (chat(n="2"), "n"),
     (chat(temperature=-1), None),
     (chat(temperature="hot"), "temperature"),
@@ -47,7 +47,7 @@ BAD_CHAT = [
     (chat(logprobs=True, top_logprobs=50), None),
     (chat(model=7), "model"),
     (chat(seed="x"), "seed"),
-    (chat(presence_penalty=3), None),
+    (chat(presence_penalty=3), "presence_penalty"),
 ]
 
 
