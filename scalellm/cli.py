@@ -1,4 +1,4 @@
-"""The `scalellm` command: serve | replica | gateway | bench.
+"""The `scalellm` command: serve | replica | gateway | bench | profile.
 
 Each subcommand's flags come from the module that owns them, imported only when that subcommand
 runs, so `scalellm replica` never loads the gateway and `scalellm gateway` never loads torch.
@@ -17,6 +17,7 @@ from scalellm import env
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     from scalellm.gateway.cli_args import add_gateway_args
     from scalellm.replica.launch import add_engine_args
+    from scalellm.shape.cli import add_shape_args
 
     add_engine_args(parser)
     parser.add_argument("--replicas", type=int, default=None, metavar="N",
@@ -25,18 +26,24 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds a replica may take to load its model (default %(default)s)")
     parser.add_argument("--no-gateway", action="store_true",
                         help="serve the HTTP API from one process holding the engine (no gRPC; --replicas 1)")
+    add_shape_args(parser)
     add_gateway_args(parser)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from scalellm.gateway.cli_args import gateway_config_from_args
     from scalellm.replica.launch import engine_argv
+    from scalellm.shape.shape import Shape
     from scalellm.supervisor import Supervisor, default_replica_count, free_ports, threads_per_replica
 
     if args.replicas is not None and args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
     if args.no_gateway:
         return _serve_local(args)
+    if args.shape is not None:
+        from scalellm.shape.cli import serve_with_shape
+
+        return serve_with_shape(args)
     if args.replicas is None:
         args.replicas = default_replica_count()
     num_threads = args.num_threads or threads_per_replica(args.replicas)
@@ -44,7 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
     argvs = [[sys.executable, "-m", "scalellm.cli", "replica", *engine_argv(args, num_threads),
               "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]] for address in addresses]
     config = gateway_config_from_args(args, addresses)
-    return Supervisor(argvs, addresses, config, startup_timeout_s=args.startup_timeout).run()
+    return Supervisor(argvs, addresses, config, startup_timeout_s=args.startup_timeout,
+                      shape=Shape(args.replicas, num_threads)).run()
 
 
 def _serve_local(args: argparse.Namespace) -> int:
@@ -114,6 +122,18 @@ def _bench(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _add_profile_args(parser: argparse.ArgumentParser) -> None:
+    from scalellm.shape.profiling import add_profile_args
+
+    add_profile_args(parser)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from scalellm.shape.profiling import run_profile
+
+    return run_profile(args)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "serve": ("run a gateway and N replicas on this machine (or one process: --no-gateway)",
@@ -121,6 +141,8 @@ COMMANDS: dict[str, Command] = {
     "replica": ("run one replica (gRPC server over an engine)", _add_replica_args, _replica),
     "gateway": ("run the OpenAI-compatible gateway alone", _add_gateway_args, _gateway),
     "bench": ("benchmark a running server", _add_bench_args, _bench),
+    "profile": ("measure each deployment shape (replicas x parallelism) for serve --shape auto",
+                _add_profile_args, _profile),
 }
 
 

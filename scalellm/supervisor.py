@@ -2,7 +2,12 @@
 
     supervisor ─┬─ replica 0   python -m scalellm.cli replica ... --port P0   (own process group)
                 ├─ replica N-1 python -m scalellm.cli replica ... --port PN-1
-                └─ gateway     python -m scalellm.supervisor gateway  (GatewayConfig as JSON on stdin)
+                └─ gateway     python -m scalellm.supervisor gateway  (control channel on its stdin)
+
+The replicas form a `ReplicaSet` of one shape (replicas x threads). The gateway reads its
+GatewayConfig from the first line of its stdin and replica-set updates from the next lines (see
+scalellm/shape/control.py); the pipe stays open, so with `--shape auto` an `Autopilot` can replace the
+whole set at runtime: start the new one, `switch_to` it, drain and stop the old one.
 
 Startup: replicas first, each must answer Health (loading a model can take a while), then the gateway.
 Shutdown (SIGINT/SIGTERM): SIGTERM to the gateway, which stops admitting and drains, then to the
@@ -26,6 +31,7 @@ import time
 
 from scalellm import env
 from scalellm.gateway.config import GatewayConfig
+from scalellm.shape.shape import Shape
 
 logger = logging.getLogger("scalellm.supervisor")
 
@@ -41,10 +47,14 @@ _PR_SET_PDEATHSIG = 1
 class ChildProcess:
     """One supervised subprocess in its own process group, restarted with exponential backoff."""
 
-    def __init__(self, name: str, argv: list[str], stdin_data: bytes | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], stdin_data: bytes | None = None, *,
+                 extra_env: dict[str, str] | None = None, keep_stdin_open: bool = False) -> None:
         self.name = name
         self.argv = argv
         self.stdin_data = stdin_data
+        """Written to the child's stdin at every (re)start."""
+        self.extra_env = extra_env or {}
+        self.keep_stdin_open = keep_stdin_open
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
         self.num_failures = 0
@@ -52,15 +62,28 @@ class ChildProcess:
 
     def start(self) -> None:
         """Spawn the process (stdout and stderr are inherited)."""
-        child_env = {**os.environ, env.PARENT_PID_VAR: str(os.getpid())}
+        child_env = {**os.environ, env.PARENT_PID_VAR: str(os.getpid()), **self.extra_env}
         self.process = subprocess.Popen(
             self.argv, env=child_env, start_new_session=True,
             stdin=subprocess.PIPE if self.stdin_data is not None else subprocess.DEVNULL)
         if self.stdin_data is not None:
-            self.process.stdin.write(self.stdin_data)
-            self.process.stdin.close()
+            self.send(self.stdin_data)
+            if not self.keep_stdin_open:
+                self.process.stdin.close()
         self.started_at = time.monotonic()
         self.restart_at = None
+
+    def send(self, data: bytes) -> bool:
+        """Write to the child's stdin (kept open); False when the child is gone (a restart resends `stdin_data`)."""
+        pipe = None if self.process is None else self.process.stdin
+        if pipe is None or pipe.closed:
+            return False
+        try:
+            pipe.write(data)
+            pipe.flush()
+            return True
+        except (BrokenPipeError, ValueError):
+            return False
 
     def poll(self) -> int | None:
         """The exit code, or None while it runs."""
@@ -105,41 +128,68 @@ class ChildProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self.process.wait()
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except BrokenPipeError:
+                pass
 
 
 class Supervisor:
     """Runs the replicas and the gateway of one `scalellm serve` until a signal asks it to stop."""
 
     def __init__(self, replica_argvs: list[list[str]], replica_addresses: list[str],
-                 gateway_config: GatewayConfig, *, startup_timeout_s: float = 600.0) -> None:
-        self.replicas = [ChildProcess(f"replica {i} ({address})", argv)
-                         for i, (argv, address) in enumerate(zip(replica_argvs, replica_addresses))]
-        self.replica_addresses = replica_addresses
+                 gateway_config: GatewayConfig, *, startup_timeout_s: float = 600.0,
+                 shape: Shape | None = None, replica_set=None) -> None:
+        """`replica_set` (a scalellm.shape ReplicaSet, not started) replaces the argvs and addresses."""
+        from scalellm.shape.deployment import ReplicaSet
+
+        if replica_set is None:
+            children = [ChildProcess(f"replica {i} ({address})", argv)
+                        for i, (argv, address) in enumerate(zip(replica_argvs, replica_addresses))]
+            replica_set = ReplicaSet(shape or Shape(len(children), 1), children, replica_addresses)
+        self.replica_set = replica_set
         self.gateway_config = gateway_config
-        payload = json.dumps(dataclasses.asdict(gateway_config)).encode()
         self.gateway = ChildProcess("gateway", [sys.executable, "-m", "scalellm.supervisor", "gateway"],
-                                    payload)
+                                    self._gateway_input(""), keep_stdin_open=True)
         self.startup_timeout_s = startup_timeout_s
+        self.autopilot = None
+        """An `Autopilot` (scalellm.shape) that changes the shape with the load, or None for a fixed shape."""
+        self._other_sets: list = []
         self._stop_requested = False
+
+    @property
+    def replicas(self) -> list[ChildProcess]:
+        """The replica processes serving now."""
+        return self.replica_set.children
 
     def run(self) -> int:
         """Start everything, supervise until SIGINT/SIGTERM, stop everything; returns the exit code."""
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            return asyncio.run(self._run())
+        finally:
+            self._shutdown()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    async def _run(self) -> int:
+        autopilot_task = None
+        try:
             check_port_free(self.gateway_config.host, self.gateway_config.port)
-            for replica in self.replicas:
-                replica.start()
-            model_name = asyncio.run(self._wait_for_replicas())
+            self.replica_set.start()
+            model_name = await self.replica_set.wait_healthy(self.startup_timeout_s, self.stopping)
             self.gateway.start()
-            self._wait_for_gateway()
-            config = self.gateway_config
-            print(f"ScaleLLM serving {model_name} at http://{config.host}:{config.port} "
-                  f"({len(self.replicas)} replica{'s' if len(self.replicas) != 1 else ''})", flush=True)
+            await self._wait_for_gateway()
+            print(f"ScaleLLM serving {model_name} at http://{self.gateway_config.host}:"
+                  f"{self.gateway_config.port} ({self._describe()})", flush=True)
+            if self.autopilot is not None:
+                autopilot_task = asyncio.get_running_loop().create_task(self.autopilot.run())
             while not self._stop_requested:
                 now = time.monotonic()
-                for child in (*self.replicas, self.gateway):
-                    child.check_restart(now)
-                time.sleep(POLL_INTERVAL_S)
+                self.replica_set.check_restart(now)
+                self.gateway.check_restart(now)
+                await asyncio.sleep(POLL_INTERVAL_S)
             return 0
         except StartupError as error:
             if not self._stop_requested:
@@ -147,69 +197,87 @@ class Supervisor:
                 return 1
             return 0
         finally:
-            self._shutdown()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            if autopilot_task is not None:
+                autopilot_task.cancel()
+                await asyncio.gather(autopilot_task, return_exceptions=True)
+
+    def _describe(self) -> str:
+        count = len(self.replicas)
+        text = f"{count} replica{'s' if count != 1 else ''}"
+        return text + (f", shape auto, now {self.replica_set.shape.label}" if self.autopilot else "")
 
     def _request_stop(self, signum: int, frame) -> None:
         if not self._stop_requested:
             logger.info("received %s: draining and stopping", signal.Signals(signum).name)
         self._stop_requested = True
 
-    def _check_startup(self, child: ChildProcess, deadline: float) -> None:
-        if self._stop_requested:
-            raise StartupError("stopped during startup")
-        if child.poll() is not None:
-            raise StartupError(f"{child.name} exited with code {child.poll()} during startup")
-        if time.monotonic() > deadline:
-            raise StartupError(f"{child.name} not ready after {self.startup_timeout_s:.0f} s")
+    def stopping(self) -> bool:
+        """True once SIGINT or SIGTERM asked the supervisor to stop."""
+        return self._stop_requested
 
-    async def _wait_for_replicas(self) -> str:
-        """Wait until every replica answers Health as serving; returns the served model's name."""
-        from scalellm.gateway.replica_client import ReplicaClient, ReplicaError
+    def _gateway_input(self, reason: str) -> bytes:
+        """The gateway's stdin at (re)start: its config, then the serving replica set."""
+        from scalellm.shape.control import ReplicaSetUpdate
 
-        deadline = time.monotonic() + self.startup_timeout_s
-        clients = [ReplicaClient(address) for address in self.replica_addresses]
-        try:
-            for replica, client in zip(self.replicas, clients):
-                while True:
-                    self._check_startup(replica, deadline)
-                    try:
-                        if (await client.health()).healthy:
-                            break
-                    except ReplicaError:
-                        pass
-                    await asyncio.sleep(POLL_INTERVAL_S)
-                logger.info("%s ready", replica.name)
-            model_name, _ = await clients[0].info()
-            return model_name
-        finally:
-            for client in clients:
-                await client.close()
+        addresses = tuple(self.replica_set.addresses)
+        config = dataclasses.replace(self.gateway_config, replica_addresses=addresses)
+        update = ReplicaSetUpdate(addresses, self.replica_set.shape, reason)
+        return json.dumps(dataclasses.asdict(config)).encode() + b"\n" + update.encode()
 
-    def _wait_for_gateway(self) -> None:
+    def adopt(self, replica_set) -> None:
+        """Keep a starting (or draining) replica set in view, so shutdown stops it too."""
+        self._other_sets.append(replica_set)
+
+    def switch_to(self, replica_set, reason: str):
+        """Serve from `replica_set` (adopted, healthy) from now on; returns the previous set, now unsupervised."""
+        from scalellm.shape.control import ReplicaSetUpdate
+
+        previous, self.replica_set = self.replica_set, replica_set
+        self._other_sets = [s for s in self._other_sets if s is not replica_set] + [previous]
+        self.gateway.stdin_data = self._gateway_input(reason)
+        self.gateway.send(ReplicaSetUpdate(tuple(replica_set.addresses), replica_set.shape, reason).encode())
+        return previous
+
+    def release(self, replica_set) -> None:
+        """Forget a replica set that was stopped."""
+        self._other_sets = [s for s in self._other_sets if s is not replica_set]
+
+    async def _wait_for_gateway(self) -> None:
         host = self.gateway_config.host
         host = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
         deadline = time.monotonic() + 60.0
         while True:
-            self._check_startup(self.gateway, deadline)
+            check_starting(self.gateway, deadline, 60.0, self.stopping)
             try:
-                with socket.create_connection((host, self.gateway_config.port), timeout=1.0):
-                    return
-            except OSError:
-                time.sleep(POLL_INTERVAL_S)
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, self.gateway_config.port), 1.0)
+                writer.close()
+                return
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(POLL_INTERVAL_S)
 
     def _shutdown(self) -> None:
-        """Gateway first (it drains in-flight requests), then the replicas."""
+        """Gateway first (it drains in-flight requests), then every replica set."""
         self.gateway.stop(self.gateway_config.drain_timeout_s + 10.0)
-        for replica in self.replicas:
-            replica.signal(signal.SIGTERM)
-        for replica in self.replicas:
-            replica.stop(REPLICA_STOP_TIMEOUT_S)
+        sets = [self.replica_set, *self._other_sets]
+        for replica_set in sets:
+            for child in replica_set.children:
+                child.signal(signal.SIGTERM)
+        for replica_set in sets:
+            replica_set.stop(REPLICA_STOP_TIMEOUT_S)
 
 
 class StartupError(RuntimeError):
     """A child died or did not become ready during startup."""
+
+
+def check_starting(child: ChildProcess, deadline: float, timeout_s: float, should_stop) -> None:
+    """Raise StartupError when a starting child exited, `timeout_s` passed or a stop was requested."""
+    if should_stop():
+        raise StartupError("stopped during startup")
+    if child.poll() is not None:
+        raise StartupError(f"{child.name} exited with code {child.poll()} during startup")
+    if time.monotonic() > deadline:
+        raise StartupError(f"{child.name} not ready after {timeout_s:.0f} s")
 
 
 def die_with_parent() -> None:
@@ -269,13 +337,11 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def _gateway_child_main() -> None:
-    """Entry point of the gateway child: reads its GatewayConfig as JSON on stdin and runs it."""
+    """Entry point of the gateway child: config and replica-set updates on stdin (scalellm/shape/control.py)."""
     die_with_parent()
-    from scalellm.gateway.app import run_gateway
+    from scalellm.shape.control import run_supervised_gateway
 
-    fields = json.loads(sys.stdin.buffer.read())
-    sys.stdin.close()
-    run_gateway(GatewayConfig(**fields))
+    run_supervised_gateway()
 
 
 if __name__ == "__main__":

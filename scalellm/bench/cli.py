@@ -21,6 +21,7 @@ from scalellm.bench.modelinfo import discover_model
 from scalellm.bench.progress import ProgressLine
 from scalellm.bench.report import results_table, write_report
 from scalellm.bench.runner import BenchPlan, results_document, run_plan
+from scalellm.bench.steps import parse_load_steps
 
 
 def concurrency_list(text: str) -> tuple[int, ...]:
@@ -72,6 +73,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                       help="ask the server to ignore EOS so every request yields --output-len tokens")
     load.add_argument("--request-rate", type=request_rate, default=math.inf,
                       help="Poisson arrivals per second; inf (default) = closed loop")
+    load.add_argument("--load-steps", type=parse_load_steps, default=None, metavar="C:S,...",
+                      help="a closed loop whose concurrency steps over time, e.g. 1:60,64:120,1:60 "
+                           "(concurrency:seconds); replaces --concurrency")
     load.add_argument("--slo", help="goodput SLOs in seconds, e.g. ttft=0.5,tpot=0.05,e2el=10")
     load.add_argument("--repeat", type=int, help="runs per point (default 1; 3 with --compare)")
     load.add_argument("--warmup", type=int, default=2, help="warm-up requests before each point (default 2)")
@@ -150,6 +154,12 @@ def _run_single(args: argparse.Namespace) -> int:
     pids = procstat.check_pids(args.server_pids)
     model = args.model or discover_model(base_url, args.api_key)
     client = build_client(args, base_url, model)
+    if args.load_steps:
+        from scalellm.bench.steps_cli import finish_steps, measure_steps
+
+        systems = {args.label: {"url": base_url, "model": model, "server_pids": pids}}
+        results = measure_steps(args, plan)(args.label, client, pids)
+        return finish_steps(args, plan, systems, results)
     points = run_plan(args.label, client, plan, pids, ProgressLine(0))
     systems = {args.label: {"url": base_url, "model": model, "server_pids": pids}}
     return _finish(args, results_document(describe_config(args, plan), systems, points))
@@ -160,6 +170,12 @@ def _run_compare(args: argparse.Namespace) -> int:
     custom = peers.parse_system_commands(args.system_cmd)
     names = compare.check_systems([s.strip() for s in args.systems.split(",") if s.strip()], custom)
     client = build_client(args, base_url="http://127.0.0.1", model=args.model or "")
+    if args.load_steps:
+        from scalellm.bench.steps_cli import finish_steps, measure_steps
+
+        systems, results = compare.run_compare(names, custom, _peer_options(args), client, plan, args.output,
+                                               measure=measure_steps(args, plan))
+        return finish_steps(args, plan, systems, results)
     systems, points = compare.run_compare(names, custom, _peer_options(args), client, plan,
                                           args.output, ProgressLine(0))
     document = results_document(describe_config(args, plan), systems, points)

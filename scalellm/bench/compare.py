@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from scalellm.bench.client import ClientConfig
 from scalellm.bench.modelinfo import discover_model
@@ -35,9 +35,14 @@ def check_systems(names: Sequence[str], custom: dict[str, str]) -> list[str]:
     return list(names)
 
 
+Measure = Callable[[str, ClientConfig, list[int]], list]
+"""measure(system, client, server_pids) -> results; the default runs the plan's points (run_plan)."""
+
+
 def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig, plan: BenchPlan,
-                   output_dir: Path, progress: ProgressLine | None) -> tuple[dict, list[PointResult]]:
-    """Start one prepared system, measure the plan on it, stop it."""
+                   output_dir: Path, progress: ProgressLine | None,
+                   measure: Measure | None = None) -> tuple[dict, list]:
+    """Start one prepared system, measure the plan on it (or run `measure`), stop it."""
     info: dict = {"command": spec.command, "env": spec.env, "keepalive": spec.keepalive and client.keepalive}
     log_path = output_dir / "logs" / f"{spec.name}.log"
     with RunningSystem(spec, options.gguf, log_path) as running:
@@ -48,20 +53,22 @@ def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig,
         info["model"] = model
         system_client = replace(client, base_url=running.base_url, model=model,
                                 keepalive=spec.keepalive and client.keepalive)
+        if measure is not None:
+            return info, measure(spec.name, system_client, [running.process.pid])
         points = run_plan(spec.name, system_client, plan, [running.process.pid], progress)
     return info, points
 
 
 def run_compare(names: Sequence[str], custom: dict[str, str], options: PeerOptions, client: ClientConfig,
-                plan: BenchPlan, output_dir: Path,
-                progress: ProgressLine | None = None) -> tuple[dict, list[PointResult]]:
-    """Measure every system; return per-system info and all points."""
+                plan: BenchPlan, output_dir: Path, progress: ProgressLine | None = None,
+                measure: Measure | None = None) -> tuple[dict, list]:
+    """Measure every system; return per-system info and all results (points, or what `measure` returns)."""
     systems: dict[str, dict] = {}
     points: list[PointResult] = []
     for name in check_systems(names, custom):
         try:
             spec = prepare_system(name, options, custom)
-            systems[name], measured = measure_system(spec, options, client, plan, output_dir, progress)
+            systems[name], measured = measure_system(spec, options, client, plan, output_dir, progress, measure)
             points += measured
         except (RuntimeError, OSError) as error:
             print(f"[compare] {name} skipped: {error}", file=sys.stderr, flush=True)

@@ -53,6 +53,12 @@ class GatewayMetrics:
                 ("prefix_cache_hit_tokens", "Cumulative prompt tokens found in the prefix cache (polled)"),
                 ("num_preemptions", "Cumulative preempted requests (polled)"),
             )}
+        self._shape_info = Gauge("scalellm:shape_info", "1 for the deployment shape serving now "
+                                 "(replicas x parallelism per replica), 0 for earlier ones",
+                                 ["replicas", "parallel"], registry=registry)
+        self.shape_changes = Counter("scalellm:shape_changes", "Changes of the deployment shape",
+                                     registry=registry)
+        self._shape: tuple[str, str] | None = None
         self._children: dict = {}
 
     def _child(self, metric, *labels):
@@ -74,6 +80,28 @@ class GatewayMetrics:
 
     def set_replica_healthy(self, address: str, healthy: bool) -> None:
         self._child(self._healthy, address).set(1 if healthy else 0)
+
+    def forget_replica(self, address: str) -> None:
+        """Drop the series of a replica taken out of the deployment (no stale gauges)."""
+        for metric in (self._dispatched, self._failed, self._healthy, *self._replica_gauges.values()):
+            self._children.pop((id(metric), (address,)), None)
+            try:
+                metric.remove(address)
+            except KeyError:
+                pass
+
+    def set_shape(self, replicas: int, parallel: int) -> bool:
+        """Record the shape serving now; returns True (and counts a change) when it differs from the last one."""
+        labels = (str(replicas), str(parallel))
+        if labels == self._shape:
+            return False
+        changed = self._shape is not None
+        if changed:
+            self._shape_info.labels(*self._shape).set(0)
+            self.shape_changes.inc()
+        self._shape_info.labels(*labels).set(1)
+        self._shape = labels
+        return changed
 
     def observe_finished(self, ttft_s: float | None, e2e_s: float, num_prompt_tokens: int,
                          num_output_tokens: int) -> None:

@@ -3,11 +3,16 @@
 Load accounting has one path for every request: `dispatch()` adds the request's estimated tokens to
 the chosen replica and returns a `Dispatch`; `Dispatch.finish(ok)` takes them off again, exactly
 once, whether the request completed, failed, timed out or the client went away.
+
+The replica set can be replaced at runtime (`replace_replicas`, when the deployment changes shape):
+from then on new requests go to the new set only, while requests already dispatched to a replica
+taken out finish there (their `Dispatch` keeps its state). Indices are never reused, so a request's
+set of tried replicas stays valid across a replacement.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from scalellm.gateway.health import HALF_OPEN, CircuitBreaker
 from scalellm.gateway.policies import RouteRequest, RoutingPolicy
@@ -71,12 +76,31 @@ class Router:
 
     def __init__(self, clients: Sequence, policy: RoutingPolicy, metrics,
                  breaker_failure_threshold: int = 3, breaker_cooldown_s: float = 5.0) -> None:
-        self.replicas = [ReplicaState(i, client, CircuitBreaker(breaker_failure_threshold, breaker_cooldown_s))
-                         for i, client in enumerate(clients)]
         self.policy = policy
         self._metrics = metrics
-        for state in self.replicas:
-            metrics.set_replica_healthy(state.address, True)
+        self._breaker_settings = (breaker_failure_threshold, breaker_cooldown_s)
+        self._next_index = 0
+        self.replicas: list[ReplicaState] = [self._new_state(client) for client in clients]
+
+    def _new_state(self, client) -> ReplicaState:
+        state = ReplicaState(self._next_index, client, CircuitBreaker(*self._breaker_settings))
+        self._next_index += 1
+        self._metrics.set_replica_healthy(state.address, True)
+        return state
+
+    def replace_replicas(self, addresses: Sequence[str], make_client: Callable[[str], object]
+                         ) -> list[ReplicaState]:
+        """Route new requests to `addresses` only; returns the states taken out, which finish what they have.
+
+        An address already in the set keeps its state (client, load, breaker); `make_client` builds
+        the clients of the others. The caller closes the clients of the returned states once their
+        `num_requests_in_flight` is zero.
+        """
+        if not addresses:
+            raise ValueError("the replica set cannot be empty")
+        current = {state.address: state for state in self.replicas}
+        self.replicas = [current.get(address) or self._new_state(make_client(address)) for address in addresses]
+        return [state for address, state in current.items() if address not in set(addresses)]
 
     def any_healthy(self) -> bool:
         """True when at least one replica is routable."""

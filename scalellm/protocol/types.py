@@ -200,3 +200,5 @@ class EngineLoad:
     """Cumulative prompt tokens found there."""
     num_preemptions: int = 0
     """Cumulative requests preempted for lack of KV blocks."""
+    num_requests_received: int = 0
+    """Cumulative requests the replica received since it started (counted by its gRPC service)."""

@@ -250,7 +250,7 @@ def decode_health(response: Any) -> EngineHealth:
 
 _LOAD_FIELDS = ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
                 "num_tokens_in_flight", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens",
-                "num_preemptions")
+                "num_preemptions", "num_requests_received")
 
 
 def encode_load(load: EngineLoad) -> Any:

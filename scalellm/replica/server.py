@@ -7,6 +7,7 @@ the chat template, detokenizing) is the engine's. Cancelling the call aborts the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -38,10 +39,12 @@ class ReplicaService:
 
     def __init__(self, engine: EngineClient) -> None:
         self._engine = engine
+        self._num_requests_received = 0
 
     async def generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Stream one request's outputs; the engine request is aborted if the call ends early."""
         receive_time = time.time()
+        self._num_requests_received += 1
         try:
             args = convert.decode_request(request)
         except ValueError as error:
@@ -80,8 +83,9 @@ class ReplicaService:
         return convert.encode_health(health)
 
     async def load(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The engine's current load."""
-        return convert.encode_load(self._engine.load())
+        """The engine's current load, with the requests this service received."""
+        load = dataclasses.replace(self._engine.load(), num_requests_received=self._num_requests_received)
+        return convert.encode_load(load)
 
     async def info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The served model's name and context length."""
