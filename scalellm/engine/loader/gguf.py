@@ -5,6 +5,11 @@ head interleaved for its rotary kernel; `_unpermute` restores Hugging Face's lay
 
     gguf rows of one head:  [x0 y0 x1 y1 ... ]      (pairs)
     hf rows of one head:    [x0 x1 ... | y0 y1 ...] (halves)
+
+A broken or hostile file is a `ModelLoadError`, never a crash or a large allocation: the reader maps
+the file (counts and lengths in the header index into the mapping, so a claim larger than the file
+fails when read), metadata values are checked for type and sign, and each tensor's claimed size is
+checked against the bytes the file holds before anything is copied or dequantized.
 """
 
 from __future__ import annotations
@@ -53,7 +58,12 @@ class GGUFFiles(ModelFiles):
             self.reader = GGUFReader(path)
         except Exception as exc:  # the reader raises ValueError, struct errors, IndexError on broken files
             raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
-        self.config = self._read_config()
+        try:
+            self.config = self._read_config()
+        except ModelLoadError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, IndexError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path} has invalid GGUF metadata: {exc}") from None
 
     def _field(self, key: str, default=None):
         field = self.reader.fields.get(key)
@@ -77,8 +87,8 @@ class GGUFFiles(ModelFiles):
                 raise ModelLoadError(f"GGUF metadata is missing {arch}.{key}")
             return value
 
-        hidden = int(need("embedding_length"))
-        num_heads = int(need("attention.head_count"))
+        hidden = _positive(f"{arch}.embedding_length", need("embedding_length"))
+        num_heads = _positive(f"{arch}.attention.head_count", need("attention.head_count"))
         tokens = self._field("tokenizer.ggml.tokens")
         if tokens is None:
             raise ModelLoadError("GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
@@ -94,11 +104,11 @@ class GGUFFiles(ModelFiles):
             architecture=ARCHITECTURES[arch],
             vocab_size=int(self._field(f"{arch}.vocab_size", len(tokens))),
             hidden_size=hidden,
-            intermediate_size=int(need("feed_forward_length")),
-            num_layers=int(need("block_count")),
+            intermediate_size=_positive("feed_forward_length", need("feed_forward_length")),
+            num_layers=_positive("block_count", need("block_count")),
             num_heads=num_heads,
-            num_kv_heads=int(self._field(f"{arch}.attention.head_count_kv", num_heads)),
-            head_dim=int(self._field(f"{arch}.attention.key_length", hidden // num_heads)),
+            num_kv_heads=_positive("head_count_kv", self._field(f"{arch}.attention.head_count_kv", num_heads)),
+            head_dim=_positive("key_length", self._field(f"{arch}.attention.key_length", hidden // num_heads)),
             rms_norm_eps=float(self._field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(self._field(f"{arch}.rope.freq_base", 10000.0)),
             max_position_embeddings=int(self._field(f"{arch}.context_length", 2048)),
@@ -146,13 +156,24 @@ def _hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
 
 
+def _positive(name: str, value) -> int:
+    """A metadata size: a positive integer (GGUF stores them as unsigned ints; a broken file may not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ModelLoadError(f"GGUF metadata {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _dequantize(tensor) -> np.ndarray:
     from gguf import quants
+    from gguf.constants import GGML_QUANT_SIZES
 
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    num_elements = int(np.prod(shape))
-    if num_elements > (1 << 34):
-        raise ModelLoadError(f"tensor {tensor.name} claims {num_elements} elements: the file is broken")
+    num_elements = int(np.prod(shape, dtype=object))
+    block_size, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
+    claimed = num_elements // block_size * type_size
+    if num_elements > (1 << 34) or num_elements % block_size or claimed != tensor.data.nbytes:
+        raise ModelLoadError(f"tensor {tensor.name} of shape {shape} needs {claimed} bytes but the file holds "
+                             f"{tensor.data.nbytes} for it: the file is truncated or corrupt")
     try:
         data = quants.dequantize(tensor.data, tensor.tensor_type)
         return np.array(data, dtype=np.float32, copy=True).reshape(shape)
