@@ -34,8 +34,10 @@ class ControllerConfig:
     """... continuously for this long."""
     min_dwell_s: float = 60.0
     """No change sooner than this after the previous one (or the start)."""
-    smoothing_s: float = 5.0
-    """Time constant of the exponentially weighted moving average of the load (0: none)."""
+    smoothing_s: float = 2.0
+    """Time constant of the exponentially weighted moving average of the load (0: none). It evens out
+    the in-flight count's jitter; it also stretches a spike by a few time constants, so a load change
+    shorter than about sustain_s - 3 smoothing_s changes nothing."""
 
     def __post_init__(self) -> None:
         for name in ("margin", "sustain_s", "min_dwell_s", "smoothing_s"):
