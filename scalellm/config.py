@@ -19,7 +19,8 @@ class EngineConfig:
     device: str = "auto"
     """"auto" picks CUDA when available, else the CPU."""
     kv_cache_gib: float = 1.0
-    """Memory for the paged KV cache, in GiB; it fixes the number of blocks."""
+    """Memory for the paged KV cache, in GiB per rank; it fixes the number of blocks. Each rank holds only
+    its own KV heads, so with tensor parallelism the same budget holds more blocks."""
     block_size: int = 16
     """Tokens per KV block."""
     max_model_len: int | None = None
@@ -31,7 +32,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prompt prefixes."""
     num_threads: int | None = None
-    """torch intra-op threads; None leaves torch's default."""
+    """torch intra-op threads per rank; None leaves torch's default with one rank, and gives each of
+    several ranks an equal share of this machine's cores."""
     seed: int = 0
     """Seed for requests that bring none."""
     quantization: str | None = None
@@ -40,6 +42,13 @@ class EngineConfig:
     """Decode attention: "cpp" is a fused C++ CPU kernel reading the paged KV cache in place (compiled on
     first use; float32/bfloat16 on the CPU), "torch" is scaled_dot_product_attention on gathered blocks,
     "auto" is "cpp" where it applies and builds, else "torch"."""
+    tensor_parallel_size: int = 1
+    """Processes (ranks) one engine runs on: rank 0 is this process (scheduler, sampling), ranks 1..N-1
+    are worker processes it starts. Attention heads, MLP rows, the vocabulary and experts are split
+    over them; gloo on the CPU, NCCL on CUDA (one GPU per rank)."""
+    enable_expert_parallel: bool = False
+    """MoE models: each rank holds whole experts (an equal share of them) instead of a slice of every
+    expert; attention stays tensor-parallel."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -58,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

@@ -11,7 +11,9 @@ from scalellm.protocol.types import ChatPrompt, PromptInput, RequestOutput, Samp
 
 
 class LLM:
-    """Runs a model in this process. Keyword arguments beyond the first ones go to EngineConfig."""
+    """Runs a model in this process (and, with tensor_parallel_size=N, in N-1 worker processes it
+    starts; `shutdown()` or a `with` block stops them). Keyword arguments beyond the first ones go to
+    EngineConfig, e.g. tensor_parallel_size=2, enable_expert_parallel=True."""
 
     def __init__(self, model: str | None = None, dtype: str = "auto", kv_cache_gib: float = 1.0,
                  max_model_len: int | None = None, **engine_kwargs) -> None:
@@ -42,8 +44,18 @@ class LLM:
         import math
 
         token_ids = self.engine.tokenizer.encode(text)
-        logprobs = self.engine.core.runner.score(token_ids)
+        logprobs = self.engine.core.executor.score(token_ids)
         return math.exp(-float(logprobs.mean()))
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor_parallel_size > 1); the LLM is unusable after."""
+        self.engine.core.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
 
     def _run(self, prompts: list[PromptInput], sampling_params) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

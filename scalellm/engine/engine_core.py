@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.device import resolve_device, resolve_dtype
 from scalellm.engine.loader import ModelFiles, open_model_files
-from scalellm.engine.model_runner import ModelRunner
+from scalellm.engine.parallel.executor import make_executor, threads_per_rank
 from scalellm.engine.request import Request, RequestStatus
 from scalellm.engine.scheduler import RequestUpdate, Scheduler
 from scalellm.protocol.types import EngineLoad
@@ -19,20 +19,24 @@ MAX_CONTEXT_DEFAULT = 8192
 
 
 class EngineCore:
-    """Owns the model runner and the scheduler. `step()` reads: schedule, run, update."""
+    """Owns the executor (the model on one or more ranks) and the scheduler. `step()` reads: schedule,
+    run, update. With tensor parallelism, worker ranks open `config.model` themselves (not `files`)."""
 
-    def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+    def __init__(self, config: EngineConfig, files: ModelFiles | None = None,
+                 on_failure: Callable[[], None] | None = None) -> None:
+        """on_failure: called from another thread when a worker rank dies (then `check_alive` raises)."""
+        num_threads = threads_per_rank(config)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         self.config = config
         self.files = files or open_model_files(config.model)
         self.max_model_len = _max_model_len(config, self.files.config.max_position_embeddings)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.runner = ModelRunner(config, self.files, self.max_model_len, self.device, self.dtype)
+        self.executor = make_executor(config, self.files, self.max_model_len, self.device, self.dtype, on_failure)
         # A request must fit in the KV cache alone; the scheduler rejects one that cannot.
-        self.max_model_len = min(self.max_model_len, self.runner.num_blocks * config.block_size)
-        self.scheduler = Scheduler(config, self.runner.num_blocks)
+        self.max_model_len = min(self.max_model_len, self.executor.num_blocks * config.block_size)
+        self.scheduler = Scheduler(config, self.executor.num_blocks)
         self.last_step_time = time.monotonic()
 
     def add_requests(self, requests: Iterable[Request]) -> None:
@@ -42,7 +46,7 @@ class EngineCore:
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """Abort (or stop, for stop strings) requests in any state; frees their blocks."""
         self.scheduler.finish_requests(request_ids, status)
-        self.runner.release(request_ids)
+        self.executor.release(request_ids)
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -51,14 +55,22 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        runner_output = self.runner.execute(scheduled)
+        runner_output = self.executor.execute(scheduled)
         updates = self.scheduler.update(scheduled, runner_output)
-        self.runner.release(u.request.request_id for u in updates if u.finished)
+        self.executor.release(u.request.request_id for u in updates if u.finished)
         self.last_step_time = time.monotonic()
         return updates
 
     def load(self) -> EngineLoad:
         return self.scheduler.get_load()
+
+    def check_alive(self) -> None:
+        """Raise WorkerDiedError if a worker rank is gone."""
+        self.executor.check_alive()
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks (if any) and wait for them."""
+        self.executor.shutdown()
 
 
 def _max_model_len(config: EngineConfig, model_max: int) -> int:

@@ -1,4 +1,8 @@
-"""The model runner: owns the model, its KV cache and the sampler; runs one scheduled step."""
+"""The model runner: owns the model, its KV cache and the sampler; runs one scheduled step.
+
+With tensor parallelism every rank has one: each holds its share of the weights and of the KV heads,
+runs every step on the same inputs, and only rank 0's samples (the others get no logits).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ import torch
 from scalellm.config import EngineConfig
 from scalellm.engine.loader.base import ModelFiles
 from scalellm.engine.layers.attention import AttentionMetadata, PrefillSpan, resolve_decode_backend
+from scalellm.engine.layers.options import LayerOptions
+from scalellm.engine.layers.partition import max_local_kv_heads, partition_heads
 from scalellm.engine.models import ForwardContext, model_class
+from scalellm.engine.parallel.group import ParallelGroup, SingleRank
 from scalellm.engine.quantization import get_quantization_method
 from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from scalellm.engine.sampler import Sampler, SamplingRow, make_generator
@@ -15,18 +22,22 @@ from scalellm.engine.step_inputs import build_step_inputs
 
 
 class ModelRunner:
-    """Builds the model from `files`, allocates the paged KV cache, and executes steps."""
+    """Builds this rank's share of the model from `files`, allocates the paged KV cache, and executes steps."""
 
     def __init__(self, config: EngineConfig, files: ModelFiles, max_model_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, group: ParallelGroup | None = None) -> None:
         self.config = config
-        self.model_config = files.config
+        self.model_config = c = files.config
         self.device, self.dtype = device, dtype
+        self.group = group or SingleRank()
         self.block_size = config.block_size
         self.decode_backend = resolve_decode_backend(config.attention_backend, device, dtype)
+        self.num_kv_heads = partition_heads(c.num_heads, c.num_kv_heads, self.group.world_size,
+                                            self.group.rank).kv.size
+        options = LayerOptions(dtype, get_quantization_method(config.quantization), self.group,
+                               config.enable_expert_parallel)
         with torch.device(device):
-            self.model = model_class(files.config.architecture)(
-                files.config, max_model_len, dtype, get_quantization_method(config.quantization))
+            self.model = model_class(c.architecture)(c, max_model_len, options)
         self.model.load_weights(files.iter_weights())
         self.model.eval()
         self.num_blocks = self._num_blocks(config.kv_cache_gib)
@@ -35,9 +46,11 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
 
     def _bytes_per_block(self) -> int:
+        """On the rank with the most KV heads: every rank then fits the same number of blocks."""
         c = self.model_config
         element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * element
+        num_kv_heads = max_local_kv_heads(c.num_heads, c.num_kv_heads, self.group.world_size)
+        return 2 * c.num_layers * self.block_size * num_kv_heads * c.head_dim * element
 
     def _num_blocks(self, kv_cache_gib: float) -> int:
         num_blocks = int(kv_cache_gib * (1 << 30)) // self._bytes_per_block()
@@ -53,14 +66,15 @@ class ModelRunner:
         path reads whole blocks (masking the unwritten tail), which must hold finite values: zeros.
         """
         c = self.model_config
-        shape = (num_blocks * self.block_size, c.num_kv_heads, c.head_dim)  # [slots, KH, D]
+        shape = (num_blocks * self.block_size, self.num_kv_heads, c.head_dim)  # [slots, KH on this rank, D]
         allocate = torch.empty if self.decode_backend == "cpp" else torch.zeros
         return [(allocate(shape, dtype=self.dtype, device=self.device),
                  allocate(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the forward pass for the scheduled chunks and sample where a chunk reaches its end."""
+        """Run the forward pass for the scheduled chunks and sample where a chunk reaches its end
+        (on rank 0; the other ranks return no tokens)."""
         inputs = build_step_inputs(scheduled, self.block_size, self.model_config.sliding_window, self.device,
                                    self.decode_backend)
         ctx = ForwardContext(attention=inputs.attention, kv_caches=self.kv_caches)
@@ -68,7 +82,9 @@ class ModelRunner:
         output = ModelRunnerOutput()
         if not inputs.sample_chunks:
             return output
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [S, V]
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])  # [S, V] on rank 0, else None
+        if logits is None:
+            return output
         rows = [self._sampling_row(chunk.request) for chunk in inputs.sample_chunks]
         sampled = self.sampler(logits, rows)
         for chunk, token_id, logprobs in zip(inputs.sample_chunks, sampled.token_ids, sampled.logprobs):
@@ -88,8 +104,9 @@ class ModelRunner:
         return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor:
-        """log p(t_i | t_<i) for i = 1..n-1 [n-1], from one forward pass over a private KV cache.
+    def score(self, token_ids: list[int]) -> torch.Tensor | None:
+        """log p(t_i | t_<i) for i = 1..n-1 [n-1], from one forward pass over a private KV cache
+        (None on ranks other than 0).
 
         For quality checks (perplexity); the engine's own cache and scheduler are not touched.
         """
@@ -97,7 +114,7 @@ class ModelRunner:
         if num < 2:
             raise ValueError("scoring needs at least 2 tokens")
         c = self.model_config
-        shape = (num, c.num_kv_heads, c.head_dim)
+        shape = (num, self.num_kv_heads, c.head_dim)
         caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
         slots = torch.arange(num, device=self.device)
@@ -105,7 +122,10 @@ class ModelRunner:
                                  prefills=[PrefillSpan(token_start=0, num_tokens=num, kv_slots=slots, mask=None)])
         tokens = torch.tensor(token_ids, device=self.device)
         hidden = self.model(tokens, slots, ForwardContext(attention=meta, kv_caches=caches))  # [n, hidden]
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[:-1]), dim=-1)  # [n-1, V]
+        logits = self.model.compute_logits(hidden[:-1])  # [n-1, V] on rank 0
+        if logits is None:
+            return None
+        logprobs = torch.log_softmax(logits, dim=-1)
         return logprobs.gather(1, tokens[1:, None]).squeeze(1)
 
     def release(self, request_ids) -> None:

@@ -23,12 +23,23 @@ VARIANTS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
 }
 
+PARALLEL_VARIANTS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        shared_expert_intermediate_size=96, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1])),
+    "llama-uneven-heads": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)),
+}
+"""Models for the tensor- and expert-parallel tests: MoE layers, and 3 KV heads split 2 + 1 over 2 ranks."""
+
 
 def make_tiny_model(kind: str, out_dir: str, tokenizer_dir: str, seed: int = 0):
     """Save a random model of `kind` plus the shared tokenizer to out_dir; returns the transformers model."""
     import transformers
 
-    config_name, model_name, extra = VARIANTS[kind]
+    config_name, model_name, extra = {**VARIANTS, **PARALLEL_VARIANTS}[kind]
     config = getattr(transformers, config_name)(**{**COMMON, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()

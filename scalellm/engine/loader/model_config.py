@@ -8,6 +8,8 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 
 
@@ -16,11 +18,33 @@ class ModelLoadError(ValueError):
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The sparse mixture-of-experts blocks of Mixtral and Qwen2-MoE."""
+
+    num_experts: int
+    num_experts_per_token: int
+    """The router's top-k."""
+    intermediate_size: int
+    """Of each expert."""
+    renormalize: bool = True
+    """Divide the top-k routing weights by their sum (Mixtral always; Qwen2-MoE's norm_topk_prob)."""
+    shared_intermediate_size: int = 0
+    """Qwen2-MoE's shared expert, gated per token; 0: none."""
+    dense_layers: tuple[int, ...] = ()
+    """Layers with a dense MLP (of ModelConfig.intermediate_size) instead of experts."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_experts_per_token <= self.num_experts:
+            raise ModelLoadError(f"num_experts_per_tok ({self.num_experts_per_token}) must be between 1 and "
+                                 f"the number of experts ({self.num_experts})")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The knobs of the Llama family that the model file reads."""
 
     architecture: str
-    """One of SUPPORTED_ARCHITECTURES' values: llama, mistral, qwen2."""
+    """One of SUPPORTED_ARCHITECTURES' values: llama, mistral, qwen2, mixtral, qwen2_moe."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -40,6 +64,8 @@ class ModelConfig:
     """Mistral's sliding attention window; None attends to the whole context."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoEConfig | None = None
+    """The experts of a mixture-of-experts model; None for dense models."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -75,15 +101,42 @@ class ModelConfig:
                 rope_theta=_rope_theta(config),
                 max_position_embeddings=config.get("max_position_embeddings", 2048),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                attention_bias=arch == "qwen2" or bool(config.get("attention_bias", False)),
+                attention_bias=_attention_bias(arch, config),
                 rope_scaling=_rope_scaling(config),
-                sliding_window=config.get("sliding_window") if config.get("use_sliding_window", arch == "mistral") else None,
+                sliding_window=config.get("sliding_window") if config.get(
+                    "use_sliding_window", arch in ("mistral", "mixtral")) else None,
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_ids=tuple(dict.fromkeys(_as_tuple(config.get("eos_token_id"))
                                                   + _as_tuple((generation_config or {}).get("eos_token_id")))),
+                moe=_moe_config(arch, config),
             )
         except KeyError as exc:
             raise ModelLoadError(f"config.json is missing {exc.args[0]!r}") from None
+
+
+def _attention_bias(arch: str, config: dict) -> bool:
+    if arch == "qwen2":
+        return True
+    if arch == "qwen2_moe":
+        return bool(config.get("qkv_bias", True))
+    return bool(config.get("attention_bias", False))
+
+
+def _moe_config(arch: str, config: dict) -> MoEConfig | None:
+    if arch == "mixtral":
+        return MoEConfig(num_experts=config["num_local_experts"], num_experts_per_token=config["num_experts_per_tok"],
+                         intermediate_size=config["intermediate_size"])
+    if arch != "qwen2_moe" or not config["num_experts"]:
+        return None
+    num_experts, step = config["num_experts"], config.get("decoder_sparse_step", 1)
+    only_dense = set(config.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(config["num_hidden_layers"])
+                  if i in only_dense or (i + 1) % step)
+    return MoEConfig(num_experts=num_experts, num_experts_per_token=config["num_experts_per_tok"],
+                     intermediate_size=config["moe_intermediate_size"],
+                     renormalize=bool(config.get("norm_topk_prob", False)),
+                     shared_intermediate_size=config.get("shared_expert_intermediate_size", 0),
+                     dense_layers=dense)
 
 
 def _rope_theta(config: dict) -> float:

@@ -6,11 +6,14 @@ from torch import nn
 
 from scalellm.engine.loader.model_config import ModelLoadError
 from scalellm.engine.models.llama import ForwardContext, LlamaForCausalLM
+from scalellm.engine.models.mixtral import MixtralForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "qwen2_moe": MixtralForCausalLM,
 }
 
 __all__ = ["MODEL_REGISTRY", "ForwardContext", "model_class"]

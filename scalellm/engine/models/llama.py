@@ -1,7 +1,9 @@
 """The Llama family in one file: Llama 2/3, Mistral, Qwen2 (QKV bias); GQA; tied or untied embeddings.
 
 Tokens of all requests in a step are flattened into one sequence [T]; attention separates them by the
-metadata the model runner built. q/k/v and gate/up are fused into one matmul each.
+metadata the model runner built. q/k/v and gate/up are fused into one matmul each. The layers keep
+this rank's share of the weights (tensor parallelism lives in layers/), so the same code runs on any
+number of ranks; `make_mlp` is where mixture-of-experts models (mixtral.py) differ.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scalellm.engine.layers.attention import AttentionMetadata, paged_attention
-from scalellm.engine.layers.linear import Embedding, Linear, LogitsHead
-from scalellm.engine.quantization import QuantizationMethod
+from scalellm.engine.layers.linear import QKVParallelLinear, RowParallelLinear
+from scalellm.engine.layers.mlp import GatedMLP
 from scalellm.engine.layers.norm import RMSNorm
+from scalellm.engine.layers.options import LayerOptions
 from scalellm.engine.layers.rotary import RotaryEmbedding, apply_rotary
-from scalellm.engine.loader.model_config import ModelConfig, ModelLoadError
+from scalellm.engine.layers.vocab import LogitsHead, VocabParallelEmbedding
+from scalellm.engine.loader.model_config import ModelConfig
+from scalellm.engine.models.weight_loading import load_model_weights
 
 
 @dataclass
@@ -27,17 +31,19 @@ class ForwardContext:
 
     attention: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    """Per layer: (k_cache, v_cache), each [num_slots, num_kv_heads, head_dim]."""
+    """Per layer: (k_cache, v_cache), each [num_slots, num_kv_heads on this rank, head_dim]."""
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, quant: QuantizationMethod) -> None:
+    def __init__(self, config: ModelConfig, options: LayerOptions) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads,
+                                          options, bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, options,
+                                        input_slice=self.qkv_proj.q_columns)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_local_heads, self.qkv_proj.num_local_kv_heads
+        self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias,
-                               shard_names=["q", "k", "v"], dtype=dtype, quant_method=quant)
-        self.o_proj = Linear(q_size, config.hidden_size, dtype=dtype, quant_method=quant)
         self.split = [q_size + kv_size, kv_size]
 
     def forward(self, rope, x: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -51,26 +57,13 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, quant: QuantizationMethod) -> None:
-        super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [size, size], shard_names=["gate", "up"], dtype=dtype,
-                                   quant_method=quant)
-        self.down_proj = Linear(size, config.hidden_size, dtype=dtype, quant_method=quant)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, quant: QuantizationMethod) -> None:
+    def __init__(self, config: ModelConfig, options: LayerOptions, mlp: nn.Module) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, dtype, quant)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, dtype, quant)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.dtype)
+        self.self_attn = LlamaAttention(config, options)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.dtype)
+        self.mlp = mlp
 
     def forward(self, rope, x, kv_cache, meta) -> torch.Tensor:
         x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
@@ -85,19 +78,24 @@ class LlamaForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
     }
+    RENAMED: dict[str, str] = {}
+    """Checkpoint module names that this model calls otherwise."""
 
-    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype,
-                 quant: QuantizationMethod) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, options: LayerOptions) -> None:
         super().__init__()
         self.config = config
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, quant)
-                                    for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.lm_head = self.embed_tokens if config.tie_word_embeddings else Embedding(
-            config.vocab_size, config.hidden_size, dtype)
-        self.logits_head = LogitsHead(self.lm_head, quant)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, options)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, options, self.make_mlp(config, i, options))
+                                    for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.dtype)
+        self.lm_head = self.embed_tokens if config.tie_word_embeddings else VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, options)
+        self.logits_head = LogitsHead(self.lm_head, options.quant)
+
+    def make_mlp(self, config: ModelConfig, layer_index: int, options: LayerOptions) -> nn.Module:
+        """The feed-forward block of layer `layer_index`."""
+        return GatedMLP(config.hidden_size, config.intermediate_size, options)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """token_ids, positions [T] -> final hidden states [T, hidden]."""
@@ -107,50 +105,10 @@ class LlamaForCausalLM(nn.Module):
             x = layer(rope, x, kv_cache, ctx.attention)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, hidden] -> logits [S, vocab] in fp32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [S, hidden] -> logits [S, vocab] in fp32 on rank 0; None on the other ranks."""
         return self.logits_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named tensors; every parameter must be covered exactly."""
-        modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            module_name, kind = name.rsplit(".", 1)
-            module_name = module_name.removeprefix("model.")
-            parent, _, leaf = module_name.rpartition(".")
-            shard = None
-            if leaf in self.FUSED:
-                leaf, shard = self.FUSED[leaf]
-                module_name = f"{parent}.{leaf}"
-            module = modules.get(module_name)
-            if module is None or not hasattr(module, "load"):
-                raise ModelLoadError(f"unexpected weight {name} in the checkpoint")
-            try:
-                module.load(tensor, shard, kind)
-            except ValueError as exc:
-                raise ModelLoadError(f"weight {name}: {exc}") from None
-            loaded.add(f"{module_name}.{kind}.{shard}")
-        self._check_complete(loaded)
-        for module in list(self.modules()):
-            if isinstance(module, (Linear, LogitsHead)):
-                module.process_weights_after_loading()
-
-    def _check_complete(self, loaded: set[str]) -> None:
-        expected = set()
-        for name, module in self.named_modules():
-            if isinstance(module, Linear):
-                for shard in module.shard_offsets:
-                    expected.add(f"{name}.weight.{shard}")
-                    if module.bias is not None:
-                        expected.add(f"{name}.bias.{shard}")
-            elif isinstance(module, (Embedding, RMSNorm)) and not (
-                    name == "lm_head" and self.config.tie_word_embeddings):
-                expected.add(f"{name}.weight.None")
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ModelLoadError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
+        load_model_weights(self, weights, self.FUSED, self.RENAMED, self.config.tie_word_embeddings)
