@@ -76,6 +76,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--load-steps", type=parse_load_steps, default=None, metavar="C:S,...",
                       help="a closed loop whose concurrency steps over time, e.g. 1:60,64:120,1:60 "
                            "(concurrency:seconds); replaces --concurrency")
+    load.add_argument("--settle", type=float, default=0.0, metavar="S",
+                      help="--load-steps: also summarize each step without its first S seconds")
     load.add_argument("--slo", help="goodput SLOs in seconds, e.g. ttft=0.5,tpot=0.05,e2el=10")
     load.add_argument("--repeat", type=int, help="runs per point (default 1; 3 with --compare)")
     load.add_argument("--warmup", type=int, default=2, help="warm-up requests before each point (default 2)")

@@ -149,19 +149,32 @@ async def _sample_shapes(session, client: ClientConfig, start: float, shapes: li
         await asyncio.sleep(SHAPE_SAMPLE_S)
 
 
-def summarize_steps(run: StepRun, steps: Sequence[LoadStep]) -> list[dict]:
-    """One bench summary per step, with its index, concurrency, start and length."""
+def summarize_steps(run: StepRun, steps: Sequence[LoadStep], settle_s: float = 0.0) -> list[dict]:
+    """One bench summary per step, with its index, concurrency, start and length.
+
+    With `settle_s` > 0 each row also has "settled": the summary of the requests sent from settle_s
+    after the step's start on (the step once a system has adapted to it), None for a shorter step.
+    """
     clock = StepClock(steps)
     rows = []
     for index, step in enumerate(steps):
         requests = [result for step_index, result in run.results if step_index == index]
         step_start = run.start_wall + clock.starts[index]
-        last_end = max((r.start_wall + r.latency for r in requests), default=step_start + step.duration_s)
-        window = RunWindow(duration_s=max(step.duration_s, last_end - step_start), concurrency=step.concurrency)
-        summary = summarize(requests, window)
-        rows.append({"step": index, "concurrency": step.concurrency, "start_s": clock.starts[index],
-                     "duration_s": step.duration_s, "summary": summary})
+        row = {"step": index, "concurrency": step.concurrency, "start_s": clock.starts[index],
+               "duration_s": step.duration_s, "summary": _summarize_window(requests, step_start, step)}
+        if settle_s > 0:
+            settled = [r for r in requests if r.start_wall >= step_start + settle_s]
+            row["settled"] = (_summarize_window(settled, step_start + settle_s, step, settle_s)
+                              if settle_s < step.duration_s else None)
+        rows.append(row)
     return rows
+
+
+def _summarize_window(requests: list[RequestResult], start: float, step: LoadStep, skipped_s: float = 0.0) -> dict:
+    """Summary over a window from `start` to the end of the step or of its last request, whichever is later."""
+    length = step.duration_s - skipped_s
+    last_end = max((r.start_wall + r.latency for r in requests), default=start + length)
+    return summarize(requests, RunWindow(duration_s=max(length, last_end - start), concurrency=step.concurrency))
 
 
 def timeline(run: StepRun, steps: Sequence[LoadStep], bucket_s: float = 5.0) -> list[dict]:

@@ -45,7 +45,7 @@ def measure_steps(args: argparse.Namespace, plan: BenchPlan) -> Callable[[str, C
         print(f"[steps] {system}: {','.join(f'{s.concurrency}:{s.duration_s:g}' for s in steps)} "
               f"({total:.0f} s)", file=sys.stderr, flush=True)
         run = run_async(run_steps(client, steps, make_body, warmup))
-        return [StepsResult(system, summarize_steps(run, steps), timeline(run, steps), run.shapes)]
+        return [StepsResult(system, summarize_steps(run, steps, args.settle), timeline(run, steps), run.shapes)]
 
     return measure
 
@@ -57,7 +57,7 @@ def finish_steps(args: argparse.Namespace, plan: BenchPlan, systems: dict, resul
     config = {"workload": f"{args.endpoint}, {prompts}, max_tokens {plan.output_len}, ignore_eos "
                           f"{args.ignore_eos}, {'streamed' if args.stream else 'not streamed'}, closed loop "
                           f"stepped {steps} (concurrency:seconds), {plan.num_warmup} warm-up",
-              "argv": sys.argv, "load_steps": steps}
+              "argv": sys.argv, "load_steps": steps, "settle_s": args.settle}
     document = steps_document(config, systems, {r.system: (r.rows, r.timeline, r.shapes) for r in results})
     files = write_steps_report(args.output, document)
     print(steps_table(document["steps"]))

@@ -35,12 +35,12 @@ def steps_document(config: dict, systems: dict, measured: dict) -> dict:
     return document
 
 
-def steps_table(steps: list[dict]) -> str:
-    """One row per (system, step)."""
+def steps_table(steps: list[dict], part: str = "summary") -> str:
+    """One row per (system, step); `part` "settled" tabulates the settled summaries instead."""
     lines = ["| system | step | C | seconds | " + " | ".join(t for t, _, _ in STEP_COLUMNS) + " |",
              "|" + "---|" * (len(STEP_COLUMNS) + 4)]
     for row in steps:
-        summary = row["summary"]
+        summary = row.get(part) or {}
         cells = [fmt.format(summary[key]) if summary.get(key) is not None else "-" for _, key, fmt in STEP_COLUMNS]
         lines.append(f"| {row['system']} | {row['step'] + 1} | {row['concurrency']} | {row['duration_s']:g} | "
                      + " | ".join(cells) + " |")
@@ -51,6 +51,10 @@ def render_steps_markdown(document: dict) -> str:
     parts = ["# Stepped-load results", "", f"Workload: {document['config'].get('workload', '')}", "",
              "Per step: the requests sent during it; throughput over its window (its start to the end "
              "of its last request). Latencies in ms.", "", steps_table(document["steps"])]
+    settle_s = document["config"].get("settle_s")
+    if settle_s:
+        parts += ["", f"## Settled: requests sent from {settle_s:g} s after each step's start", "",
+                  steps_table(document["steps"], "settled")]
     for name, shapes in document.get("shapes", {}).items():
         if shapes:
             changes = ", ".join(f"{label} at {moment:.0f} s" for moment, label in shapes)

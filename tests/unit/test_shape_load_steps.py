@@ -75,3 +75,13 @@ def test_report_files(tmp_path):
     assert "| auto | 2 | 4 | 20 | 8.0 | 2000 |" in text
     assert "Shapes of auto: 1x2 at 0 s, 2x1 at 14 s, 1x2 at 35 s" in text
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_settled_summaries_leave_out_the_start_of_each_step():
+    rows = summarize_steps(synthetic_run(), STEPS, settle_s=6.0)
+    first, second, third = (row["settled"] for row in rows)
+    assert first["completed"] == 4 and first["duration"] == pytest.approx(4.0)  # sent at 6..9 s
+    assert second["completed"] == 28 and second["output_throughput"] == pytest.approx(112 / 14)
+    assert third["completed"] == 1 and third["failed"] == 0
+    assert summarize_steps(synthetic_run(), STEPS, settle_s=15.0)[0]["settled"] is None
+    assert "settled" not in summarize_steps(synthetic_run(), STEPS)[0]
