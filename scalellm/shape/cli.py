@@ -62,8 +62,9 @@ def serve_with_shape(args: argparse.Namespace) -> int:
     from scalellm.shape.deployment import ReplicaLauncher
     from scalellm.supervisor import Supervisor
 
-    if args.replicas is not None or args.num_threads is not None:
-        raise ValueError("--shape sets the replicas and their threads: leave out --replicas and --num-threads")
+    if args.replicas is not None or args.num_threads is not None or getattr(args, "tensor_parallel_size", 1) != 1:
+        raise ValueError("--shape sets the replicas and their parallelism (threads on a CPU, tensor-parallel "
+                         "GPUs): leave out --replicas, --num-threads and --tensor-parallel-size")
     if args.shape_poll <= 0:
         raise ValueError(f"--shape-poll must be > 0, got {args.shape_poll}")
     auto = args.shape == "auto"

@@ -73,8 +73,9 @@ def run_profile(args: argparse.Namespace) -> int:
     from scalellm.bench.report import write_report
     from scalellm.bench.runner import BenchPlan, aggregate_points, results_document
 
-    if args.num_threads is not None:
-        raise ValueError("the shapes set the threads: leave out --num-threads")
+    if args.num_threads is not None or getattr(args, "tensor_parallel_size", 1) != 1:
+        raise ValueError("the shapes set each replica's parallelism: leave out --num-threads and "
+                         "--tensor-parallel-size")
     machine = Machine.detect()
     shapes = args.shapes or tuple(machine.feasible_shapes())
     plan = BenchPlan(concurrencies=tuple(args.concurrency), num_requests=args.requests, repeats=args.repeat,

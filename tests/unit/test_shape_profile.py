@@ -132,3 +132,13 @@ def test_profile_flags_name_the_shape_and_pass_the_engine_flags():
     assert "--num-threads" not in command
     with pytest.raises(Exception):
         shape_list("2x1,banana")
+
+
+@pytest.mark.parametrize("flags", [["--replicas", "2"], ["--num-threads", "2"], ["--profile", "p.json"]])
+def test_serve_shape_refuses_conflicting_flags(flags, capsys):
+    from scalellm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--engine", "mock", "--shape", "2x1", *flags])
+    assert exit_info.value.code == 2
+    assert "--shape" in capsys.readouterr().err
