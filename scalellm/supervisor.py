@@ -63,6 +63,7 @@ class ChildProcess:
     def start(self) -> None:
         """Spawn the process (stdout and stderr are inherited)."""
         child_env = {**os.environ, env.PARENT_PID_VAR: str(os.getpid()), **self.extra_env}
+        self._close_stdin()  # a restart: the dead process's pipe
         self.process = subprocess.Popen(
             self.argv, env=child_env, start_new_session=True,
             stdin=subprocess.PIPE if self.stdin_data is not None else subprocess.DEVNULL)
@@ -128,9 +129,13 @@ class ChildProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self.process.wait()
-        if self.process.stdin is not None and not self.process.stdin.closed:
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        pipe = None if self.process is None else self.process.stdin
+        if pipe is not None and not pipe.closed:
             try:
-                self.process.stdin.close()
+                pipe.close()
             except BrokenPipeError:
                 pass
 

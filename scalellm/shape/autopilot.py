@@ -1,9 +1,9 @@
 """The controller at work inside `scalellm serve --shape auto`: observe, decide, change shape.
 
-Every `poll_interval_s` the autopilot reads the Load of every live replica (the serving set, and
-during a change the set being drained), sums running and waiting requests and the requests received
-since the last poll, and feeds that sample to the `ShapeController`. A change it returns is carried
-out without dropping a request:
+Every `poll_interval_s` the autopilot reads the Load of the serving replicas, sums their running and
+waiting requests and the requests they received since the last poll, and feeds that sample to the
+`ShapeController`. A change it returns is carried out without dropping a request (the controller
+decides nothing meanwhile):
 
     1. start the target shape's replicas on fresh ports; wait until each answers Health
        (a replica that dies or misses the startup timeout aborts the change: the new set is

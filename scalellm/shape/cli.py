@@ -73,7 +73,10 @@ def serve_with_shape(args: argparse.Namespace) -> int:
     machine = Machine.detect()
     controller_config = controller_config_from_args(args)
     advisor = build_advisor(args, machine) if auto else None
-    shape = advisor.initial_shape() if advisor else Shape.parse(args.shape)
+    try:
+        shape = advisor.initial_shape() if advisor else Shape.parse(args.shape)
+    except ValueError:
+        raise ValueError(f"--shape takes auto or REPLICASxPARALLEL such as 2x1, got {args.shape!r}") from None
     launcher = ReplicaLauncher(engine_argv(args), machine)
     replica_set = launcher.build(shape)
     config = gateway_config_from_args(args, replica_set.addresses)
