@@ -22,5 +22,11 @@ serve: install
 test: install
 	$(VENV)/bin/pytest -q tests
 
+# The soak: C=128 for 10 minutes on the default model (int8, 2 replicas); results in benchmarks/stress/.
+# Shorter: make stress STRESS_ARGS="--duration 60"
+.PHONY: stress
+stress: install
+	$(PY) -m scalellm.bench.stress $(STRESS_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
