@@ -44,9 +44,9 @@ def _serve(args: argparse.Namespace) -> int:
         from scalellm.shape.cli import serve_with_shape
 
         return serve_with_shape(args)
-    if args.replicas is None:
-        args.replicas = default_replica_count()
-    num_threads = args.num_threads or threads_per_replica(args.replicas)
+    if args.replicas is None:  # each replica runs tensor_parallel_size processes
+        args.replicas = max(1, default_replica_count() // args.tensor_parallel_size)
+    num_threads = args.num_threads or threads_per_replica(args.replicas * args.tensor_parallel_size)
     addresses = [f"127.0.0.1:{port}" for port in free_ports(args.replicas)]
     argvs = [[sys.executable, "-m", "scalellm.cli", "replica", *engine_argv(args, num_threads),
               "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]] for address in addresses]
@@ -70,7 +70,7 @@ def _serve_local(args: argparse.Namespace) -> int:
     except StartupError as error:
         raise ValueError(str(error)) from None
     engine = build_engine(argparse.Namespace(**{**vars(args), "num_threads": args.num_threads
-                                                or threads_per_replica(1)}))
+                                                or threads_per_replica(args.tensor_parallel_size)}))
 
     def banner(app) -> None:
         print(f"ScaleLLM serving {engine.model_name} at http://{config.host}:{app.port} "

@@ -9,7 +9,8 @@
 
 Tokenization and detokenization run on the asyncio thread, overlapping the next model step (torch
 releases the GIL inside its kernels). The engine thread sleeps on an event when it has no work:
-no busy polling.
+no busy polling. With tensor parallelism the engine thread also starts and stops the worker ranks; a
+worker that dies wakes it, the loop fails, and `wait_failed` returns (the replica then exits).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class AsyncLLM(EngineClient):
         self._load = EngineLoad(0, 0, 0, 0, 0)
         self._last_progress = time.monotonic()
         self._busy = False
+        self._failed = asyncio.Event()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -115,6 +117,11 @@ class AsyncLLM(EngineClient):
         if target is not None and final is not None:
             target.put_nowait(final)
 
+    async def wait_failed(self) -> BaseException:
+        """Return the error once the engine loop has died (a worker rank exited, a model error)."""
+        await self._failed.wait()
+        return self._error
+
     def health(self) -> EngineHealth:
         if self._error is not None:
             return EngineHealth(False, f"engine loop failed: {self._error}")
@@ -136,7 +143,7 @@ class AsyncLLM(EngineClient):
 
     def _run(self, ready: asyncio.Future) -> None:
         try:
-            core = EngineCore(self.config)
+            core = EngineCore(self.config, on_failure=self._wake.set)
         except BaseException as exc:  # report load failures to start()
             self._loop.call_soon_threadsafe(_set_exception, ready, exc)
             return
@@ -147,9 +154,12 @@ class AsyncLLM(EngineClient):
         except BaseException as exc:  # the loop died: fail every request, report unhealthy
             self._error = exc
             self._loop.call_soon_threadsafe(self._fail_all, exc)
+        finally:
+            core.shutdown()
 
     def _loop_forever(self, core: EngineCore) -> None:
         while not self._stopping:
+            core.check_alive()
             self._drain_inbox(core)
             self._busy = core.has_work()
             if not self._busy:
@@ -203,6 +213,7 @@ class AsyncLLM(EngineClient):
         error = EngineDeadError(f"the engine loop failed: {exc}")
         for target in self._queues.values():
             target.put_nowait(error)
+        self._failed.set()
 
 
 def _set_result(future: asyncio.Future, value) -> None:

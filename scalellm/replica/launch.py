@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import sys
 
@@ -40,6 +42,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="torch threads (default: torch's)")
     group.add_argument("--quantization", choices=("none", "int8"), default="none",
                        help="weights: none (in --dtype) or int8 (W8A8 dynamic, per-token activations)")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
+                       metavar="N", help="processes per replica, the model split over them (default %(default)s)")
+    group.add_argument("--enable-expert-parallel", action="store_true",
+                       help="MoE models: spread whole experts over the tensor-parallel ranks")
 
 
 def engine_argv(args: argparse.Namespace, num_threads: int | None = None) -> list[str]:
@@ -49,7 +55,9 @@ def engine_argv(args: argparse.Namespace, num_threads: int | None = None) -> lis
              "--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib),
              "--max-num-seqs", str(args.max_num_seqs),
              "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-             "--quantization", args.quantization]
+             "--quantization", args.quantization, "--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if args.enable_expert_parallel:
+        argv.append("--enable-expert-parallel")
     if args.max_model_len is not None:
         argv += ["--max-model-len", str(args.max_model_len)]
     threads = num_threads if num_threads is not None else args.num_threads
@@ -79,19 +87,46 @@ def build_engine(args: argparse.Namespace) -> EngineClient:
         model=args.model, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads,
-        quantization=args.quantization))
+        quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel))
 
 
 def run_replica(args: argparse.Namespace) -> None:
     """Serve one replica until SIGTERM/SIGINT (blocking), on uvloop."""
     import uvloop
 
-    from scalellm.replica.server import ListenError, serve_until_signal
+    from scalellm.replica.server import ListenError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = build_engine(args)
     try:
-        uvloop.run(serve_until_signal(engine, args.host, args.port))
+        failure = uvloop.run(_serve_until_signal_or_failure(engine, args))
     except ListenError as error:
         sys.exit(f"scalellm replica: error: {error}")
+    if failure is not None:  # exit non-zero: a supervisor restarts the replica
+        sys.exit(f"scalellm replica: error: the engine failed: {failure}")
+
+
+async def _serve_until_signal_or_failure(engine: EngineClient, args: argparse.Namespace) -> BaseException | None:
+    """Serve until SIGTERM/SIGINT (returns None), or until the real engine's loop dies (returns its error).
+
+    A dead engine loop never recovers (and with tensor parallelism its ranks are gone), so the replica
+    stops instead of staying up unhealthy.
+    """
+    from scalellm.replica.server import serve_until_signal
+
+    serving = asyncio.ensure_future(serve_until_signal(engine, args.host, args.port))
+    if args.engine != "real":
+        await serving
+        return None
+    failed = asyncio.ensure_future(engine.wait_failed())
+    await asyncio.wait((serving, failed), return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        failed.cancel()
+        serving.result()  # raises what serving raised
+        return None
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    return failed.result()
