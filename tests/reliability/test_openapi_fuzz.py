@@ -1,0 +1,88 @@
+"""schemathesis fuzzes every route of a live gateway (`scalellm serve --engine mock`) from its own
+/openapi.json: no 5xx, no hang, every response as documented, every error in OpenAI's format, and
+input that the document forbids is refused."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from procs import MOCK, Serve, http
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                               response_schema_conformance, status_code_conformance)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+CALL_TIMEOUT_S = 10.0
+EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 150}
+
+
+@pytest.fixture(scope="module")
+def served_schema():
+    serve = Serve(*MOCK, "--tpot-ms", "0", "--replicas", "1", "--max-model-len", "64", "--max-queue", "64")
+    try:
+        schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{serve.port}/openapi.json")
+        yield serve, schema
+    finally:
+        serve.stop()
+
+
+def openai_error_format(ctx, response, case) -> None:
+    """Every 4xx body is OpenAI's error object with a message."""
+    if response.status_code >= 400:
+        error = orjson.loads(response.content).get("error")
+        assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}, response.content
+        assert isinstance(error["message"], str) and error["message"]
+
+
+def not_a_server_error(ctx, response, case) -> None:
+    assert response.status_code < 500 or response.status_code == 503, (response.status_code, response.content)
+
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          openai_error_format]
+
+
+def _operations(schema):
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+def test_document_covers_every_route(served_schema):
+    serve, schema = served_schema
+    routes = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+              ("GET", "/health"), ("GET", "/metrics")}
+    assert {(op.method.upper(), op.path) for op in _operations(schema)} == routes  # it skips the document's own
+    document = orjson.loads(http(serve.port, "GET", "/openapi.json")[1])
+    assert {(method.upper(), path) for path, item in document["paths"].items() for method in item} \
+        == routes | {("GET", "/openapi.json")}
+    chat = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert chat["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 64  # the replicas' context length
+    assert chat["properties"]["model"]["anyOf"][0]["enum"] == ["mock"]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["positive", "negative"])
+def test_schemathesis_fuzzes_every_route(served_schema, mode):
+    serve, schema = served_schema
+    statuses: dict[str, set[int]] = {}
+    counts: dict[str, int] = {}
+    checks = CHECKS + ([negative_data_rejection] if mode == GenerationMode.NEGATIVE else [])
+    for operation in _operations(schema):
+        if mode == GenerationMode.NEGATIVE and operation.method.upper() != "POST":
+            continue  # the GET routes take no input to make invalid
+
+        @settings(max_examples=EXAMPLES[mode], deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def run(case):
+            response = case.call(timeout=CALL_TIMEOUT_S)
+            statuses.setdefault(operation.label, set()).add(response.status_code)
+            counts[operation.label] = counts.get(operation.label, 0) + 1
+            case.validate_response(response, checks=checks)
+        run()
+    assert statuses, "schemathesis sent nothing"
+    print(f"schemathesis {mode.value}: " + ", ".join(f"{label} {counts[label]} cases -> {sorted(codes)}"
+                                                     for label, codes in statuses.items()))
+    generated = statuses.get("POST /v1/chat/completions", set())
+    assert (200 in generated) if mode == GenerationMode.POSITIVE else (400 in generated), statuses

@@ -1,0 +1,119 @@
+"""API key scopes, key files, constant-time comparison, and keys kept out of logs, reprs and errors."""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import http.client
+import logging
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+from gateway_fakes import FAKE_MODEL, FakeReplica, GatewayThread  # noqa: E402
+
+from scalellm.gateway import auth as auth_module  # noqa: E402
+from scalellm.gateway.auth import ADMIN, INFERENCE, METRICS, ApiKeyAuth, parse_key_spec  # noqa: E402
+from scalellm.gateway.cli_args import add_gateway_args, gateway_config_from_args  # noqa: E402
+from scalellm.gateway.config import GatewayConfig  # noqa: E402
+from scalellm.protocol.openai import OpenAIError  # noqa: E402
+
+CHAT = orjson.dumps({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+
+def test_key_specs():
+    assert parse_key_spec("k1") == ("k1", frozenset({INFERENCE}))
+    assert parse_key_spec("k2 metrics") == ("k2", frozenset({METRICS}))
+    assert parse_key_spec("  k3   inference,admin ") == ("k3", frozenset({INFERENCE, ADMIN, METRICS}))
+    for bad in ("", "k4 root", "k5 metrics extra", "k6 metrics,"):
+        with pytest.raises(ValueError) as info:
+            parse_key_spec(bad)
+        assert "k4" not in str(info.value) and "k5" not in str(info.value) and "k6" not in str(info.value)
+
+
+def test_scopes_401_and_403():
+    auth = ApiKeyAuth(["infer-key", "scrape-key metrics", "ops-key admin"])
+    assert auth.authorize(b"Bearer infer-key", INFERENCE)
+    assert auth.authorize(b"Bearer scrape-key", METRICS)
+    assert auth.authorize(b"Bearer ops-key", METRICS) and auth.authorize(b"Bearer ops-key", ADMIN)
+    for header, scope, status in ((b"Bearer scrape-key", INFERENCE, 403), (b"Bearer infer-key", METRICS, 403),
+                                  (b"Bearer infer-key", ADMIN, 403), (b"Bearer nope", INFERENCE, 401),
+                                  (None, METRICS, 401)):
+        with pytest.raises(OpenAIError) as info:
+            auth.authorize(header, scope)
+        assert info.value.status == status
+
+
+def test_key_file_with_scopes(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# keys\nplain-key\nscraper-key metrics\n\nops-key admin,inference\n")
+    auth = ApiKeyAuth(["flag-key metrics"], key_file=str(path))
+    assert auth.identify(b"Bearer plain-key", INFERENCE) and auth.identify(b"Bearer plain-key", METRICS) is None
+    assert auth.identify(b"Bearer scraper-key", METRICS) and auth.identify(b"Bearer flag-key", METRICS)
+    assert auth.identify(b"Bearer ops-key", INFERENCE) and auth.identify(b"Bearer ops-key", ADMIN)
+    (tmp_path / "bad").write_text("secret-value superuser\n")
+    with pytest.raises(ValueError, match="unknown API key scope") as info:
+        ApiKeyAuth(key_file=str(tmp_path / "bad"))
+    assert "secret-value" not in str(info.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        ApiKeyAuth(key_file=str(tmp_path / "missing"))
+
+
+def test_every_stored_digest_is_compared_whichever_matches(monkeypatch):
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    auth = ApiKeyAuth([f"key-{i}" for i in range(5)])
+    for header in (b"Bearer key-0", b"Bearer key-4", b"Bearer wrong"):
+        calls.clear()
+        auth.identify(header)
+        assert len(calls) == 5
+
+
+def test_keys_from_flags_and_file_reach_the_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_gateway_args(parser)
+    args = parser.parse_args(["--api-key", "a-key", "--api-key", "m-key metrics", "--api-key-file", str(tmp_path)])
+    config = gateway_config_from_args(args, ["127.0.0.1:1"])
+    assert config.api_keys == ("a-key", "m-key metrics") and config.api_key_file == str(tmp_path)
+    assert config.host == "127.0.0.1"
+    assert "a-key" not in repr(config) and "m-key" not in repr(config)
+    with pytest.raises(ValueError):
+        GatewayConfig(api_keys=("k nonsense",))
+
+
+def _request(port, method, path, key=None, body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request(method, path, body=body, headers={"Authorization": f"Bearer {key}"} if key else {})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def test_routes_enforce_scopes_and_keys_never_reach_logs_or_bodies(caplog, tmp_path):
+    secrets = ["sk-inference-7f3a", "sk-metrics-91bc", "sk-wrong-0d2e"]
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"{secrets[1]} metrics\n")
+    config = GatewayConfig(replica_addresses=("a:1",), port=0, api_keys=(secrets[0],), api_key_file=str(key_file))
+    caplog.set_level(logging.DEBUG)
+    bodies = []
+    with GatewayThread(config, [FakeReplica("a:1")]) as gw:
+        port = gw.app.port
+        for key, method, path, body, status in (
+                (secrets[0], "POST", "/v1/chat/completions", CHAT, 200), (secrets[1], "POST", "/v1/chat/completions", CHAT, 403),
+                (secrets[2], "POST", "/v1/chat/completions", CHAT, 401), (None, "POST", "/v1/completions", CHAT, 401),
+                (secrets[0], "GET", "/v1/models", None, 200), (secrets[1], "GET", "/v1/models", None, 403),
+                (secrets[1], "GET", "/metrics", None, 200), (secrets[0], "GET", "/metrics", None, 403),
+                (None, "GET", "/metrics", None, 401), (secrets[2], "GET", "/metrics", None, 401),
+                (None, "GET", "/health", None, 200), (None, "GET", "/openapi.json", None, 200)):
+            got, raw = _request(port, method, path, key, body)
+            assert got == status, (key, path, raw)
+            bodies.append(raw.decode())
+            if status in (401, 403):
+                assert orjson.loads(raw)["error"]["code"] in ("invalid_api_key", "insufficient_scope")
+    logged = "\n".join(record.getMessage() for record in caplog.records) + repr(config)
+    assert "chat/completions" in logged  # the access log ran
+    for secret in secrets:
+        assert secret not in logged and all(secret not in body for body in bodies)
