@@ -43,7 +43,7 @@ def check_parse(raw: bytes) -> None:
             assert set(shape) == {"message", "type", "param", "code"} and shape["message"]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(BODY)
 def test_any_json_body_parses_or_is_a_400(body):
     check_parse(json.dumps(body).encode())
