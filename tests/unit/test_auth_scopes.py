@@ -102,7 +102,8 @@ def test_routes_enforce_scopes_and_keys_never_reach_logs_or_bodies(caplog, tmp_p
     with GatewayThread(config, [FakeReplica("a:1")]) as gw:
         port = gw.app.port
         for key, method, path, body, status in (
-                (secrets[0], "POST", "/v1/chat/completions", CHAT, 200), (secrets[1], "POST", "/v1/chat/completions", CHAT, 403),
+                (secrets[0], "POST", "/v1/chat/completions", CHAT, 200),
+                (secrets[1], "POST", "/v1/chat/completions", CHAT, 403),
                 (secrets[2], "POST", "/v1/chat/completions", CHAT, 401), (None, "POST", "/v1/completions", CHAT, 401),
                 (secrets[0], "GET", "/v1/models", None, 200), (secrets[1], "GET", "/v1/models", None, 403),
                 (secrets[1], "GET", "/metrics", None, 200), (secrets[0], "GET", "/metrics", None, 403),

@@ -74,7 +74,8 @@ def test_long_stop_lists_are_refused():
         assert info.value.param == "stop"
 
 
-@pytest.mark.parametrize("field,value", [("seed", 2**63), ("seed", 2**64), ("stop_token_ids", [2**32]), ("top_k", 2**31),
+@pytest.mark.parametrize("field,value", [("seed", 2**63), ("seed", 2**64), ("stop_token_ids", [2**32]),
+                                         ("top_k", 2**31),
                                          ("n", 129), ("min_tokens", -1), ("stop_token_ids", [0] * 2000)])
 def test_values_the_replicas_cannot_carry_are_a_400(field, value):
     with pytest.raises(OpenAIError) as info:
@@ -125,10 +126,10 @@ def _feed(chunks: list[bytes]) -> bytes:
     return asyncio.run(run())
 
 
-HTTP_PIECES = st.sampled_from([b"GET / HTTP/1.1\r\n", b"POST /v1/completions HTTP/1.1\r\n", b"Host: x\r\n",
-                               b"Content-Length: 5\r\n", b"Content-Length: 99999\r\n", b"Transfer-Encoding: chunked\r\n",
-                               b"\r\n", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"Connection: close\r\n",
-                               b"Upgrade: h2c\r\nConnection: Upgrade\r\n", b"\x00\xff", b"GET"]) | st.binary(max_size=40)
+HTTP_PIECES = st.sampled_from([
+    b"GET / HTTP/1.1\r\n", b"POST /v1/completions HTTP/1.1\r\n", b"Host: x\r\n", b"Content-Length: 5\r\n",
+    b"Content-Length: 99999\r\n", b"Transfer-Encoding: chunked\r\n", b"\r\n", b"hello", b"5\r\nhello\r\n0\r\n\r\n",
+    b"Connection: close\r\n", b"Upgrade: h2c\r\nConnection: Upgrade\r\n", b"\x00\xff", b"GET"]) | st.binary(max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
