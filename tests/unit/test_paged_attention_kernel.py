@@ -105,8 +105,8 @@ def test_config_validates_attention_backend():
 
 
 def test_loader_reports_a_missing_compiler(monkeypatch, caplog):
-    from scalellm.engine.layers.kernels import _build_paged_attention
+    from scalellm.engine.layers.kernels import _build_kernel
     monkeypatch.setenv("CXX", "no-such-compiler")
-    op, reason = _build_paged_attention.__wrapped__()  # the uncached build
+    op, reason = _build_kernel.__wrapped__("paged_attention")  # the uncached build
     assert op is None and "no C++ compiler" in reason
     assert "torch path" in caplog.text

@@ -1,10 +1,12 @@
 """C++ CPU kernels, compiled on first use with torch.utils.cpp_extension.
 
 `load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
-context_lens, block_size, scale, sliding_window) -> out`, or None when the kernel cannot be built
-(no C++ compiler, no ninja, a compile error); `paged_attention_load_error()` then says why.
+context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
+`int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp). Each is None
+when its kernel cannot be built (no C++ compiler, no ninja, a compile error);
+`kernel_load_error(name)` then says why.
 
-What the op computes (see the comment block of paged_attention.cpp): for each decode row b with
+What the attention op computes (see the comment block of paged_attention.cpp): for each decode row b with
 ctx = context_lens[b] and each query head h, softmax(scale * q[b, h] . K[t]) over the key positions
 t in [max(0, ctx - sliding_window), ctx) (the whole context when sliding_window <= 0), weighted sum
 of V[t]; float32 or bfloat16 in, float accumulation. K[t] / V[t] are read in place from the paged
@@ -34,33 +36,50 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_DIR = Path(__file__).parent
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
+KERNELS: dict[str, tuple[str, str, list[str]]] = {
+    # name: (source file, op name in torch.ops.scalellm, extra compiler flags)
+    "paged_attention": ("paged_attention.cpp", "paged_decode_attention", []),
+    # No fused multiply-add contraction: the epilogue must round like the unfused torch path.
+    "int8_linear": ("int8_linear.cpp", "int8_linear", ["-ffp-contract=off"]),
+}
 
 
 def load_paged_attention() -> Callable[..., torch.Tensor] | None:
     """The compiled paged decode-attention op, or None when it cannot be built (warned once)."""
-    return _build_paged_attention()[0]
+    return _build_kernel("paged_attention")[0]
+
+
+def load_int8_linear() -> Callable[..., torch.Tensor] | None:
+    """The compiled fused W8A8 linear op, or None when it cannot be built (warned once)."""
+    return _build_kernel("int8_linear")[0]
+
+
+def kernel_load_error(name: str) -> str | None:
+    """Why the kernel `name` (a key of KERNELS) cannot be loaded; None when it is available."""
+    return _build_kernel(name)[1]
 
 
 def paged_attention_load_error() -> str | None:
     """Why load_paged_attention() returns None; None when the kernel is available."""
-    return _build_paged_attention()[1]
+    return kernel_load_error("paged_attention")
 
 
 @functools.cache
-def _build_paged_attention() -> tuple[Callable[..., torch.Tensor] | None, str | None]:
+def _build_kernel(name: str) -> tuple[Callable[..., torch.Tensor] | None, str | None]:
+    source, op_name, flags = KERNELS[name]
     try:
-        _compile_and_load("scalellm_paged_attention", _SOURCE)
-        return torch.ops.scalellm.paged_decode_attention, None
+        _compile_and_load(f"scalellm_{name}", _DIR / source, flags)
+        return getattr(torch.ops.scalellm, op_name), None
     except Exception as exc:  # any build or load failure means: use the torch path
         reason = _short_reason(exc)
-        logger.warning("C++ paged attention kernel unavailable, decode uses the torch path: %s", reason)
+        logger.warning("C++ kernel %s unavailable, the torch path is used instead: %s", name, reason)
         return None, reason
 
 
-def _compile_and_load(name: str, source: Path) -> None:
+def _compile_and_load(name: str, source: Path, extra_flags: list[str]) -> None:
     """Build `source` into the shared cache directory (once per machine) and load it as a torch library."""
     from filelock import FileLock  # a dependency of torch
     from torch.utils import cpp_extension
@@ -71,13 +90,14 @@ def _compile_and_load(name: str, source: Path) -> None:
     _ensure_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not available (pip install ninja)")
-    build_dir = _cache_root() / f"{name}-{_build_hash(source, compiler)}"
+    cflags = _CFLAGS + extra_flags
+    build_dir = _cache_root() / f"{name}-{_build_hash(source, compiler, cflags)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(build_dir / "scalellm.lock")):
         # Under this lock no other loader is building here: a torch baton left behind by a process
         # killed mid-build would otherwise make every later build wait forever.
         (build_dir / "lock").unlink(missing_ok=True)
-        cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_CFLAGS,
+        cpp_extension.load(name=name, sources=[str(source)], extra_cflags=cflags,
                            extra_ldflags=_LDFLAGS, build_directory=str(build_dir),
                            is_python_module=False, verbose=False)
 
@@ -87,9 +107,9 @@ def _cache_root() -> Path:
     return Path(base) / "scalellm" / "kernels"
 
 
-def _build_hash(source: Path, compiler: str) -> str:
+def _build_hash(source: Path, compiler: str, cflags: list[str]) -> str:
     digest = hashlib.sha256(source.read_bytes())
-    for part in (torch.__version__, platform.machine(), compiler, " ".join(_CFLAGS), _cpu_flags()):
+    for part in (torch.__version__, platform.machine(), compiler, " ".join(cflags), _cpu_flags()):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]
 
