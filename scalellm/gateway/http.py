@@ -132,6 +132,7 @@ class HttpConnection(asyncio.Protocol):
         self.response_started = False
         self._reading = False
         """True from a request's first byte until it is complete."""
+        self._num_begun = 0
         self._head_bytes = 0
         self.deadline = math.inf
         """time.monotonic() by which the client must send more; inf while a handler runs."""
@@ -162,6 +163,8 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
+        in_head = self._reading and self._head_bytes >= 0
+        num_begun = self._num_begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -169,8 +172,8 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self._rejected:
                 self._reject(400, f"malformed HTTP request: {exc}")
-        if self._head_bytes >= 0 and self._reading and not self._rejected:
-            self._head_bytes += len(data)  # still in the head after this chunk: count it
+        if in_head and num_begun == self._num_begun and self._head_bytes >= 0 and not self._rejected:
+            self._head_bytes += len(data)  # a chunk that began and ended inside one request's head
             if self._head_bytes > MAX_HEADER_BYTES:
                 self._reject(431, f"request line and headers larger than {MAX_HEADER_BYTES} bytes")
 
@@ -192,6 +195,7 @@ class HttpConnection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         self._head_bytes = 0
+        self._num_begun += 1
         if not self._reading:
             self._reading = True
             if self._task is None:

@@ -111,16 +111,17 @@ async def _echo(request, conn) -> None:
     conn.send_response(200, b'{"ok":true}')
 
 
-def _feed(chunks: list[bytes]) -> bytes:
+def _feed(chunks: list[bytes], max_body_bytes: int = 1024) -> bytes:
     async def run() -> bytes:
         render = lambda status, message: orjson.dumps({"error": {"message": message}})  # noqa: E731
-        conn = HttpConnection(_echo, HttpLimits(max_body_bytes=1024), render, _Connections())
+        conn = HttpConnection(_echo, HttpLimits(max_body_bytes=max_body_bytes), render, _Connections())
         transport = FakeTransport()
         conn.connection_made(transport)
         for chunk in chunks:
             conn.data_received(chunk)
             await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        for _ in range(100):  # let pipelined requests run one after the other
+            await asyncio.sleep(0)
         conn.connection_lost(None)
         return bytes(transport.written)
     return asyncio.run(run())
@@ -141,3 +142,13 @@ def test_any_bytes_on_a_connection_get_well_formed_answers(pieces):
         head, _, rest = written.partition(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         written = rest[length:]
+
+
+def test_endless_head_is_a_431_but_a_large_body_is_not():
+    endless = [b"GET / HTTP/1.1\r\n"] + [b"x-filler: " + b"a" * 1000 + b"\r\n"] * 100
+    written = _feed(endless)
+    assert written.startswith(b"HTTP/1.1 431 ") and written.count(b"HTTP/1.1") == 1
+    body = b"b" * 8000
+    request = b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+    pipelined = request * 10 + b"GET / HTTP/1.1\r\n"  # 80 KB in one read, ending inside the next head
+    assert _feed([pipelined, b"host: x\r\n\r\n"], max_body_bytes=10_000).count(b"HTTP/1.1 200 OK") == 11
