@@ -16,7 +16,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, negativ
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 CALL_TIMEOUT_S = 10.0
-EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 150}
+EXAMPLES = {GenerationMode.POSITIVE: 100, GenerationMode.NEGATIVE: 100}
 
 
 @pytest.fixture(scope="module")
