@@ -1,27 +1,17 @@
-"""API key scopes, key files, constant-time comparison, and keys kept out of logs, reprs and errors."""
+"""API key scopes, key files, constant-time comparison, and keys kept out of reprs and errors."""
 
 from __future__ import annotations
 
 import argparse
 import hmac
-import http.client
-import logging
-import sys
-from pathlib import Path
 
-import orjson
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
-from gateway_fakes import FAKE_MODEL, FakeReplica, GatewayThread  # noqa: E402
-
-from scalellm.gateway import auth as auth_module  # noqa: E402
-from scalellm.gateway.auth import ADMIN, INFERENCE, METRICS, ApiKeyAuth, parse_key_spec  # noqa: E402
-from scalellm.gateway.cli_args import add_gateway_args, gateway_config_from_args  # noqa: E402
-from scalellm.gateway.config import GatewayConfig  # noqa: E402
-from scalellm.protocol.openai import OpenAIError  # noqa: E402
-
-CHAT = orjson.dumps({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+from scalellm.gateway import auth as auth_module
+from scalellm.gateway.auth import ADMIN, INFERENCE, METRICS, ApiKeyAuth, parse_key_spec
+from scalellm.gateway.cli_args import add_gateway_args, gateway_config_from_args
+from scalellm.gateway.config import GatewayConfig
+from scalellm.protocol.openai import OpenAIError
 
 
 def test_key_specs():
@@ -83,38 +73,3 @@ def test_keys_from_flags_and_file_reach_the_config(tmp_path):
     assert "a-key" not in repr(config) and "m-key" not in repr(config)
     with pytest.raises(ValueError):
         GatewayConfig(api_keys=("k nonsense",))
-
-
-def _request(port, method, path, key=None, body=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request(method, path, body=body, headers={"Authorization": f"Bearer {key}"} if key else {})
-    response = conn.getresponse()
-    return response.status, response.read()
-
-
-def test_routes_enforce_scopes_and_keys_never_reach_logs_or_bodies(caplog, tmp_path):
-    secrets = ["sk-inference-7f3a", "sk-metrics-91bc", "sk-wrong-0d2e"]
-    key_file = tmp_path / "keys"
-    key_file.write_text(f"{secrets[1]} metrics\n")
-    config = GatewayConfig(replica_addresses=("a:1",), port=0, api_keys=(secrets[0],), api_key_file=str(key_file))
-    caplog.set_level(logging.DEBUG)
-    bodies = []
-    with GatewayThread(config, [FakeReplica("a:1")]) as gw:
-        port = gw.app.port
-        for key, method, path, body, status in (
-                (secrets[0], "POST", "/v1/chat/completions", CHAT, 200),
-                (secrets[1], "POST", "/v1/chat/completions", CHAT, 403),
-                (secrets[2], "POST", "/v1/chat/completions", CHAT, 401), (None, "POST", "/v1/completions", CHAT, 401),
-                (secrets[0], "GET", "/v1/models", None, 200), (secrets[1], "GET", "/v1/models", None, 403),
-                (secrets[1], "GET", "/metrics", None, 200), (secrets[0], "GET", "/metrics", None, 403),
-                (None, "GET", "/metrics", None, 401), (secrets[2], "GET", "/metrics", None, 401),
-                (None, "GET", "/health", None, 200), (None, "GET", "/openapi.json", None, 200)):
-            got, raw = _request(port, method, path, key, body)
-            assert got == status, (key, path, raw)
-            bodies.append(raw.decode())
-            if status in (401, 403):
-                assert orjson.loads(raw)["error"]["code"] in ("invalid_api_key", "insufficient_scope")
-    logged = "\n".join(record.getMessage() for record in caplog.records) + repr(config)
-    assert "chat/completions" in logged  # the access log ran
-    for secret in secrets:
-        assert secret not in logged and all(secret not in body for body in bodies)
