@@ -22,6 +22,8 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+_SSE_EVENT = {"type": "object", "required": ["data"], "description": "data: a chunk's JSON, an error's JSON, or [DONE]",
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
           "properties": {name: {"type": "integer", "minimum": 0}
                          for name in ("prompt_tokens", "completion_tokens", "total_tokens")}}
@@ -107,7 +109,7 @@ def _operation(summary: str, responses: dict, secured: bool, body: dict | None =
 
 def _generation(summary: str, chat: bool, body: dict, auth: bool) -> dict:
     ok = _json(_completion_response(chat), "The completion (stream=false)")
-    ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    ok["content"]["text/event-stream"] = {"schema": {"anyOf": [_SSE_EVENT, {"type": "array", "items": _SSE_EVENT}]}}
     statuses = ("400", "401", "403", "404", "405", "408", "413", "429", "431", "503", "504")
     return {"post": _operation(summary, {"200": ok, **_errors(*statuses)}, auth, body)}
 

@@ -86,3 +86,16 @@ def test_schemathesis_fuzzes_every_route(served_schema, mode):
                                                      for label, codes in statuses.items()))
     generated = statuses.get("POST /v1/chat/completions", set())
     assert (200 in generated) if mode == GenerationMode.POSITIVE else (400 in generated), statuses
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_streams_and_bodies_conform_to_the_document(served_schema, route):
+    """Streamed and whole responses of both routes, every time (the fuzzer may not draw stream=true)."""
+    _, schema = served_schema
+    operation = schema[route]["POST"]
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in route else {"prompt": "hi"}
+    for extra in ({"stream": True}, {"stream": True, "stream_options": {"include_usage": True}}, {}):
+        case = operation.Case(body={**prompt, "max_tokens": 3, **extra}, media_type="application/json")
+        response = case.call(timeout=CALL_TIMEOUT_S)
+        assert response.status_code == 200
+        case.validate_response(response, checks=CHECKS)
