@@ -55,6 +55,8 @@ _STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, re
 _MAX_PIPELINED = 32
 MAX_HEADER_BYTES = 64 * 1024
 """Largest request line plus headers."""
+LINGER_S = 2.0
+"""After an error answered before the handler ran, how long input is still read (and dropped)."""
 
 
 @dataclass(frozen=True)
@@ -269,12 +271,28 @@ class HttpConnection(asyncio.Protocol):
             self.deadline = time.monotonic() + timeout
 
     def _reject(self, status: int, message: str) -> None:
-        """Answer a request the handler never sees, then close the connection."""
+        """Answer a request the handler never sees, then close the connection (lingering)."""
         self._rejected = True
         if not self.response_started and not self.closed:
             self._keep_alive = False
             self.send_response(status, self._render_error(status, message))
-        self.close()
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Send FIN after the answer but keep reading (and dropping) input for LINGER_S.
+
+        Closing a socket with unread input makes the kernel reset the connection, which can destroy
+        the answer before the client reads it (a client still uploading a 10 MB body, a slow client).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._transport.write_eof()
+        except (NotImplementedError, RuntimeError, OSError):
+            self._transport.close()
+            return
+        asyncio.get_running_loop().call_later(LINGER_S, self._transport.close)
 
     def close(self) -> None:
         """Close the connection (the handler's task, if any, gets cancelled)."""
