@@ -33,6 +33,13 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SCALELLM_AVX512 1
+#else
+#define SCALELLM_AVX512 0
+#endif
+
 namespace {
 
 // Row loaders: view head_dim elements of the cache as floats. float rows are used in place;
@@ -156,6 +163,94 @@ void attend_group(const Problem& p, const T* q, const T* k_cache, const T* v_cac
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(s.acc[g * D + d] * inv_sum[g]);
 }
 
+#if SCALELLM_AVX512
+// Register-resident path for head_dim 64 or 128 (D / 16 vectors of 16 floats per row). The queries
+// of up to HEADS heads of the group and their output accumulators live in zmm registers for the
+// whole walk over the context, and a bf16 K or V row is widened in registers: per key, one load
+// of the row, HEADS x D / 16 fused multiply-adds, and no scratch traffic. Groups larger than HEADS
+// are done in chunks of HEADS heads (each chunk walks the context again, from cache).
+inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
+
+inline __m512 load16(const at::BFloat16* src) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+
+inline void store16(at::BFloat16* dst, __m512 v) {
+  // Round to nearest even, as at::BFloat16(float); NaN stays a quiet NaN.
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(rounded));
+}
+
+template <int D, int HEADS, typename T, typename Index>
+void attend_heads(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const Index* table_row,
+                  int64_t start, int64_t ctx, int64_t head_offset, int heads, T* out, float* scores) {
+  constexpr int V = D / 16;
+  const int64_t n = ctx - start;
+  __m512 reg[HEADS][V];  // the scaled queries in pass 1, the output accumulators in pass 2
+  for (int g = 0; g < heads; ++g)
+    for (int v = 0; v < V; ++v) reg[g][v] = _mm512_mul_ps(load16(q + g * D + v * 16), _mm512_set1_ps(p.scale));
+  for_each_slot(table_row, p.block_size, start, ctx, [&](int64_t t, int64_t slot) {
+    const T* k = k_cache + slot * p.slot_stride + head_offset;
+    __m512 row[V];
+    for (int v = 0; v < V; ++v) row[v] = load16(k + v * 16);
+    for (int g = 0; g < heads; ++g) {
+      __m512 sum = _mm512_mul_ps(reg[g][0], row[0]);
+      for (int v = 1; v < V; ++v) sum = _mm512_fmadd_ps(reg[g][v], row[v], sum);
+      scores[g * n + t - start] = _mm512_reduce_add_ps(sum);
+    }
+  });
+  float inv_sum[HEADS];
+  for (int g = 0; g < heads; ++g) inv_sum[g] = 1.f / softmax_unnormalized(scores + g * n, n);
+  for (int g = 0; g < heads; ++g)
+    for (int v = 0; v < V; ++v) reg[g][v] = _mm512_setzero_ps();
+  for_each_slot(table_row, p.block_size, start, ctx, [&](int64_t t, int64_t slot) {
+    const T* vrow = v_cache + slot * p.slot_stride + head_offset;
+    __m512 row[V];
+    for (int v = 0; v < V; ++v) row[v] = load16(vrow + v * 16);
+    for (int g = 0; g < heads; ++g) {
+      const __m512 weight = _mm512_set1_ps(scores[g * n + t - start]);
+      for (int v = 0; v < V; ++v) reg[g][v] = _mm512_fmadd_ps(weight, row[v], reg[g][v]);
+    }
+  });
+  for (int g = 0; g < heads; ++g)
+    for (int v = 0; v < V; ++v) store16(out + g * D + v * 16, _mm512_mul_ps(reg[g][v], _mm512_set1_ps(inv_sum[g])));
+}
+
+// The whole group of one (row, kv head) task in chunks of HEADS heads; false when D is not 64 or 128.
+template <typename T, typename Index>
+bool attend_group_registers(const Problem& p, const T* q, const T* k_cache, const T* v_cache,
+                            const Index* table_row, int64_t ctx, int64_t kv, T* out, Scratch& s) {
+  const int64_t D = p.head_dim;
+  if (D != 64 && D != 128) return false;
+  const int64_t start = p.window > 0 ? std::max<int64_t>(0, ctx - p.window) : 0;
+  const int heads_per_chunk = D == 64 ? 4 : 2;
+  s.scores.resize(heads_per_chunk * (ctx - start));
+  for (int64_t g0 = 0; g0 < p.group; g0 += heads_per_chunk) {
+    const int heads = static_cast<int>(std::min<int64_t>(heads_per_chunk, p.group - g0));
+    if (D == 64)
+      attend_heads<64, 4>(p, q + g0 * D, k_cache, v_cache, table_row, start, ctx, kv * D, heads, out + g0 * D,
+                          s.scores.data());
+    else
+      attend_heads<128, 2>(p, q + g0 * D, k_cache, v_cache, table_row, start, ctx, kv * D, heads, out + g0 * D,
+                           s.scores.data());
+  }
+  return true;
+}
+#else
+template <typename T, typename Index>
+bool attend_group_registers(const Problem&, const T*, const T*, const T*, const Index*, int64_t, int64_t, T*,
+                            Scratch&) {
+  return false;
+}
+#endif
+
 // Every context length in [1, NB * block_size] and every block it uses inside the cache, so the
 // tasks never read out of bounds.
 template <typename Index>
@@ -191,8 +286,11 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache, const
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.num_kv_heads, kv = task % p.num_kv_heads;
       const int64_t offset = b * row_size + kv * group_size;
-      attend_group<T, Index>(p, q_ptr + offset, k_ptr, v_ptr, table + b * p.max_blocks,
-                             static_cast<int64_t>(lens[b]), kv, out_ptr + offset, scratch);
+      const Index* table_row = table + b * p.max_blocks;
+      const int64_t ctx = static_cast<int64_t>(lens[b]);
+      if (!attend_group_registers<T, Index>(p, q_ptr + offset, k_ptr, v_ptr, table_row, ctx, kv,
+                                            out_ptr + offset, scratch))
+        attend_group<T, Index>(p, q_ptr + offset, k_ptr, v_ptr, table_row, ctx, kv, out_ptr + offset, scratch);
     }
   });
 }
