@@ -24,7 +24,7 @@ DOWN_WITHIN_S = HEALTH_INTERVAL_S + HEALTH_TIMEOUT_S
 """A hung replica leaves routing at its first failed probe."""
 ABORT_WITHIN_S = BREAKER_FAILURES * (HEALTH_INTERVAL_S + HEALTH_TIMEOUT_S)
 """Requests waiting on it are aborted once its breaker opens on failed probes."""
-SLACK_S = 2.0
+SLACK_S = 3.0
 """Scheduling slack on a shared 2-core machine."""
 STREAM_TOKENS, WHOLE_TOKENS, TPOT_MS = 150, 60, 20
 
