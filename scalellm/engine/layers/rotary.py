@@ -47,7 +47,17 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by position (rotate-half layout)."""
+    """x [T, heads, D] rotated by position (rotate-half layout).
+
+    bfloat16 on the CPU is rotated in place by one C++ op (kernels/norm_rotary.cpp, same rounding as
+    the torch ops below); other dtypes and devices get a new tensor.
+    """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(-1) == 1:
+        from scalellm.engine.layers.kernels import load_norm_rotary
+
+        ops = load_norm_rotary()
+        if ops is not None:
+            return ops[1](x, cos, sin)
     return x * cos + _rotate_half(x) * sin
 
 

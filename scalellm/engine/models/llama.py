@@ -65,9 +65,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.dtype)
         self.mlp = mlp
 
-    def forward(self, rope, x, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope, x, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (this layer's output, the residual stream before it); their sum is the
+        hidden state. Carrying them apart lets each norm add them in the same pass (first layer:
+        residual None)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(rope, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -101,9 +109,10 @@ class LlamaForCausalLM(nn.Module):
         """token_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(token_ids)
         rope = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, ctx.kv_caches):
-            x = layer(rope, x, kv_cache, ctx.attention)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, kv_cache, ctx.attention)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [S, hidden] -> logits [S, vocab] in fp32 on rank 0; None on the other ranks."""

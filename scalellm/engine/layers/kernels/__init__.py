@@ -2,7 +2,8 @@
 
 `load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
 context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
-`int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp). Each is None
+`int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
+`load_norm_rotary()` the fused bfloat16 `add_rms_norm` and `rotary_` (norm_rotary.cpp). Each is None
 when its kernel cannot be built (no C++ compiler, no ninja, a compile error);
 `kernel_load_error(name)` then says why.
 
@@ -44,6 +45,8 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     "paged_attention": ("paged_attention.cpp", "paged_decode_attention", []),
     # No fused multiply-add contraction: the epilogue must round like the unfused torch path.
     "int8_linear": ("int8_linear.cpp", "int8_linear", ["-ffp-contract=off"]),
+    # Rounding to bfloat16 between steps must match torch's chain of ops: no contraction either.
+    "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off"]),
 }
 
 
@@ -55,6 +58,12 @@ def load_paged_attention() -> Callable[..., torch.Tensor] | None:
 def load_int8_linear() -> Callable[..., torch.Tensor] | None:
     """The compiled fused W8A8 linear op, or None when it cannot be built (warned once)."""
     return _build_kernel("int8_linear")[0]
+
+
+def load_norm_rotary() -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]] | None:
+    """The fused bfloat16 ops (add_rms_norm, rotary_) of norm_rotary.cpp, or None (warned once)."""
+    add_rms_norm = _build_kernel("norm_rotary")[0]
+    return None if add_rms_norm is None else (add_rms_norm, torch.ops.scalellm.rotary_)
 
 
 def kernel_load_error(name: str) -> str | None:

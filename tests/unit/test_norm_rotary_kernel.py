@@ -1,0 +1,64 @@
+"""The fused bfloat16 norm and rotary ops against the torch ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scalellm.engine.layers.kernels import kernel_load_error, load_norm_rotary
+from scalellm.engine.layers.norm import RMSNorm
+from scalellm.engine.layers.rotary import _rotate_half
+
+
+@pytest.fixture(scope="module")
+def ops():
+    fused = load_norm_rotary()
+    if fused is None:
+        pytest.skip(f"the C++ norm/rotary kernel cannot be built here: {kernel_load_error('norm_rotary')}")
+    return fused
+
+
+def _torch_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+@pytest.mark.parametrize("num_tokens,hidden", [(1, 576), (9, 576), (33, 100), (3, 17)])
+def test_add_rms_norm_matches_the_torch_ops(ops, num_tokens, hidden):
+    add_rms_norm, _ = ops
+    gen = torch.Generator().manual_seed(hidden + num_tokens)
+    x, residual = (torch.randn(num_tokens, hidden, generator=gen).bfloat16() for _ in range(2))
+    weight = torch.randn(hidden, generator=gen).bfloat16()
+    normed, total = add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(total, x + residual)  # the residual add rounds exactly as torch's
+    expected = _torch_norm(x + residual, weight, 1e-5)
+    # Only the float sum of squares may be ordered otherwise: at most one bf16 step apart.
+    assert torch.allclose(normed.float(), expected.float(), rtol=2 ** -7, atol=0)
+    assert (normed == expected).float().mean() > 0.99
+    alone, same = add_rms_norm(x, None, weight, 1e-5)
+    assert same is x or torch.equal(same, x)
+    assert torch.allclose(alone.float(), _torch_norm(x, weight, 1e-5).float(), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("num_tokens,num_heads,head_dim", [(1, 12, 64), (5, 12, 64), (3, 4, 128), (2, 3, 40)])
+def test_rotary_in_place_equals_the_torch_ops_on_a_strided_view(ops, num_tokens, num_heads, head_dim):
+    _, rotary_ = ops
+    gen = torch.Generator().manual_seed(num_heads * head_dim)
+    qkv = torch.randn(num_tokens, (num_heads + 2) * head_dim, generator=gen).bfloat16()
+    untouched = qkv[:, num_heads * head_dim:].clone()
+    qk = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    cos, sin = (torch.randn(num_tokens, 1, head_dim, generator=gen).bfloat16() for _ in range(2))
+    expected = qk * cos + _rotate_half(qk) * sin
+    rotary_(qk, cos, sin)
+    assert torch.equal(qk, expected)
+    assert torch.equal(qkv[:, num_heads * head_dim:], untouched)
+
+
+def test_rms_norm_module_returns_the_residual_stream_in_both_dtypes():
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = RMSNorm(64, 1e-6, dtype)
+        norm.load(torch.linspace(0.5, 1.5, 64))
+        x, residual = torch.randn(4, 64).to(dtype), torch.randn(4, 64).to(dtype)
+        normed, total = norm(x, residual)
+        assert torch.equal(total, x + residual)
+        assert torch.allclose(normed.float(), _torch_norm(x + residual, norm.weight, 1e-6).float(), rtol=2 ** -7)
