@@ -1,6 +1,6 @@
-"""`scalellm serve` with one replica of 2 tensor-parallel ranks (a tiny random Llama, fp32, gloo), through
-the official openai client: greedy parity with transformers, a killed rank restarts its replica, and
-SIGTERM leaves no process behind."""
+"""`scalellm serve` with two replicas of 2 tensor-parallel ranks each (a tiny random Llama, fp32, gloo),
+through the official openai client: greedy parity with transformers, a killed rank restarts its
+replica, and SIGTERM leaves no process behind."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def served(tmp_path_factory, tokenizer_dir):
     model = make_tiny_model("llama", directory, tokenizer_dir)
     port = free_ports(1)[0]
     process = subprocess.Popen(
-        [sys.executable, "-m", "scalellm.cli", "serve", directory, "--tensor-parallel-size", "2", "--replicas", "1",
+        [sys.executable, "-m", "scalellm.cli", "serve", directory, "--tensor-parallel-size", "2", "--replicas", "2",
          "--dtype", "float32", "--kv-cache-gib", "0.01", "--port", str(port), "--health-interval", "0.5",
          "--no-request-log"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     banner = process.stdout.readline()
@@ -59,11 +59,14 @@ def complete_all(port: int, model: str) -> list[str]:
     return texts
 
 
-def replica_and_worker(serve: subprocess.Popen) -> tuple[psutil.Process, psutil.Process]:
-    (replica,) = [p for p in psutil.Process(serve.pid).children() if "replica" in p.cmdline()
-                  and p.status() != psutil.STATUS_ZOMBIE]
-    (worker,) = [p for p in replica.children() if WORKER in " ".join(p.cmdline())]
-    return replica, worker
+def replicas_and_workers(serve: subprocess.Popen) -> list[tuple[psutil.Process, psutil.Process]]:
+    """Each live replica of the server with its one worker rank."""
+    pairs = []
+    for replica in psutil.Process(serve.pid).children():
+        if "replica" in replica.cmdline() and replica.status() != psutil.STATUS_ZOMBIE:
+            (worker,) = [p for p in replica.children() if WORKER in " ".join(p.cmdline())]
+            pairs.append((replica, worker))
+    return pairs
 
 
 def healthy_replicas(port: int) -> float:
@@ -78,14 +81,17 @@ def test_greedy_parity_through_the_openai_client(served):
 
 def test_a_killed_rank_restarts_its_replica(served):
     serve, port, model, expected = served
-    replica, worker = replica_and_worker(serve)
+    pairs = replicas_and_workers(serve)
+    assert len(pairs) == 2
+    replica, worker = pairs[0]
     worker.kill()
     assert replica.wait(30) != 0  # the replica exits non-zero when a rank dies...
+    assert complete_all(port, model) == expected  # (the other replica serves meanwhile)
     deadline = time.monotonic() + 120
     while True:  # ...and the supervisor starts a new one, with its own worker
         try:
-            new_replica, new_worker = replica_and_worker(serve)
-            if new_replica.pid != replica.pid and healthy_replicas(port) == 1:
+            pids = [r.pid for r, _ in replicas_and_workers(serve)]
+            if len(pids) == 2 and replica.pid not in pids and healthy_replicas(port) == 2:
                 break
         except (ValueError, psutil.NoSuchProcess, OSError):
             pass

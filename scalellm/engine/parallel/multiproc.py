@@ -82,10 +82,10 @@ class MultiprocExecutor(Executor):
         try:
             with self._failures_explained():
                 self._wait_until_connected(store)
-                self.group = DistributedGroup(store, 0, world_size, rank_device(device.type, 0), timeout)
-                self.runner = ModelRunner(config, files, max_model_len, rank_device(device.type, 0), dtype,
-                                          self.group)
-                handshake(self.group, self.runner.num_blocks)
+                device = rank_device(device.type, 0)
+                self.group = DistributedGroup(store, 0, world_size, device, timeout)
+                self.runner = ModelRunner(config, files, max_model_len, device, dtype, self.group)
+                handshake(self.group, self.runner.num_blocks, device)
         except BaseException:
             self._kill_workers()
             raise

@@ -72,9 +72,9 @@ def rank_device(device_type: str, rank: int) -> torch.device:
     return torch.device(device_type)
 
 
-def handshake(group: ParallelGroup, num_blocks: int) -> None:
+def handshake(group: ParallelGroup, num_blocks: int, device: torch.device) -> None:
     """A barrier after loading that also checks every rank sized the same KV cache."""
-    totals = group.all_reduce(torch.tensor([num_blocks, 1], dtype=torch.int64))
+    totals = group.all_reduce(torch.tensor([num_blocks, 1], dtype=torch.int64, device=device))
     if group.rank == 0 and totals.tolist() != [num_blocks * group.world_size, group.world_size]:
         raise RuntimeError(f"the ranks disagree on the number of KV blocks ({totals.tolist()})")
 
@@ -105,7 +105,7 @@ def run_worker(spec: WorkerSpec) -> None:
     group = DistributedGroup(store, spec.rank, spec.world_size, device, timeout)
     runner = ModelRunner(spec.config, open_model_files(spec.config.model), spec.max_model_len, device,
                          resolve_dtype(spec.dtype, device), group)
-    handshake(group, runner.num_blocks)
+    handshake(group, runner.num_blocks, device)
     serve(group, runner)
     group.close()
 
