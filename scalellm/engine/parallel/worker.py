@@ -6,7 +6,8 @@
                                       ─ shutdown: return
 
 A worker has no state worth saving: when rank 0 dies it is killed (PR_SET_PDEATHSIG), and when its
-collective fails (a peer closed the connection) it exits with an error.
+collective fails (a peer closed the connection) it exits with an error. It ignores SIGINT and SIGTERM
+(they are for rank 0, which stops it with the shutdown message); SIGKILL ends it.
 """
 
 from __future__ import annotations
@@ -124,8 +125,10 @@ def main() -> None:
     spec = WorkerSpec.from_json(sys.stdin.buffer.read())
     sys.stdin.close()
     die_with_parent(spec.parent_pid)
-    # A terminal's Ctrl-C is for rank 0, which then shuts the workers down.
+    # Rank 0 owns the workers' lifetime: a terminal's Ctrl-C or a supervisor's SIGTERM to the process
+    # group reaches rank 0, which lets requests in flight finish and then stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         run_worker(spec)
     except Exception:  # noqa: BLE001 - report and exit non-zero; rank 0 sees the exit code
