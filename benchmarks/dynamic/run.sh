@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Dynamic shapes on the default model (int8): a closed loop stepping C=1 -> 64 -> 1, served by
-# `scalellm serve --shape auto` and by each fixed shape of this machine, one after the other.
+# `scalellm serve --shape auto` (with the profile, and without: the one-replica-per-request rule) and
+# by each fixed shape of this machine, one after the other.
 #
 #   benchmarks/dynamic/run.sh                      # profile (if missing), then the stepped runs
 #   STEPS=1:30,64:60,1:30 SETTLE=20 benchmarks/dynamic/run.sh   # a shorter, indicative run
@@ -22,8 +23,9 @@ if [ ! -f "$PROFILE" ]; then
   "$SCALELLM" profile $ENGINE_FLAGS --concurrency 1,4,16,64 --output "$PROFILE"
 fi
 
-systems=auto
-commands=(--system-cmd "auto={scalellm} serve --port {port} $ENGINE_FLAGS --no-request-log --shape auto --profile $PROFILE")
+systems=auto,auto-rule
+commands=(--system-cmd "auto={scalellm} serve --port {port} $ENGINE_FLAGS --no-request-log --shape auto --profile $PROFILE"
+          --system-cmd "auto-rule={scalellm} serve --port {port} $ENGINE_FLAGS --no-request-log --shape auto")
 for shape in $SHAPES; do
   systems+=",fixed-$shape"
   commands+=(--system-cmd "fixed-$shape={scalellm} serve --port {port} $ENGINE_FLAGS --no-request-log --shape $shape")

@@ -122,8 +122,8 @@ class Autopilot:
         try:
             await new_set.wait_healthy(self.startup_timeout_s, self.host.stopping)
         except StartupError as error:
-            logger.error("shape change to %s abandoned, %s keeps serving: %s", change.target.label,
-                         change.source.label, error)
+            log = logger.info if self.host.stopping() else logger.error
+            log("shape change to %s abandoned, %s keeps serving: %s", change.target.label, change.source.label, error)
             await self._stop(new_set)
             self.controller.finish_change(time.monotonic(), ok=False)
             return False
