@@ -169,6 +169,9 @@ def test_shape_changes_under_load_without_a_failed_request(auto_serve):
         replica.wait(20)
     assert heavy.failures == [] and light.failures == []
     assert heavy.ok > 20 and light.ok > 5
+    deadline = time.monotonic() + 10
+    while "2x1 stopped" not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # logged once the stopped processes are reaped
     log = log_path.read_text()
     assert re.search(r"shape change 1x2 -> 2x1: smoothed load [\d.]+ requests in flight .*"
                      r"profile predicts 2x1 \d+ output tok/s vs 1x2 \d+", log), log
