@@ -72,6 +72,9 @@ class MultiprocExecutor(Executor):
         self._closed = False
         self._on_failure = on_failure
         world_size = config.tensor_parallel_size
+        if device.type == "cuda" and torch.cuda.device_count() < world_size:
+            raise ValueError(f"tensor_parallel_size {world_size} needs one GPU per rank; "
+                             f"{torch.cuda.device_count()} visible")
         timeout = datetime.timedelta(seconds=TIMEOUT_S)
         store = create_store(world_size, timeout)
         self.workers = [WorkerProcess(WorkerSpec(
