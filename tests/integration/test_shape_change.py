@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from scalellm.bench.datasets import random_requests
 from scalellm.bench.steps import LoadStep, run_steps, summarize_steps
 from scalellm.gateway.replica_client import ReplicaClient
 from scalellm.supervisor import free_ports
+from tests.integration.test_serve_mock import stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -62,12 +62,7 @@ def auto_serve(tmp_path_factory):
         process.kill()
         raise AssertionError(f"serve did not start: {banner!r}\n{log_path.read_text()}")
     yield process, port, banner, log_path
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    stop(process)
 
 
 def live_replicas(process: subprocess.Popen) -> dict[str, psutil.Process]:
