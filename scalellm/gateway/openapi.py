@@ -27,6 +27,10 @@ _SSE_EVENT = {"type": "object", "required": ["data"], "description": "data: a ch
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
           "properties": {name: {"type": "integer", "minimum": 0}
                          for name in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+def _needs_true(field: str, flag: str) -> dict:
+    """A rule: a body with a non-null `field` must also say `flag`: true."""
+    return {"if": {"required": [field], "properties": {field: {"not": {"type": "null"}}}},
+            "then": {"required": [flag], "properties": {flag: {"const": True}}}}
 
 
 def _nullable(schema: dict) -> dict:
@@ -48,9 +52,12 @@ def _common_properties(max_tokens: int, model: str | None) -> dict:
 def _chat_request(max_tokens: int, model: str | None) -> dict:
     text_part = {"type": "object", "required": ["type", "text"],
                  "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-    message = {"type": "object", "required": ["role"], "properties": {
-        "role": {"type": "string", "enum": sorted(CHAT_ROLES)},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}, {"type": "null"}]}}}
+    content = [{"type": "string"}, {"type": "array", "items": text_part}]
+    message = {"oneOf": [  # only the assistant may leave content out
+        {"type": "object", "required": ["role"], "properties": {
+            "role": {"const": "assistant"}, "content": {"anyOf": [*content, {"type": "null"}]}}},
+        {"type": "object", "required": ["role", "content"], "properties": {
+            "role": {"type": "string", "enum": sorted(CHAT_ROLES - {"assistant"})}, "content": {"anyOf": content}}}]}
     properties = _common_properties(max_tokens, model)
     properties.update(
         messages={"type": "array", "minItems": 1, "items": message},
@@ -58,7 +65,8 @@ def _chat_request(max_tokens: int, model: str | None) -> dict:
         logprobs=_nullable({"type": "boolean"}),
         top_logprobs=_nullable({"type": "integer", "minimum": 0, "maximum": SamplingParams.MAX_LOGPROBS}),
         add_generation_prompt=_nullable({"type": "boolean"}))
-    return {"type": "object", "required": ["messages"], "properties": properties}
+    return {"type": "object", "required": ["messages"], "properties": properties,
+            "allOf": [_needs_true("stream_options", "stream"), _needs_true("top_logprobs", "logprobs")]}
 
 
 def _completion_request(max_tokens: int, model: str | None) -> dict:
@@ -70,7 +78,8 @@ def _completion_request(max_tokens: int, model: str | None) -> dict:
                                             "items": {"anyOf": [text, token_ids]}}]},
         logprobs=_nullable({"type": "integer", "minimum": 0, "maximum": SamplingParams.MAX_LOGPROBS}),
         echo=_nullable({"type": "boolean", "const": False}))
-    return {"type": "object", "required": ["prompt"], "properties": properties}
+    return {"type": "object", "required": ["prompt"], "properties": properties,
+            "allOf": [_needs_true("stream_options", "stream")]}
 
 
 def _completion_response(chat: bool) -> dict:

@@ -109,10 +109,29 @@ def load_json_object(body: bytes) -> dict:
     return value
 
 
+def _as_int(value):
+    """`value` as an int when it is one in JSON Schema's sense (a float without fraction counts), else None."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
+
+
+def _token_ids(value) -> list[int] | None:
+    """A list of non-negative integers (token ids) as ints, else None."""
+    if not isinstance(value, list):
+        return None
+    ids = [_as_int(v) for v in value]
+    return ids if all(i is not None and i >= 0 for i in ids) else None
+
+
 def _get(body: dict, name: str, kinds: tuple[type, ...], default=None, what: str = ""):
     value = body.get(name, default)
     if value is None:
         return default
+    if kinds == (int,) and _as_int(value) is not None:
+        return _as_int(value)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise _invalid(f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, "
                        f"got {type(value).__name__}", param=name)
@@ -143,16 +162,20 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def _bounded(name: str, value, schema: dict) -> None:
-    """Check the schema's numeric bounds (and list length) that SamplingParams leaves open."""
+def _bounded(name: str, value, schema: dict):
+    """`value` after checking the schema's numeric bounds (and list length) that SamplingParams leaves
+    open; token-id lists come back as ints."""
     if schema.get("type") == "array":
-        if len(value) > schema["maxItems"] or not all(type(v) is int for v in value):
+        ids = _token_ids(value)
+        if ids is None or len(ids) > schema["maxItems"]:
             raise _invalid(f"'{name}' must be a list of at most {schema['maxItems']} integers", param=name)
-        for item in value:
+        for item in ids:
             _bounded(name, item, schema["items"])
-    elif "maximum" in schema and not schema.get("minimum", -math.inf) <= value <= schema["maximum"]:
+        return ids
+    if "maximum" in schema and not schema.get("minimum", -math.inf) <= value <= schema["maximum"]:
         raise _invalid(f"'{name}' must be between {schema.get('minimum')} and {schema['maximum']}, "
                        f"got {value}", param=name)
+    return value
 
 
 def _sampling_values(body: dict) -> dict:
@@ -160,9 +183,7 @@ def _sampling_values(body: dict) -> dict:
     for name, (schema, default) in SAMPLING_FIELDS.items():
         kinds, what = _KINDS[schema["type"]]
         value = _get(body, name, kinds, default, what)
-        if value is not default:
-            _bounded(name, value, schema)
-        values[name] = value
+        values[name] = value if value is default else _bounded(name, value, schema)
     return values
 
 
@@ -176,9 +197,9 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
     stream = _get(body, "stream", (bool,), False, "a boolean")
-    options = _get(body, "stream_options", (dict,), {}, "an object")
-    include_usage = _get(options, "include_usage", (bool,), False, "a boolean")
-    if options and not stream:
+    options = _get(body, "stream_options", (dict,), None, "an object")
+    include_usage = _get(options or {}, "include_usage", (bool,), False, "a boolean")
+    if options is not None and not stream:
         raise _invalid("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     return stream, include_usage
 
@@ -241,8 +262,8 @@ def _completion_prompt(body: dict) -> str | list[int]:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         return prompt
-    if isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt):
-        return prompt
+    if isinstance(prompt, list) and prompt and _token_ids(prompt) is not None:
+        return _token_ids(prompt)
     raise _invalid("'prompt' must be a non-empty string or a list of token ids (batches of several "
                    "prompts are not supported)", param="prompt")
 

@@ -263,13 +263,14 @@ class MockEngine(EngineClient):
 
 
 def tokenize(prompt: PromptInput) -> list[int]:
-    """The mock's tokenizer: one token per whitespace-separated word (chat contents concatenated)."""
+    """The mock's tokenizer: one token per whitespace-separated word, a blank text being one token. A
+    chat renders like a template would: a role marker before each message, and one for the reply."""
     if isinstance(prompt, list):
         return list(prompt)
     if isinstance(prompt, ChatPrompt):
-        prompt = " ".join(m.get("content") if isinstance(m.get("content"), str) else ""
-                          for m in prompt.messages)
-    return [zlib.crc32(word.encode()) % VOCAB_SIZE for word in prompt.split()]
+        prompt = " ".join(f"<{m.get('role')}> " + (m.get("content") if isinstance(m.get("content"), str) else "")
+                          for m in prompt.messages) + (" <assistant>" if prompt.add_generation_prompt else "")
+    return [zlib.crc32(word.encode()) % VOCAB_SIZE for word in prompt.split() or [prompt] * bool(prompt)]
 
 
 def _fake_logprobs(token_id: int, token_text: str, num_alternatives: int) -> dict[int, Logprob]:

@@ -33,7 +33,7 @@ def test_streamed_chat_with_usage_over_grpc(client):
     chunks = list(client.chat.completions.create(model="mock-model", messages=MESSAGES, max_tokens=5,
                                                  stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok0 tok1 tok2 tok3 tok4"
-    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == 2
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == 4  # <user> hello there <assistant>
 
 
 def test_chat_n2_stop_logprobs_over_grpc(client):

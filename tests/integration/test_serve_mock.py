@@ -75,7 +75,7 @@ def test_chat(serve):
         model="mock", messages=[{"role": "user", "content": "hello there"}], max_tokens=4)
     assert response.choices[0].message.content == "tok0 tok1 tok2 tok3"
     assert response.choices[0].finish_reason == "length"
-    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (2, 4)
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (4, 4)  # <user> hello there <assistant>
 
 
 def test_chat_streamed(serve):
@@ -169,7 +169,7 @@ def test_no_gateway_chat(direct):
     response = openai_client(port).chat.completions.create(
         model="mock", messages=[{"role": "user", "content": "hello there"}], max_tokens=3)
     assert response.choices[0].message.content == "tok0 tok1 tok2"
-    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (2, 3)
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (4, 3)
     assert response.model_extra["scalellm_timings"]["replica_receive"] > 0
 
 

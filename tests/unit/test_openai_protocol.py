@@ -43,6 +43,9 @@ BAD_CHAT = [
     (chat(stop=5), "stop"),
     (chat(stream="yes"), "stream"),
     (chat(stream_options={"include_usage": True}), "stream_options"),
+    (chat(stream_options={}), "stream_options"),
+    (chat(n=2.5), "n"),
+    (chat(stop_token_ids=[1.5]), "stop_token_ids"),
     (chat(top_logprobs=3), "top_logprobs"),
     (chat(logprobs=True, top_logprobs=50), None),
     (chat(model=7), "model"),
@@ -66,6 +69,8 @@ def test_bad_chat_requests_are_400(body, param):
     orjson.dumps({"model": "m", "prompt": ""}),
     orjson.dumps({"model": "m", "prompt": ["a", "b"]}),
     orjson.dumps({"model": "m", "prompt": [1, -2]}),
+    orjson.dumps({"model": "m", "prompt": [1, 2.5]}),
+    orjson.dumps({"model": "m", "prompt": [True]}),
     orjson.dumps({"model": "m"}),
     completion(echo=True),
     completion(logprobs=True),
@@ -97,6 +102,14 @@ def test_text_parts_are_joined_and_defaults():
     parsed = parse_chat_request(body, None)
     assert [m["content"] for m in parsed.prompt.messages] == ["ab", "", "q"]
     assert parsed.params.max_tokens is None and parsed.top_logprobs is None and not parsed.stream
+
+
+def test_integers_in_json_schemas_sense():
+    """A float without a fraction is an integer to JSON Schema (and to the published document)."""
+    parsed = parse_chat_request(chat(n=2.0, max_tokens=5.0, seed=7.0, stop_token_ids=[3.0]), 4096)
+    assert (parsed.params.n, parsed.params.max_tokens, parsed.params.seed) == (2, 5, 7)
+    assert parsed.params.stop_token_ids == [3] and all(type(v) is int for v in (parsed.params.n, parsed.params.seed))
+    assert parse_completion_request(orjson.dumps({"prompt": [1.0, 2]}), 4096).prompt == [1, 2]
 
 
 def test_completion_prompt_forms():

@@ -32,8 +32,11 @@ def texts(outputs, index=0):
 def test_tokenize():
     assert len(tokenize("a  b\nc")) == 3
     assert tokenize([5, 6]) == [5, 6]
-    assert len(tokenize(ChatPrompt([{"role": "system", "content": "x y"},
-                                    {"role": "user", "content": "z"}]))) == 3
+    chat = [{"role": "system", "content": "x y"}, {"role": "user", "content": "z"}]
+    assert len(tokenize(ChatPrompt(chat))) == 6  # 3 words, 2 role markers and the reply's
+    assert len(tokenize(ChatPrompt(chat, add_generation_prompt=False))) == 5
+    assert len(tokenize(ChatPrompt([{"role": "user", "content": ""}]))) == 2  # never empty, like a template
+    assert len(tokenize(" ")) == 1
 
 
 def test_stream_and_metrics():
