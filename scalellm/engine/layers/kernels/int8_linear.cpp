@@ -22,7 +22,10 @@
 // (zero padded), so one 64-byte load holds 4 consecutive k of 16 consecutive output channels:
 // exactly one vpdpbusd operand. The micro kernel keeps a tile of up to 4 tokens x 64 channels in
 // 16 accumulator registers; every weight byte is read once per 4 tokens and, for decode-sized
-// batches, streams from memory once per step. Channel tiles are split over the intra-op threads.
+// batches, streams from memory once per step. The epilogue works on the accumulators in registers,
+// 16 channels at a time, and the activations are quantized 16 at a time: the same IEEE operations
+// in the same order as the scalar code, so vectorizing changes no bit. Channel tiles are split over
+// the intra-op threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -52,6 +55,34 @@ inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 // Quantize one row of x into unsigned bytes (q + 128); returns s_x. Padding bytes stay 128 (q = 0).
+#if SCALELLM_VNNI
+inline __m512 load16(const float* src, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, src); }
+
+inline __m512 load16(const at::BFloat16* src, __mmask16 mask) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// The same arithmetic as the scalar version below, 16 lanes at a time (division and rounding are
+// exact IEEE operations either way).
+template <typename T>
+float quantize_row(const T* x, int64_t k, uint8_t* out) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + i, tail_mask(k - i))));
+  const float scale = std::max(_mm512_reduce_max_ps(amax), 1e-8f) / 127.0f;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mask = tail_mask(k - i);
+    const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(x + i, mask), vscale),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i shifted = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
+    _mm_mask_storeu_epi8(out + i, mask, _mm512_cvtepi32_epi8(shifted));
+  }
+  return scale;
+}
+#else
 template <typename T>
 float quantize_row(const T* x, int64_t k, uint8_t* out) {
   float amax = 0.f;
@@ -63,6 +94,7 @@ float quantize_row(const T* x, int64_t k, uint8_t* out) {
   }
   return scale;
 }
+#endif
 
 inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
@@ -93,30 +125,58 @@ void epilogue(const Problem& p, int64_t m, int64_t n0, int64_t count, const int3
 }
 
 #if SCALELLM_VNNI
-// Sums of tokens [m0, m0+TOKENS) x channel blocks [b0, b0+BLOCKS): 16 x BLOCKS channels each.
+inline void store16(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
+
+inline void store16(at::BFloat16* dst, __m512 v, __mmask16 mask) {
+  // Round to nearest even, as at::BFloat16(float); NaN stays a quiet NaN.
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(rounded));
+}
+
+// Sums of tokens [m0, m0+TOKENS) x channel blocks [b0, b0+BLOCKS): 16 x BLOCKS channels each,
+// then the epilogue straight from the accumulators.
 template <int TOKENS, int BLOCKS, typename T>
 void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
   const int64_t depth = p.k_padded / kDepth;
   __m512i acc[TOKENS][BLOCKS];
+#pragma GCC unroll 8
   for (int t = 0; t < TOKENS; ++t)
+#pragma GCC unroll 8
     for (int b = 0; b < BLOCKS; ++b) acc[t][b] = _mm512_setzero_si512();
   const int8_t* w = p.packed + b0 * depth * 64;
-  for (int64_t d = 0; d < depth; ++d) {
+  const uint8_t* x = p.x_u8 + m0 * p.k_padded;
+  for (int64_t d = 0; d < depth; ++d, w += 64, x += kDepth) {
     __m512i wv[BLOCKS];
-    for (int b = 0; b < BLOCKS; ++b) wv[b] = _mm512_loadu_si512(w + (b * depth + d) * 64);
+#pragma GCC unroll 8
+    for (int b = 0; b < BLOCKS; ++b) wv[b] = _mm512_loadu_si512(w + b * depth * 64);
+#pragma GCC unroll 8
     for (int t = 0; t < TOKENS; ++t) {
-      int32_t four;
-      std::memcpy(&four, p.x_u8 + (m0 + t) * p.k_padded + d * kDepth, sizeof(four));
-      const __m512i xv = _mm512_set1_epi32(four);
+      const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + t * p.k_padded));
+#pragma GCC unroll 8
       for (int b = 0; b < BLOCKS; ++b) acc[t][b] = _mm512_dpbusd_epi32(acc[t][b], xv, wv[b]);
     }
   }
-  alignas(64) int32_t sums[kChannels * BLOCKS];
   const int64_t n0 = b0 * kChannels;
-  const int64_t count = std::min<int64_t>(kChannels * BLOCKS, p.n - n0);
-  for (int t = 0; t < TOKENS; ++t) {
-    for (int b = 0; b < BLOCKS; ++b) _mm512_store_si512(sums + b * kChannels, acc[t][b]);
-    epilogue(p, m0 + t, n0, count, sums, y);
+#pragma GCC unroll 8
+  for (int b = 0; b < BLOCKS; ++b) {
+    const int64_t n = n0 + b * kChannels;
+    const int64_t count = std::min<int64_t>(kChannels, p.n - n);
+    if (count <= 0) break;
+    const __mmask16 mask = count >= kChannels ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    const __m512i comp = _mm512_loadu_si512(p.compensation + n);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, p.w_scales + n);
+    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + n) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int t = 0; t < TOKENS; ++t) {
+      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t][b], comp));
+      v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(p.x_scales[m0 + t])), ws);
+      if (p.bias) v = _mm512_add_ps(v, bias);
+      store16(y + (m0 + t) * p.n + n, v, mask);
+    }
   }
 }
 
