@@ -27,7 +27,17 @@ class GatedMLP(nn.Module):
                                                  shard_names=["gate", "up"], rows=rows)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, options, input_slice=rows,
                                            reduce_results=reduce_results)
+        self.fused_silu_and_mul = None
+        """bfloat16 on the CPU: one C++ op for silu(gate) * up (kernels/norm_rotary.cpp), same rounding."""
+        if options.dtype == torch.bfloat16:
+            from scalellm.engine.layers.kernels import load_norm_rotary
+
+            ops = load_norm_rotary()
+            self.fused_silu_and_mul = ops[2] if ops is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I_r] each
+        gate_up = self.gate_up_proj(x)  # [T, 2 I_r]: gate, then up
+        if self.fused_silu_and_mul is not None and gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu":
+            return self.down_proj(self.fused_silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -3,7 +3,8 @@
 `load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
 context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
 `int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
-`load_norm_rotary()` the fused bfloat16 `add_rms_norm` and `rotary_` (norm_rotary.cpp). Each is None
+`load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul`
+(norm_rotary.cpp). Each is None
 when its kernel cannot be built (no C++ compiler, no ninja, a compile error);
 `kernel_load_error(name)` then says why.
 
@@ -60,10 +61,12 @@ def load_int8_linear() -> Callable[..., torch.Tensor] | None:
     return _build_kernel("int8_linear")[0]
 
 
-def load_norm_rotary() -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]] | None:
-    """The fused bfloat16 ops (add_rms_norm, rotary_) of norm_rotary.cpp, or None (warned once)."""
+def load_norm_rotary() -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor],
+                                Callable[..., torch.Tensor]] | None:
+    """The fused bfloat16 ops (add_rms_norm, rotary_, silu_and_mul) of norm_rotary.cpp, or None (warned once)."""
     add_rms_norm = _build_kernel("norm_rotary")[0]
-    return None if add_rms_norm is None else (add_rms_norm, torch.ops.scalellm.rotary_)
+    return None if add_rms_norm is None else (add_rms_norm, torch.ops.scalellm.rotary_,
+                                              torch.ops.scalellm.silu_and_mul)
 
 
 def kernel_load_error(name: str) -> str | None:

@@ -10,6 +10,11 @@
 //       x = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))   contiguous D), cos/sin [T, 1, D]
 //       rotate_half([a, b]) = [-b, a], in place
 //
+//   silu_and_mul(x) -> out                                     x [T, 2I] = [gate | up], out [T, I]
+//       out = bf16(bf16(silu(gate)) * up)                      silu(g) = g / (1 + exp(-g)) in float
+//       The exponential is a polynomial of its own, within 2 float ulps of torch's: a result can
+//       differ from torch's by one bfloat16 ulp when the float value lies at a rounding boundary.
+//
 // Rows are split over the intra-op thread pool.
 
 #include <ATen/ATen.h>
@@ -95,7 +100,38 @@ void rotate_row(bf16* x, const bf16* cos, const bf16* sin, int64_t half) {
     store16(x + half + i, second, mask);
   }
 }
+// exp(x) in float: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial, then
+// scaled by 2^k (scalef: overflow gives inf and underflow 0, as expf does).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(k, _mm512_set1_ps(0.693359375f))),
+                                 _mm512_mul_ps(k, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, k);
+}
+
+void silu_mul_row(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 g = load16(gate + i, mask);
+    const __m512 silu = round_trip(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    store16(out + i, _mm512_mul_ps(silu, load16(up + i, mask)), mask);
+  }
+}
 #else
+void silu_mul_row(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = static_cast<float>(gate[i]);
+    const float silu = static_cast<float>(bf16(g / (1.f + std::exp(-g))));
+    out[i] = bf16(silu * static_cast<float>(up[i]));
+  }
+}
+
 void norm_row(const bf16* x, const bf16* residual, const bf16* weight, float eps, int64_t h, bf16* out,
               bf16* sum_out) {
   float squares = 0.f;
@@ -178,9 +214,25 @@ at::Tensor rotary_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin
   return x;
 }
 
+at::Tensor silu_and_mul(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu() &&
+                  x_in.size(1) % 2 == 0,
+              "x must be a bfloat16 CPU matrix [T, 2I]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1) / 2;
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const bf16* x_ptr = x.data_ptr<bf16>();
+  bf16* out_ptr = out.data_ptr<bf16>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(x_ptr + r * 2 * n, x_ptr + r * 2 * n + n, n, out_ptr + r * n);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(scalellm, m) {
+  m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin) -> Tensor(a!)");
 }
@@ -188,4 +240,5 @@ TORCH_LIBRARY_FRAGMENT(scalellm, m) {
 TORCH_LIBRARY_IMPL(scalellm, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rotary_", &rotary_);
+  m.impl("silu_and_mul", &silu_and_mul);
 }
