@@ -27,7 +27,7 @@ def _torch_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 
 @pytest.mark.parametrize("num_tokens,hidden", [(1, 576), (9, 576), (33, 100), (3, 17)])
 def test_add_rms_norm_matches_the_torch_ops(ops, num_tokens, hidden):
-    add_rms_norm = ops[0]
+    add_rms_norm = ops.add_rms_norm
     gen = torch.Generator().manual_seed(hidden + num_tokens)
     x, residual = (torch.randn(num_tokens, hidden, generator=gen).bfloat16() for _ in range(2))
     weight = torch.randn(hidden, generator=gen).bfloat16()
@@ -44,7 +44,7 @@ def test_add_rms_norm_matches_the_torch_ops(ops, num_tokens, hidden):
 
 @pytest.mark.parametrize("num_tokens,num_heads,head_dim", [(1, 12, 64), (5, 12, 64), (3, 4, 128), (2, 3, 40)])
 def test_rotary_in_place_equals_the_torch_ops_on_a_strided_view(ops, num_tokens, num_heads, head_dim):
-    rotary_ = ops[1]
+    rotary_ = ops.rotary_
     gen = torch.Generator().manual_seed(num_heads * head_dim)
     qkv = torch.randn(num_tokens, (num_heads + 2) * head_dim, generator=gen).bfloat16()
     untouched = qkv[:, num_heads * head_dim:].clone()
@@ -68,7 +68,7 @@ def test_rms_norm_module_returns_the_residual_stream_in_both_dtypes():
 
 @pytest.mark.parametrize("num_tokens,intermediate", [(1, 1536), (7, 1536), (3, 20)])
 def test_silu_and_mul_equals_the_torch_ops(ops, num_tokens, intermediate):
-    silu_and_mul = ops[2]
+    silu_and_mul = ops.silu_and_mul
     gen = torch.Generator().manual_seed(intermediate + num_tokens)
     x = (torch.randn(num_tokens, 2 * intermediate, generator=gen) * 4).bfloat16()
     x[0, :6] = torch.tensor([0.0, -0.0, 100.0, -100.0, float("inf"), float("-inf")])  # both halves' edges

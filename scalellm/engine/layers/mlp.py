@@ -33,7 +33,7 @@ class GatedMLP(nn.Module):
             from scalellm.engine.layers.kernels import load_norm_rotary
 
             ops = load_norm_rotary()
-            self.fused_silu_and_mul = ops[2] if ops is not None else None
+            self.fused_silu_and_mul = ops.silu_and_mul if ops is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 I_r]: gate, then up

@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
             from scalellm.engine.layers.kernels import load_norm_rotary
 
             ops = load_norm_rotary()
-            self.fused = ops[0] if ops is not None else None
+            self.fused = ops.add_rms_norm if ops is not None else None
 
     def load(self, tensor: torch.Tensor, shard: str | None = None, kind: str = "weight") -> None:
         self.weight.data.copy_(tensor)

@@ -57,7 +57,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
         ops = load_norm_rotary()
         if ops is not None:
-            return ops[1](x, cos, sin)
+            return ops.rotary_(x, cos, sin)
     return x * cos + _rotate_half(x) * sin
 
 

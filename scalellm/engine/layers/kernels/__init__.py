@@ -3,10 +3,10 @@
 `load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
 context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
 `int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
-`load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul`
-(norm_rotary.cpp). Each is None
-when its kernel cannot be built (no C++ compiler, no ninja, a compile error);
-`kernel_load_error(name)` then says why.
+`load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul` (a
+NormRotaryOps; see norm_rotary.cpp). Each is None when its kernel cannot be built (no C++ compiler,
+no ninja, a compile error); `kernel_load_error(name)` then says why. The kernels share the AVX-512
+bfloat16 loads and stores of avx512_bf16.h.
 
 What the attention op computes (see the comment block of paged_attention.cpp): for each decode row b with
 ctx = context_lens[b] and each query head h, softmax(scale * q[b, h] . K[t]) over the key positions
@@ -32,7 +32,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -61,12 +61,20 @@ def load_int8_linear() -> Callable[..., torch.Tensor] | None:
     return _build_kernel("int8_linear")[0]
 
 
-def load_norm_rotary() -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor],
-                                Callable[..., torch.Tensor]] | None:
-    """The fused bfloat16 ops (add_rms_norm, rotary_, silu_and_mul) of norm_rotary.cpp, or None (warned once)."""
+class NormRotaryOps(NamedTuple):
+    """The fused bfloat16 ops of norm_rotary.cpp (their contracts are in its comment block)."""
+
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_: Callable[..., torch.Tensor]
+    silu_and_mul: Callable[..., torch.Tensor]
+
+
+def load_norm_rotary() -> NormRotaryOps | None:
+    """The fused bfloat16 ops of norm_rotary.cpp, or None when it cannot be built (warned once)."""
     add_rms_norm = _build_kernel("norm_rotary")[0]
-    return None if add_rms_norm is None else (add_rms_norm, torch.ops.scalellm.rotary_,
-                                              torch.ops.scalellm.silu_and_mul)
+    if add_rms_norm is None:
+        return None
+    return NormRotaryOps(add_rms_norm, torch.ops.scalellm.rotary_, torch.ops.scalellm.silu_and_mul)
 
 
 def kernel_load_error(name: str) -> str | None:
@@ -121,6 +129,8 @@ def _cache_root() -> Path:
 
 def _build_hash(source: Path, compiler: str, cflags: list[str]) -> str:
     digest = hashlib.sha256(source.read_bytes())
+    for header in sorted(_DIR.glob("*.h")):  # the kernels' shared headers
+        digest.update(b"\0" + header.read_bytes())
     for part in (torch.__version__, platform.machine(), compiler, " ".join(cflags), _cpu_flags()):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]

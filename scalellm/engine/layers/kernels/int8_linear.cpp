@@ -37,8 +37,9 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
+#include "avx512_bf16.h"
+
+#if SCALELLM_AVX512_BF16 && defined(__AVX512VNNI__)
 #define SCALELLM_VNNI 1
 #else
 #define SCALELLM_VNNI 0
@@ -56,14 +57,9 @@ inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 // Quantize one row of x into unsigned bytes (q + 128); returns s_x. Padding bytes stay 128 (q = 0).
 #if SCALELLM_VNNI
-inline __m512 load16(const float* src, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, src); }
-
-inline __m512 load16(const at::BFloat16* src, __mmask16 mask) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(mask, src);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+using scalellm_avx512::load16;
+using scalellm_avx512::store16;
+using scalellm_avx512::tail_mask;
 
 // The same arithmetic as the scalar version below, 16 lanes at a time (division and rounding are
 // exact IEEE operations either way).
@@ -125,18 +121,6 @@ void epilogue(const Problem& p, int64_t m, int64_t n0, int64_t count, const int3
 }
 
 #if SCALELLM_VNNI
-inline void store16(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
-
-inline void store16(at::BFloat16* dst, __m512 v, __mmask16 mask) {
-  // Round to nearest even, as at::BFloat16(float); NaN stays a quiet NaN.
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(rounded));
-}
-
 // Sums of tokens [m0, m0+TOKENS) x channel blocks [b0, b0+BLOCKS): 16 x BLOCKS channels each,
 // then the epilogue straight from the accumulators.
 template <int TOKENS, int BLOCKS, typename T>

@@ -26,45 +26,16 @@
 #include <cstring>
 #include <tuple>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define SCALELLM_AVX512 1
-#else
-#define SCALELLM_AVX512 0
-#endif
+#include "avx512_bf16.h"
 
 namespace {
 
 using bf16 = at::BFloat16;
 
-#if SCALELLM_AVX512
+#if SCALELLM_AVX512_BF16
+using namespace scalellm_avx512;
+
 constexpr int64_t kLanes = 16;
-
-inline __m512 load16(const bf16* src, __mmask16 mask) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(mask, src);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-// float -> bfloat16 bits, rounding to nearest even like at::BFloat16(float); NaN -> quiet NaN.
-inline __m256i round16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(rounded);
-}
-
-inline __m512 widen16(__m256i bits) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-inline __m512 round_trip(__m512 v) { return widen16(round16(v)); }  // the value bf16(v), as float
-
-inline void store16(bf16* dst, __m512 v, __mmask16 mask) { _mm256_mask_storeu_epi16(dst, mask, round16(v)); }
-
-inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
-}
 
 void norm_row(const bf16* x, const bf16* residual, const bf16* weight, float eps, int64_t h, bf16* out,
               bf16* sum_out) {

@@ -33,12 +33,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define SCALELLM_AVX512 1
-#else
-#define SCALELLM_AVX512 0
-#endif
+#include "avx512_bf16.h"
 
 namespace {
 
@@ -163,30 +158,14 @@ void attend_group(const Problem& p, const T* q, const T* k_cache, const T* v_cac
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(s.acc[g * D + d] * inv_sum[g]);
 }
 
-#if SCALELLM_AVX512
+#if SCALELLM_AVX512_BF16
 // Register-resident path for head_dim 64 or 128 (D / 16 vectors of 16 floats per row). The queries
 // of up to HEADS heads of the group and their output accumulators live in zmm registers for the
 // whole walk over the context, and a bf16 K or V row is widened in registers: per key, one load
 // of the row, HEADS x D / 16 fused multiply-adds, and no scratch traffic. Groups larger than HEADS
 // are done in chunks of HEADS heads (each chunk walks the context again, from cache).
-inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
-
-inline __m512 load16(const at::BFloat16* src) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
-
-inline void store16(at::BFloat16* dst, __m512 v) {
-  // Round to nearest even, as at::BFloat16(float); NaN stays a quiet NaN.
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(rounded));
-}
+using scalellm_avx512::load16;
+using scalellm_avx512::store16;
 
 template <int D, int HEADS, typename T, typename Index>
 void attend_heads(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const Index* table_row,
