@@ -15,18 +15,11 @@ import time
 import torch
 
 from scalellm.engine.layers.kernels import load_int8_linear
-from scalellm.engine.quantization.int8 import pack_for_vnni, quantize_rows
+from scalellm.engine.quantization.int8 import int8_linear, pack_for_vnni, quantize_rows
 
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}
 """name -> (in_features, out_features)"""
 NUM_LAYERS = 30
-
-
-def torch_path(x: torch.Tensor, weight_q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The unfused reference: per-token quantization, int8 matmul, two multiplies."""
-    x_scales = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
-    x_q = torch.round(x.float() / x_scales).to(torch.int8)
-    return (torch._int_mm(x_q, weight_q.t()).float() * x_scales * scales).to(x.dtype)
 
 
 def best_time_us(fn, work: float) -> float:
@@ -62,7 +55,7 @@ def main() -> None:
             calls = 1 if name == "lm_head" else NUM_LAYERS
             line = f"M={m:4d} {name:8s}"
             for label, fn in (("fused", lambda: fused(x, packed, compensation, scales, None, n)),
-                              ("torch", lambda: torch_path(x, weight_q, scales))):
+                              ("torch", lambda: int8_linear(x, weight_q.t(), scales, None))):
                 us = best_time_us(fn, work)
                 totals[label] += us * calls
                 line += f"  {label} {us:9.1f} us {2 * work / us / 1e3:5.0f} GOPS"

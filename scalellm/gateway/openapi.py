@@ -27,6 +27,8 @@ _SSE_EVENT = {"type": "object", "required": ["data"], "description": "data: a ch
 _USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
           "properties": {name: {"type": "integer", "minimum": 0}
                          for name in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+
+
 def _needs_true(field: str, flag: str) -> dict:
     """A rule: a body with a non-null `field` must also say `flag`: true."""
     return {"if": {"required": [field], "properties": {field: {"not": {"type": "null"}}}},

@@ -130,8 +130,8 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default=None, what: str
     value = body.get(name, default)
     if value is None:
         return default
-    if kinds == (int,) and _as_int(value) is not None:
-        return _as_int(value)
+    if kinds == (int,) and (integer := _as_int(value)) is not None:
+        return integer
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise _invalid(f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, "
                        f"got {type(value).__name__}", param=name)
@@ -262,8 +262,8 @@ def _completion_prompt(body: dict) -> str | list[int]:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
         return prompt
-    if isinstance(prompt, list) and prompt and _token_ids(prompt) is not None:
-        return _token_ids(prompt)
+    if isinstance(prompt, list) and prompt and (ids := _token_ids(prompt)) is not None:
+        return ids
     raise _invalid("'prompt' must be a non-empty string or a list of token ids (batches of several "
                    "prompts are not supported)", param="prompt")
 

@@ -270,7 +270,8 @@ def tokenize(prompt: PromptInput) -> list[int]:
     if isinstance(prompt, ChatPrompt):
         prompt = " ".join(f"<{m.get('role')}> " + (m.get("content") if isinstance(m.get("content"), str) else "")
                           for m in prompt.messages) + (" <assistant>" if prompt.add_generation_prompt else "")
-    return [zlib.crc32(word.encode()) % VOCAB_SIZE for word in prompt.split() or [prompt] * bool(prompt)]
+    words = prompt.split() or ([prompt] if prompt else [])
+    return [zlib.crc32(word.encode()) % VOCAB_SIZE for word in words]
 
 
 def _fake_logprobs(token_id: int, token_text: str, num_alternatives: int) -> dict[int, Logprob]:
