@@ -42,6 +42,10 @@ class EngineConfig:
     """Decode attention: "cpp" is a fused C++ CPU kernel reading the paged KV cache in place (compiled on
     first use; float32/bfloat16 on the CPU), "torch" is scaled_dot_product_attention on gathered blocks,
     "auto" is "cpp" where it applies and builds, else "torch"."""
+    fused_decode: bool = True
+    """Run a decode-only step's decoder layers as one C++ op where it applies (Llama-family models in
+    bfloat16 on the CPU, one rank, C++ decode attention); the same arithmetic as the Python layers
+    without their per-op overhead. False always runs the Python layers."""
     tensor_parallel_size: int = 1
     """Processes (ranks) one engine runs on: rank 0 is this process (scheduler, sampling), ranks 1..N-1
     are worker processes it starts. Attention heads, MLP rows, the vocabulary and experts are split

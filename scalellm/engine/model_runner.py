@@ -40,6 +40,8 @@ class ModelRunner:
             self.model = model_class(c.architecture)(c, max_model_len, options)
         self.model.load_weights(files.iter_weights())
         self.model.eval()
+        if config.fused_decode:
+            self.model.enable_fused_decode(self.decode_backend)
         self.num_blocks = self._num_blocks(config.kv_cache_gib)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(config.seed)

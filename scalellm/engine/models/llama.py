@@ -22,6 +22,7 @@ from scalellm.engine.layers.options import LayerOptions
 from scalellm.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from scalellm.engine.layers.vocab import LogitsHead, VocabParallelEmbedding
 from scalellm.engine.loader.model_config import ModelConfig
+from scalellm.engine.models.fused_decode import FusedDecodeLayers
 from scalellm.engine.models.weight_loading import load_model_weights
 
 
@@ -100,6 +101,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, options)
         self.logits_head = LogitsHead(self.lm_head, options.quant)
+        self.fused_decode: FusedDecodeLayers | None = None
+        """Set by enable_fused_decode: decode-only steps then run the layers as one C++ call."""
 
     def make_mlp(self, config: ModelConfig, layer_index: int, options: LayerOptions) -> nn.Module:
         """The feed-forward block of layer `layer_index`."""
@@ -109,10 +112,19 @@ class LlamaForCausalLM(nn.Module):
         """token_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(token_ids)
         rope = self.rotary.cos_sin(positions, x.dtype)
+        if self.fused_decode is not None and self.fused_decode.applies_to(ctx.attention, x.shape[0]):
+            x, residual = self.fused_decode(x, rope, ctx.attention, ctx.kv_caches)
+            return self.norm(x, residual)[0]
         residual = None
         for layer, kv_cache in zip(self.layers, ctx.kv_caches):
             x, residual = layer(rope, x, residual, kv_cache, ctx.attention)
         return self.norm(x, residual)[0]
+
+    def enable_fused_decode(self, decode_backend: str) -> bool:
+        """After loading: run decode-only steps through one C++ op where it applies (fused_decode.py).
+        Returns whether it does."""
+        self.fused_decode = FusedDecodeLayers.build(self, decode_backend)
+        return self.fused_decode is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [S, hidden] -> logits [S, vocab] in fp32 on rank 0; None on the other ranks."""

@@ -4,9 +4,10 @@
 context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
 `int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
 `load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul` (a
-NormRotaryOps; see norm_rotary.cpp). Each is None when its kernel cannot be built (no C++ compiler,
-no ninja, a compile error); `kernel_load_error(name)` then says why. The kernels share the AVX-512
-bfloat16 loads and stores of avx512_bf16.h.
+NormRotaryOps; see norm_rotary.cpp); `load_decode_layers()` one op that runs a Llama-family model's
+decoder layers for a decode-only step by calling the others (decode_layers.cpp). Each is None when
+its kernel cannot be built (no C++ compiler, no ninja, a compile error); `kernel_load_error(name)`
+then says why. The kernels share the AVX-512 bfloat16 loads and stores of avx512_bf16.h.
 
 What the attention op computes (see the comment block of paged_attention.cpp): for each decode row b with
 ctx = context_lens[b] and each query head h, softmax(scale * q[b, h] . K[t]) over the key positions
@@ -48,6 +49,8 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     "int8_linear": ("int8_linear.cpp", "int8_linear", ["-ffp-contract=off"]),
     # Rounding to bfloat16 between steps must match torch's chain of ops: no contraction either.
     "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off"]),
+    # Calls the three above through the dispatcher: load them first (load_decode_layers does).
+    "decode_layers": ("decode_layers.cpp", "decode_layers", []),
 }
 
 
@@ -75,6 +78,14 @@ def load_norm_rotary() -> NormRotaryOps | None:
     if add_rms_norm is None:
         return None
     return NormRotaryOps(add_rms_norm, torch.ops.scalellm.rotary_, torch.ops.scalellm.silu_and_mul)
+
+
+def load_decode_layers() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """The compiled op that runs every decoder layer of a decode-only step, or None when it or one of
+    the kernels it calls cannot be built (see decode_layers.cpp)."""
+    if load_paged_attention() is None or load_int8_linear() is None or load_norm_rotary() is None:
+        return None
+    return _build_kernel("decode_layers")[0]
 
 
 def kernel_load_error(name: str) -> str | None:

@@ -1,0 +1,147 @@
+// Every decoder layer of a Llama-family model for a decode-only step, in one call.
+//
+// decode_layers(x, cos, sin, weights, k_caches, v_caches, slots, block_table, context_lens,
+//               block_size, sliding_window, num_heads, num_kv_heads, eps) -> (x, residual)
+//
+// runs, for each layer l, exactly the ops the Python layers run for a step whose B tokens are all
+// one-token queries, in the same order and on the same tensors, so the result is bit for bit theirs:
+//
+//   h, residual = add_rms_norm(x, residual, input_norm)          (layer 0: residual = x)
+//   qkv = linear(h, qkv_proj)                  [B, (H + 2 KH) D]: q | k | v
+//   rotary_(q | k, cos, sin)                   in place, rotate-half
+//   k_cache[slots] = k;  v_cache[slots] = v    the new keys and values
+//   attn = paged_decode_attention(q, k_cache, v_cache, block_table, context_lens, ...)
+//   h, residual = add_rms_norm(linear(attn, o_proj), residual, post_attention_norm)
+//   x = linear(silu_and_mul(linear(h, gate_up_proj)), down_proj)
+//
+// and returns the last layer's (x, residual); the final norm and the logits stay in Python.
+// `weights` holds kTensorsPerLayer tensors per layer: the input norm weight, the four tensors of the
+// qkv projection, the four of o, the post-attention norm weight, the four of gate_up, the four of down.
+// A projection is either W8A8 int8 (packed int8 weight, int32 compensation, float32 scales, float32
+// bias or an empty tensor: the operands of int8_linear) or plain (weight [N, K] in x's dtype, bias or
+// an empty tensor, two empty tensors: at::linear). Caches are [slots, KH, D] per layer.
+//
+// What it saves is the Python work around some 15 small ops per layer: the ops themselves are the
+// scalellm ops the layers call (found in the dispatcher, so their libraries must be loaded first).
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTensorsPerLayer = 18;
+
+using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const c10::optional<at::Tensor>&, int64_t);
+using AddRmsNormFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
+                                                        const at::Tensor&, double);
+using RotaryFn = at::Tensor(at::Tensor, const at::Tensor&, const at::Tensor&);
+using SiluAndMulFn = at::Tensor(const at::Tensor&);
+using AttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t, double, int64_t);
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+// The scalellm ops this one composes, looked up once.
+struct Ops {
+  c10::TypedOperatorHandle<Int8LinearFn> int8_linear = find_op<Int8LinearFn>("scalellm::int8_linear");
+  c10::TypedOperatorHandle<AddRmsNormFn> add_rms_norm = find_op<AddRmsNormFn>("scalellm::add_rms_norm");
+  c10::TypedOperatorHandle<RotaryFn> rotary = find_op<RotaryFn>("scalellm::rotary_");
+  c10::TypedOperatorHandle<SiluAndMulFn> silu_and_mul = find_op<SiluAndMulFn>("scalellm::silu_and_mul");
+  c10::TypedOperatorHandle<AttentionFn> attention = find_op<AttentionFn>("scalellm::paged_decode_attention");
+};
+
+const Ops& ops() {
+  static const Ops instance;
+  return instance;
+}
+
+c10::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// y = x W^T + b for one projection, given its four tensors starting at `w`.
+at::Tensor project(const at::Tensor& x, const at::Tensor* w) {
+  if (w[0].scalar_type() == at::kChar)
+    return ops().int8_linear.call(x.contiguous(), w[0], w[1], w[2], optional(w[3]), w[2].numel());
+  return at::linear(x, w[0], optional(w[1]));
+}
+
+// The step's new K and V [B, KH, D] (rows of qkv) into their slots of the layer's caches.
+void write_kv(const at::Tensor& qkv, int64_t k_offset, int64_t v_offset, const at::Tensor& slots,
+              at::Tensor& k_cache, at::Tensor& v_cache) {
+  const int64_t rows = qkv.size(0), row_elems = k_cache.stride(0);
+  const int64_t element = qkv.element_size(), row_stride = qkv.stride(0);
+  const auto* source = static_cast<const char*>(qkv.data_ptr());
+  auto* k_base = static_cast<char*>(k_cache.data_ptr());
+  auto* v_base = static_cast<char*>(v_cache.data_ptr());
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < rows; ++b) {
+    const char* row = source + b * row_stride * element;
+    std::memcpy(k_base + slot[b] * row_elems * element, row + k_offset * element, row_elems * element);
+    std::memcpy(v_base + slot[b] * row_elems * element, row + v_offset * element, row_elems * element);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_layers(
+    const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, at::TensorList weights,
+    at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& slots_in, const at::Tensor& block_table,
+    const at::Tensor& context_lens, int64_t block_size, int64_t sliding_window, int64_t num_heads,
+    int64_t num_kv_heads, double eps) {
+  const int64_t num_layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(num_layers > 0 && v_caches.size() == k_caches.size() &&
+                  static_cast<int64_t>(weights.size()) == num_layers * kTensorsPerLayer,
+              "decode_layers: need ", kTensorsPerLayer, " weight tensors and one K and V cache per layer");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x must be a CPU matrix [B, hidden]");
+  const int64_t rows = x_in.size(0);
+  const int64_t head_dim = k_caches[0].size(2);
+  TORCH_CHECK(k_caches[0].size(1) == num_kv_heads && num_heads % num_kv_heads == 0,
+              "the caches' KV heads must divide the query heads");
+  const at::Tensor slots = slots_in.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == rows, "one slot per token");
+  const double scale = std::pow(static_cast<double>(head_dim), -0.5);
+  const int64_t q_heads_and_k = num_heads + num_kv_heads;
+
+  at::Tensor x = x_in;
+  c10::optional<at::Tensor> residual;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const at::Tensor* w = weights.data() + l * kTensorsPerLayer;
+    at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == x.scalar_type(),
+                "caches must be contiguous and in x's dtype");
+    auto [h, sum] = ops().add_rms_norm.call(x, residual, w[0], eps);
+    residual = sum;
+    at::Tensor qkv = project(h, w + 1);
+    at::Tensor heads = qkv.view({rows, num_heads + 2 * num_kv_heads, head_dim});
+    ops().rotary.call(heads.narrow(1, 0, q_heads_and_k), cos, sin);
+    write_kv(qkv, num_heads * head_dim, q_heads_and_k * head_dim, slots, k_cache, v_cache);
+    at::Tensor attn = ops().attention.call(heads.narrow(1, 0, num_heads), k_cache, v_cache, block_table,
+                                           context_lens, block_size, scale, sliding_window);
+    at::Tensor o = project(attn.reshape({rows, -1}), w + 5);
+    std::tie(h, sum) = ops().add_rms_norm.call(o, residual, w[9], eps);
+    residual = sum;
+    x = project(ops().silu_and_mul.call(project(h, w + 10)), w + 14);
+  }
+  return {x, *residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(scalellm, m) {
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] weights, Tensor[] k_caches, "
+        "Tensor[] v_caches, Tensor slots, Tensor block_table, Tensor context_lens, int block_size, "
+        "int sliding_window, int num_heads, int num_kv_heads, float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(scalellm, CPU, m) {
+  m.impl("decode_layers", &decode_layers);
+}

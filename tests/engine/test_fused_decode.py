@@ -1,0 +1,81 @@
+"""The fused decode layers (one C++ op for a decode-only step) give bit for bit what the Python layers
+give: the same tokens and the same logprobs, over steps that mix decodes and prefill chunks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scalellm.config import EngineConfig
+from scalellm.engine.layers.kernels import kernel_load_error, load_decode_layers
+from scalellm.engine.llm_engine import LLMEngine
+from scalellm.protocol.types import SamplingParams
+from tests.engine.tiny_models import VOCAB_SIZE, make_tiny_model
+
+pytestmark = pytest.mark.skipif(load_decode_layers() is None,
+                                reason=f"decode_layers kernel unavailable: {kernel_load_error('decode_layers')}")
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in (1, 4, 19, 40, 70, 7)]
+
+
+def run(model_dir: str, quantization: str | None, fused: bool, **config) -> tuple[list, int]:
+    """(per request: token ids and logprobs, number of steps the fused op ran); a request arrives every
+    third step, so steps alternate between decode-only and mixed."""
+    engine = LLMEngine(EngineConfig(model=model_dir, dtype="bfloat16", quantization=quantization,
+                                    fused_decode=fused, kv_cache_gib=0.01, block_size=16,
+                                    max_num_batched_tokens=32, **config))
+    model = engine.core.executor.runner.model
+    calls = 0
+    if fused:
+        fused_layers = model.fused_decode
+        assert fused_layers is not None, "the fused decode layers should apply to this model"
+        op = fused_layers.op
+
+        def counting_op(*args):
+            nonlocal calls
+            calls += 1
+            return op(*args)
+        fused_layers.op = counting_op
+    else:
+        assert model.fused_decode is None
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    pending, results, step = list(enumerate(prompts())), {}, 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 3 == 0:
+            index, prompt = pending.pop(0)
+            engine.add_request(str(index), prompt, params)
+        for output in engine.step():
+            if output.finished:
+                sample = output.outputs[0]
+                results[output.request_id] = (sample.token_ids, sample.logprobs)
+        step += 1
+    return [results[str(i)] for i in range(len(prompts()))], calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3-rope"])
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_fused_decode_equals_the_python_layers(kind, quantization, tmp_path, tokenizer_dir):
+    model_dir = str(tmp_path / kind)
+    make_tiny_model(kind, model_dir, tokenizer_dir)
+    expected, _ = run(model_dir, quantization, fused=False)
+    got, calls = run(model_dir, quantization, fused=True)
+    assert calls > 10, "decode-only steps should have run through the fused op"
+    for want, have in zip(expected, got):
+        assert have[0] == want[0]
+        assert have[1] == want[1]  # logprobs equal exactly: the same bits all the way to the logits
+
+
+def test_fused_decode_does_not_apply_where_the_op_cannot_run(tmp_path, tokenizer_dir):
+    model_dir = str(tmp_path / "llama")
+    make_tiny_model("llama", model_dir, tokenizer_dir)
+    for config in (dict(dtype="float32"), dict(dtype="bfloat16", attention_backend="torch")):
+        engine = LLMEngine(EngineConfig(model=model_dir, kv_cache_gib=0.01, **config))
+        assert engine.core.executor.runner.model.fused_decode is None, config
+    moe_dir = str(tmp_path / "mixtral")
+    make_tiny_model("mixtral", moe_dir, tokenizer_dir)
+    engine = LLMEngine(EngineConfig(model=moe_dir, dtype="bfloat16", kv_cache_gib=0.01))
+    assert engine.core.executor.runner.model.fused_decode is None
