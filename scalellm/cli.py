@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from typing import Callable
 
 from scalellm import env
@@ -26,6 +28,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds a replica may take to load its model (default %(default)s)")
     parser.add_argument("--no-gateway", action="store_true",
                         help="serve the HTTP API from one process holding the engine (no gRPC; --replicas 1)")
+    parser.add_argument("--no-lend-cores", action="store_false", dest="lend_cores",
+                        help="keep each replica on its own thread share even while the others are idle "
+                             "(default: a replica alone at work steps on every core)")
     add_shape_args(parser)
     add_gateway_args(parser)
 
@@ -51,8 +56,30 @@ def _serve(args: argparse.Namespace) -> int:
     argvs = [[sys.executable, "-m", "scalellm.cli", "replica", *engine_argv(args, num_threads),
               "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]] for address in addresses]
     config = gateway_config_from_args(args, addresses)
-    return Supervisor(argvs, addresses, config, startup_timeout_s=args.startup_timeout,
-                      shape=Shape(args.replicas, num_threads)).run()
+    board = _core_board(args, argvs, num_threads)
+    try:
+        return Supervisor(argvs, addresses, config, startup_timeout_s=args.startup_timeout,
+                          shape=Shape(args.replicas, num_threads)).run()
+    finally:
+        if board is not None:
+            os.unlink(board)
+
+
+def _core_board(args: argparse.Namespace, argvs: list[list[str]], num_threads: int) -> str | None:
+    """With several single-rank replicas on a CPU: create the board through which they lend each
+    other their cores (engine/core_board.py) and add its flags to each replica's argv."""
+    from scalellm.engine.core_board import create_board
+
+    cores = len(os.sched_getaffinity(0))
+    if not args.lend_cores or len(argvs) < 2 or args.tensor_parallel_size != 1 or args.engine != "real" \
+            or cores <= num_threads:
+        return None
+    fd, board = tempfile.mkstemp(prefix="scalellm-cores-")
+    os.close(fd)
+    create_board(board, len(argvs))
+    for slot, argv in enumerate(argvs):
+        argv += ["--core-board", board, "--core-board-slot", str(slot), "--threads-when-alone", str(cores)]
+    return board
 
 
 def _serve_local(args: argparse.Namespace) -> int:

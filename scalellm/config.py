@@ -34,6 +34,14 @@ class EngineConfig:
     num_threads: int | None = None
     """torch intra-op threads per rank; None leaves torch's default with one rank, and gives each of
     several ranks an equal share of this machine's cores."""
+    core_board: str | None = None
+    """A file shared by the replicas of this machine, one byte each (engine/core_board.py): a step
+    taken while every other replica is idle uses `threads_when_alone` threads. None: no lending."""
+    core_board_slot: int = 0
+    """This replica's byte on `core_board`."""
+    threads_when_alone: int | None = None
+    """Intra-op threads for steps taken while the other replicas on `core_board` are idle
+    (None: num_threads)."""
     seed: int = 0
     """Seed for requests that bring none."""
     quantization: str | None = None
@@ -71,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
+        if self.threads_when_alone is not None and self.threads_when_alone < (self.num_threads or 1):
+            raise ValueError("threads_when_alone must be >= num_threads")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -164,6 +164,7 @@ class AsyncLLM(EngineClient):
             self._busy = core.has_work()
             if not self._busy:
                 self._load = core.load()
+                core.mark_idle()
                 self._wake.wait()
                 self._wake.clear()
                 self._last_progress = time.monotonic()

@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 import torch
 
 from scalellm.config import EngineConfig
+from scalellm.engine.core_board import CoreBoard
 from scalellm.engine.device import resolve_device, resolve_dtype
 from scalellm.engine.loader import ModelFiles, open_model_files
 from scalellm.engine.parallel.executor import make_executor, threads_per_rank
@@ -16,6 +17,10 @@ from scalellm.engine.scheduler import RequestUpdate, Scheduler
 from scalellm.protocol.types import EngineLoad
 
 MAX_CONTEXT_DEFAULT = 8192
+LEND_MAX_TOKENS = 16
+"""Steps of at most this many tokens may borrow idle replicas' cores (core_board.py): small decode
+batches, whose extra threads end within milliseconds if another replica wakes up. A long prefill
+step on borrowed cores would slow the replica that wakes meanwhile for its whole length."""
 
 
 class EngineCore:
@@ -38,6 +43,11 @@ class EngineCore:
         self.max_model_len = min(self.max_model_len, self.executor.num_blocks * config.block_size)
         self.scheduler = Scheduler(config, self.executor.num_blocks)
         self.last_step_time = time.monotonic()
+        self._threads = torch.get_num_threads()
+        self._board = None
+        if config.core_board is not None:
+            self._board = CoreBoard(config.core_board, config.core_board_slot, self._threads,
+                                    config.threads_when_alone or self._threads)
 
     def add_requests(self, requests: Iterable[Request]) -> None:
         for request in requests:
@@ -55,11 +65,24 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        if self._board is not None:
+            small = scheduled.num_batched_tokens <= LEND_MAX_TOKENS
+            self._use_threads(self._board.step_threads(may_borrow=small))
         runner_output = self.executor.execute(scheduled)
         updates = self.scheduler.update(scheduled, runner_output)
         self.executor.release(u.request.request_id for u in updates if u.finished)
         self.last_step_time = time.monotonic()
         return updates
+
+    def mark_idle(self) -> None:
+        """No work: the other replicas on the core board may borrow this one's cores."""
+        if self._board is not None:
+            self._board.mark_idle()
+
+    def _use_threads(self, threads: int) -> None:
+        if threads != self._threads:
+            torch.set_num_threads(threads)
+            self._threads = threads
 
     def load(self) -> EngineLoad:
         return self.scheduler.get_load()
@@ -70,6 +93,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the worker ranks (if any) and wait for them."""
+        if self._board is not None:
+            self._board.close()
         self.executor.shutdown()
 
 

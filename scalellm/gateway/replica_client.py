@@ -50,20 +50,23 @@ class ReplicaUnavailable(ReplicaError):
 
 
 class ReplicaClient:
-    """Calls one replica's gRPC service (see proto/scalellm/v1/replica.proto) over one reused channel."""
+    """Calls one replica's gRPC service (see proto/scalellm/v1/replica.proto) over one reused channel.
+
+    Requests travel on one Session call at a time (opened on first use, and again after it ends),
+    so the replica can answer a whole engine step's chunks in one message.
+    """
 
     def __init__(self, address: str, *, connect_timeout_s: float = 2.0) -> None:
         self.address = address
         self._channel = grpc.aio.insecure_channel(address, options=_channel_options(connect_timeout_s))
-        self._generate = self._channel.unary_stream(
-            convert.GENERATE.path, request_serializer=convert.GENERATE.request_serializer,
-            response_deserializer=convert.GENERATE.response_deserializer)
+        self._open_call = self._channel.stream_stream(
+            convert.SESSION.path, request_serializer=convert.SESSION.request_serializer,
+            response_deserializer=convert.SESSION.response_deserializer)
         self._unary = {method.name: self._channel.unary_unary(
             method.path, request_serializer=method.request_serializer,
             response_deserializer=method.response_deserializer)
             for method in (convert.HEALTH, convert.LOAD, convert.INFO)}
-        self._calls: set = set()
-        self._aborted: set = set()
+        self._session: _Session | None = None
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                        gateway_receive_time: float, timeout_s: float | None = None
@@ -72,45 +75,44 @@ class ReplicaClient:
 
         Raises ReplicaUnavailable when the replica is unreachable before the first output, ReplicaError
         otherwise (status 400 for input the replica rejects, 504 past `timeout_s`). Closing the iterator
-        (or cancelling the task reading it) cancels the call, which aborts the request in the engine.
+        (or cancelling the task reading it) before the last output aborts the request in the engine.
         """
         try:
             request = convert.encode_request(request_id, prompt, params, gateway_receive_time)
         except ValueError as error:
             raise ReplicaError(str(error), 400) from None
-        call = self._generate(request, timeout=timeout_s)
-        self._calls.add(call)
-        received = False
+        session = self._current_session()
+        inbox = session.register(request_id)
+        deadline = None
+        if timeout_s is not None:
+            deadline = asyncio.get_running_loop().call_later(timeout_s, inbox.put_nowait, _DEADLINE)
+        received = finished = False
         try:
+            session.send(convert.session_generate(request))
             while True:
-                try:
-                    chunk = await call.read()
-                except asyncio.CancelledError:
-                    if call not in self._aborted:
-                        raise
-                    message = f"replica {self.address} stopped responding"
-                    raise ReplicaUnavailable(message) if not received else ReplicaError(message, 503) from None
-                if chunk is grpc.aio.EOF:
-                    return
+                item = await inbox.get()
+                if type(item) is not _Chunk:
+                    raise self._failure(item, received)
                 received = True
-                yield convert.decode_output(request_id, chunk)
-        except grpc.aio.AioRpcError as error:
-            raise self._error(error, retriable=not received) from None
+                output = convert.decode_output(request_id, item.chunk)
+                finished = output.finished
+                yield output
+                if finished:
+                    return
         finally:
-            call.cancel()
-            self._calls.discard(call)
-            self._aborted.discard(call)
+            if deadline is not None:
+                deadline.cancel()
+            session.unregister(request_id, cancel=not finished)
 
     def abort_in_flight(self) -> int:
-        """End every Generate call in flight with a ReplicaError (retriable if no output came yet).
+        """End every request in flight with a ReplicaError (retriable if no output came yet).
 
-        Returns how many calls were aborted; closing each cancels its request on the replica.
+        Returns how many were aborted; ending the Session call cancels them on the replica.
         """
-        calls = list(self._calls)
-        self._aborted.update(calls)
-        for call in calls:
-            call.cancel()
-        return len(calls)
+        session = self._session
+        if session is None:
+            return 0
+        return session.abort()
 
     async def health(self, timeout_s: float = 1.0) -> EngineHealth:
         """The replica engine's health; raises ReplicaUnavailable if the replica cannot be reached."""
@@ -127,6 +129,28 @@ class ReplicaClient:
     async def close(self) -> None:
         """Close the channel, cancelling calls still in flight."""
         await self._channel.close()
+
+    def _current_session(self) -> _Session:
+        if self._session is None or self._session.ended:
+            self._session = _Session(self._open_call(), self.address)
+        return self._session
+
+    def _failure(self, item: object, received: bool) -> ReplicaError:
+        """The error to raise for a request whose inbox got `item` instead of a chunk."""
+        if item is _DEADLINE:
+            return ReplicaError(f"replica {self.address}: deadline exceeded", 504)
+        if isinstance(item, _RequestError):
+            code = _STATUS_BY_NUMBER.get(item.code, grpc.StatusCode.UNKNOWN)
+            message = item.message if code == grpc.StatusCode.INVALID_ARGUMENT else f"replica {self.address}: {item.message}"
+            if not received and code in _UNREACHABLE:
+                return ReplicaUnavailable(message)
+            return ReplicaError(message, _HTTP_STATUS.get(code, 500))
+        error = item.error  # _SessionEnded
+        if isinstance(error, grpc.aio.AioRpcError) and not item.aborted:
+            return self._error(error, retriable=not received)
+        message = f"replica {self.address} stopped responding" if item.aborted else \
+            f"replica {self.address} ended the session"
+        return ReplicaUnavailable(message) if not received else ReplicaError(message, 503)
 
     async def _call(self, method: convert.RpcMethod, timeout_s: float):
         try:
@@ -158,3 +182,119 @@ def _channel_options(connect_timeout_s: float) -> tuple[tuple[str, int], ...]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     )
+
+
+class _Chunk:
+    """A GenerateChunk for one request, as its inbox holds it."""
+
+    __slots__ = ("chunk",)
+
+    def __init__(self, chunk) -> None:
+        self.chunk = chunk
+
+
+class _RequestError:
+    """The replica ended one request with a gRPC status."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code, self.message = code, message
+
+
+class _SessionEnded:
+    """The Session call ended with the request unfinished (error: the call's AioRpcError, if any)."""
+
+    __slots__ = ("error", "aborted")
+
+    def __init__(self, error: BaseException | None, aborted: bool) -> None:
+        self.error, self.aborted = error, aborted
+
+
+_DEADLINE = object()
+"""Put in a request's inbox when its timeout expires."""
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _Session:
+    """One Session call: sends requests and cancellations, and sorts the replica's messages into the
+    inboxes of the requests in flight. When the call ends, every request still registered gets a
+    _SessionEnded; the client then opens a new call for the next request.
+
+    Messages are written by the session's own task, never by a request's: cancelling a request's
+    task in the middle of a write would otherwise cancel the whole call, and every request on it.
+    """
+
+    def __init__(self, call, address: str) -> None:
+        self.call = call
+        self.address = address
+        self.ended = False
+        self._aborted = False
+        self._inboxes: dict[str, asyncio.Queue] = {}
+        self._outgoing: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._tasks = (loop.create_task(self._read()), loop.create_task(self._write()))
+
+    def register(self, request_id: str) -> asyncio.Queue:
+        """A new request's inbox (already holding _SessionEnded if the call is over)."""
+        inbox: asyncio.Queue = asyncio.Queue()
+        if self.ended:
+            inbox.put_nowait(_SessionEnded(None, self._aborted))
+        self._inboxes[request_id] = inbox
+        return inbox
+
+    def unregister(self, request_id: str, cancel: bool) -> None:
+        """Forget the request; with `cancel`, tell the replica to abort it."""
+        self._inboxes.pop(request_id, None)
+        if cancel and not self.ended:
+            self._outgoing.put_nowait(convert.session_cancel(request_id))
+
+    def send(self, message) -> None:
+        """Queue one SessionRequest; if writing fails the call ends (the requests get _SessionEnded)."""
+        self._outgoing.put_nowait(message)
+
+    def abort(self) -> int:
+        """End the call (a hung replica): every request in flight fails with "stopped responding"."""
+        self._aborted = True
+        self.ended = True  # new requests open a new call
+        count = len(self._inboxes)
+        self.call.cancel()
+        return count
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                message = await self._outgoing.get()
+                await self.call.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            self.call.cancel()  # the reader then ends every request still registered
+        except asyncio.CancelledError:
+            if not self.call.cancelled():  # this task was cancelled, not the call
+                raise
+
+    async def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    break
+                inboxes = self._inboxes
+                for request_id, chunk in convert.session_chunks(response):
+                    inbox = inboxes.get(request_id)
+                    if inbox is not None:
+                        inbox.put_nowait(_Chunk(chunk))
+                for request_id, code, message in convert.session_errors(response):
+                    inbox = inboxes.get(request_id)
+                    if inbox is not None:
+                        inbox.put_nowait(_RequestError(code, message))
+        except grpc.aio.AioRpcError as rpc_error:
+            error = rpc_error
+        except asyncio.CancelledError:
+            error = None  # the call was cancelled (abort, or the channel closed)
+        finally:
+            self.ended = True
+            self._tasks[1].cancel()
+            for inbox in self._inboxes.values():
+                inbox.put_nowait(_SessionEnded(error, self._aborted))

@@ -68,6 +68,7 @@ GENERATE = RpcMethod("Generate", pb.GenerateRequest, pb.GenerateChunk)
 HEALTH = RpcMethod("Health", pb.HealthRequest, pb.HealthResponse)
 LOAD = RpcMethod("Load", pb.LoadRequest, pb.LoadResponse)
 INFO = RpcMethod("Info", pb.InfoRequest, pb.InfoResponse)
+SESSION = RpcMethod("Session", pb.SessionRequest, pb.SessionResponse)
 
 _FINISH_TO_PB = {None: pb.FINISH_REASON_NONE, "stop": pb.FINISH_REASON_STOP,
                  "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -233,6 +234,48 @@ def _decode_completion(d: Any) -> CompletionOutput:
 def num_generated_tokens(chunk: Any) -> int:
     """Output tokens generated so far over all samples, as the replica counted them."""
     return chunk.num_generated_tokens
+
+
+# --- Session -------------------------------------------------------------------------------------
+
+def session_generate(request: Any) -> Any:
+    """The SessionRequest that starts `request` (a GenerateRequest from encode_request)."""
+    return pb.SessionRequest(generate=request)
+
+
+def session_cancel(request_id: str) -> Any:
+    """The SessionRequest that aborts the request `request_id`."""
+    return pb.SessionRequest(cancel_request_id=request_id)
+
+
+def decode_session_request(message: Any) -> tuple[str | None, Any]:
+    """("generate", GenerateRequest) or ("cancel", request_id); (None, None) for an empty message."""
+    kind = message.WhichOneof("kind")
+    if kind == "generate":
+        return "generate", message.generate
+    if kind == "cancel_request_id":
+        return "cancel", message.cancel_request_id
+    return None, None
+
+
+def encode_session_response(chunks: list[tuple[str, Any]], errors: list[tuple[str, int, str]]) -> Any:
+    """A SessionResponse from (request_id, GenerateChunk) and (request_id, status code, message) lists."""
+    response = pb.SessionResponse()
+    for request_id, chunk in chunks:
+        response.chunks.add(request_id=request_id, chunk=chunk)
+    for request_id, code, message in errors:
+        response.errors.add(request_id=request_id, code=code, message=message)
+    return response
+
+
+def session_chunks(response: Any) -> list[tuple[str, Any]]:
+    """The (request_id, GenerateChunk) pairs of a SessionResponse, in order."""
+    return [(item.request_id, item.chunk) for item in response.chunks]
+
+
+def session_errors(response: Any) -> list[tuple[str, int, str]]:
+    """The (request_id, status code, message) triples of a SessionResponse."""
+    return [(item.request_id, item.code, item.message) for item in response.errors]
 
 
 # --- Health, Load, Info --------------------------------------------------------------------------

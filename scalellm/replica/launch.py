@@ -71,6 +71,12 @@ def add_replica_args(parser: argparse.ArgumentParser) -> None:
     add_engine_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (default %(default)s)")
+    lending = parser.add_argument_group("core lending (set by `scalellm serve`; see engine/core_board.py)")
+    lending.add_argument("--core-board", default=None, metavar="PATH",
+                         help="the file through which this machine's replicas lend each other their cores")
+    lending.add_argument("--core-board-slot", type=int, default=0, metavar="I", help="this replica's slot on it")
+    lending.add_argument("--threads-when-alone", type=int, default=None, metavar="N",
+                         help="threads for steps taken while every other replica is idle")
 
 
 def build_engine(args: argparse.Namespace) -> EngineClient:
@@ -88,7 +94,9 @@ def build_engine(args: argparse.Namespace) -> EngineClient:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, num_threads=args.num_threads,
         quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel))
+        enable_expert_parallel=args.enable_expert_parallel, core_board=getattr(args, "core_board", None),
+        core_board_slot=getattr(args, "core_board_slot", 0),
+        threads_when_alone=getattr(args, "threads_when_alone", None)))
 
 
 def run_replica(args: argparse.Namespace) -> None:

@@ -2,9 +2,11 @@
 
 `scalellm replica --engine mock --tpot-ms 5` serves it: prompts are "tokenized" by splitting on
 whitespace (one token per word; chat messages' contents are concatenated), and every sample streams
-`max_tokens` tokens "tok0", " tok1", ... (token id k for "tokk"), the first `ttft_ms` after the
-request is admitted, then one every `tpot_ms`. One step loop serves all requests, as the real engine
-does, so load (running, waiting, tokens in flight), health and aborts are real.
+`max_tokens` tokens "tok0", " tok1", ... (token id k for "tokk"). One step loop serves all requests,
+as the real engine does: it steps every `tpot_ms`, and each step gives one token to every running
+request whose first token is due (`ttft_ms` after admission, so at the first step after that), so
+the outputs of concurrent requests come out together. Load (running, waiting, tokens in flight),
+health and aborts are real.
 
 Honored: n, max_tokens (None: up to max_model_len), stop strings (matched in the text, cut unless
 include_stop_str_in_output; a stop string is detected once complete, without holding back text
@@ -97,6 +99,7 @@ class MockEngine(EngineClient):
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._last_step_time = time.time()
+        self._epoch = self._last_step_time  # steps fall on epoch + k * tpot
 
     async def start(self) -> None:
         """Start the step loop."""
@@ -204,11 +207,18 @@ class MockEngine(EngineClient):
             next_time = min((r.next_token_time for r in self._running), default=now)
             await asyncio.sleep(max(0.0, next_time - time.time()))
 
+    def _step_at_or_after(self, moment: float) -> float:
+        """The time of the first step of the engine's cadence (every tpot) at or after `moment`."""
+        if self._tpot_s <= 0:
+            return moment
+        steps = math.ceil((moment - self._epoch) / self._tpot_s - 0.01)  # tolerates clock rounding
+        return self._epoch + max(0, steps) * self._tpot_s
+
     def _admit(self, now: float) -> None:
         while self._waiting and len(self._running) < self._max_num_seqs:
             request = self._waiting.popleft()
             request.metrics.scheduled_time = now
-            request.next_token_time = now + self._ttft_s
+            request.next_token_time = self._step_at_or_after(now + self._ttft_s)
             self._running.append(request)
 
     def _step(self, now: float) -> None:
@@ -216,7 +226,7 @@ class MockEngine(EngineClient):
             if request.metrics.first_token_time == 0.0:
                 request.metrics.first_token_time = now
             request.metrics.last_token_time = now
-            request.next_token_time += self._tpot_s
+            request.next_token_time = self._step_at_or_after(request.next_token_time + self._tpot_s)
             deltas = [self._advance(request, s) for s in request.samples if s.finish_reason is None]
             if all(s.finish_reason is not None for s in request.samples):
                 self._remove(request)

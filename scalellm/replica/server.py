@@ -1,13 +1,17 @@
 """The replica's gRPC service: the Replica service of proto/scalellm/v1/replica.proto over an EngineClient.
 
-Per streamed token the service does one conversion and one gRPC write; everything else (tokenizing,
-the chat template, detokenizing) is the engine's. Cancelling the call aborts the request in the engine.
+Per streamed token the service does one conversion; Generate writes one message per chunk, Session
+one message per batch of chunks (every request that moved in an engine step). Everything else
+(tokenizing, the chat template, detokenizing) is the engine's. Ending a call early aborts its
+requests in the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -34,21 +38,103 @@ SERVER_OPTIONS = (
 )
 
 
+class _RequestFailed(Exception):
+    """A request ended in an error: the gRPC status Generate ends its call with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class ReplicaService:
     """The Replica service's handlers; they see protobuf messages only as values from `convert`."""
 
     def __init__(self, engine: EngineClient) -> None:
         self._engine = engine
         self._num_requests_received = 0
+        self._stopping = False
+        self._session_outboxes: set[_Outbox] = set()
+
+    def stop_admitting(self) -> None:
+        """Refuse new requests (UNAVAILABLE, safe to retry elsewhere) and end idle Session calls."""
+        self._stopping = True
+        for outbox in self._session_outboxes:
+            outbox.wake()
 
     async def generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Stream one request's outputs; the engine request is aborted if the call ends early."""
+        try:
+            async with contextlib.aclosing(self._chunks(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except _RequestFailed as failure:
+            await context.abort(failure.code, failure.message)
+
+    async def session(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Serve the requests that arrive on one Session call; each message sent holds every chunk and
+        error produced since the last. Ends when the client is done sending and its requests are
+        finished, or, once the replica is stopping, when none is left; ending early aborts them all."""
+        outbox = _Outbox()
+        runs: dict[str, asyncio.Task] = {}
+        reader = asyncio.create_task(self._accept(requests, outbox, runs))
+        self._session_outboxes.add(outbox)
+        try:
+            while True:
+                await outbox.ready.wait()
+                outbox.ready.clear()
+                if outbox:
+                    yield outbox.take()
+                if not runs and (reader.done() or self._stopping):
+                    return
+        finally:
+            self._session_outboxes.discard(outbox)
+            reader.cancel()
+            for run in runs.values():
+                run.cancel()
+            await asyncio.gather(reader, *runs.values(), return_exceptions=True)
+
+    async def _accept(self, requests: AsyncIterator[Any], outbox: _Outbox, runs: dict[str, asyncio.Task]) -> None:
+        """Start the session's requests and carry out its cancellations, until the client is done sending."""
+        try:
+            async for message in requests:
+                kind, value = convert.decode_session_request(message)
+                if kind == "generate":
+                    request_id = value.request_id
+                    if request_id in runs:
+                        outbox.fail(request_id, grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"request id {request_id!r} is already running on this session")
+                        continue
+                    run = asyncio.create_task(self._run(value, outbox))
+                    runs[request_id] = run
+                    run.add_done_callback(functools.partial(_finished, runs, request_id, outbox))
+                elif kind == "cancel":
+                    run = runs.get(value)
+                    if run is not None:
+                        run.cancel()
+        finally:
+            outbox.wake()
+
+    async def _run(self, request: Any, outbox: _Outbox) -> None:
+        request_id = request.request_id
+        try:
+            async with contextlib.aclosing(self._chunks(request)) as chunks:
+                async for chunk in chunks:
+                    outbox.put(request_id, chunk)
+        except _RequestFailed as failure:
+            outbox.fail(request_id, failure.code, failure.message)
+
+    async def _chunks(self, request: Any) -> AsyncIterator[Any]:
+        """One request's GenerateChunks; raises _RequestFailed with the status its call should end with.
+        Closing the iterator before the last chunk aborts the request in the engine."""
         receive_time = time.time()
         self._num_requests_received += 1
         try:
             args = convert.decode_request(request)
         except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise _RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        if self._stopping:
+            raise _RequestFailed(grpc.StatusCode.UNAVAILABLE, "the replica is shutting down")
         metrics = RequestMetrics(gateway_receive_time=args.gateway_receive_time,
                                  replica_receive_time=receive_time)
         stream = self._engine.generate(args.request_id, args.prompt, args.params, metrics)
@@ -63,12 +149,12 @@ class ReplicaService:
                 yield convert.encode_output(output, num_generated, first=first)
                 first = False
         except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise _RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         except Exception as error:  # noqa: BLE001 - an engine failure must reach the gateway as a status
             logger.exception("request %s failed in the engine", args.request_id)
             # Before any output the gateway may still retry on another replica: report UNAVAILABLE.
             code = grpc.StatusCode.UNAVAILABLE if first else grpc.StatusCode.INTERNAL
-            await context.abort(code, f"engine error: {error}")
+            raise _RequestFailed(code, f"engine error: {error}") from None
         finally:
             await _close(stream)
             if not finished:
@@ -102,7 +188,47 @@ class ReplicaService:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 function, request_deserializer=method.request_deserializer,
                 response_serializer=method.response_serializer)
+        session = convert.SESSION
+        handlers[session.name] = grpc.stream_stream_rpc_method_handler(
+            self.session, request_deserializer=session.request_deserializer,
+            response_serializer=session.response_serializer)
         return grpc.method_handlers_generic_handler(convert.SERVICE_NAME, handlers)
+
+
+class _Outbox:
+    """What one Session call has to send: chunks and errors since its last message."""
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        self._chunks: list[tuple[str, Any]] = []
+        self._errors: list[tuple[str, int, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._chunks or self._errors)
+
+    def put(self, request_id: str, chunk: Any) -> None:
+        self._chunks.append((request_id, chunk))
+        self.ready.set()
+
+    def fail(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
+        self._errors.append((request_id, code.value[0], message))
+        self.ready.set()
+
+    def wake(self) -> None:
+        """Have the session look at its state again (a request or the reader finished)."""
+        self.ready.set()
+
+    def take(self) -> Any:
+        """One SessionResponse with everything waiting; empties the outbox."""
+        message = convert.encode_session_response(self._chunks, self._errors)
+        self._chunks, self._errors = [], []
+        return message
+
+
+def _finished(runs: dict[str, asyncio.Task], request_id: str, outbox: _Outbox, run: asyncio.Task) -> None:
+    if runs.get(request_id) is run:
+        del runs[request_id]
+    outbox.wake()
 
 
 async def _close(stream: AsyncIterator[Any]) -> None:
@@ -123,6 +249,7 @@ class ReplicaServer:
         self.host = host
         self.port = port
         self._server: grpc.aio.Server | None = None
+        self._service: ReplicaService | None = None
 
     @property
     def address(self) -> str:
@@ -133,7 +260,8 @@ class ReplicaServer:
     async def start(self) -> None:
         """Bind and start serving (the engine must already be started). Raises ListenError if the port is taken."""
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        server.add_generic_rpc_handlers((ReplicaService(self.engine).rpc_handler(),))
+        self._service = ReplicaService(self.engine)
+        server.add_generic_rpc_handlers((self._service.rpc_handler(),))
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as error:
@@ -144,6 +272,7 @@ class ReplicaServer:
     async def stop(self, grace_s: float | None = 5.0) -> None:
         """Refuse new calls, let calls in flight finish for up to `grace_s`, then cancel them."""
         if self._server is not None:
+            self._service.stop_admitting()
             await self._server.stop(grace_s)
             self._server = None
 

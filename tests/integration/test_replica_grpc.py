@@ -193,3 +193,149 @@ def test_client_reconnects_to_a_restarted_replica():
         finally:
             await restarted.stop(0)
     run_with_replica(scenario)
+
+
+def test_generate_rpc_serves_one_request_per_call():
+    """The per-request Generate RPC (other clients' way in) streams one chunk per step."""
+    async def scenario(engine, client, server):
+        import grpc
+
+        from scalellm.replica import convert
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            method = convert.GENERATE
+            call = channel.unary_stream(method.path, request_serializer=method.request_serializer,
+                                        response_deserializer=method.response_deserializer)
+            request = convert.encode_request("g", "a b", SamplingParams(max_tokens=4), 0.0)
+            chunks = [chunk async for chunk in call(request)]
+        assert [list(c.outputs[0].token_ids) for c in chunks] == [[0], [1], [2], [3]]
+        assert chunks[-1].finished
+    run_with_replica(scenario)
+
+
+async def _open_session(server):
+    import grpc
+
+    from scalellm.replica import convert
+    channel = grpc.aio.insecure_channel(server.address)
+    method = convert.SESSION
+    call = channel.stream_stream(method.path, request_serializer=method.request_serializer,
+                                 response_deserializer=method.response_deserializer)()
+    return channel, call
+
+
+def test_session_sends_a_step_of_many_requests_in_one_message():
+    async def scenario(engine, client, server):
+        from scalellm.replica import convert
+        channel, call = await _open_session(server)
+        try:
+            for i in range(8):
+                await call.write(convert.session_generate(
+                    convert.encode_request(f"r{i}", "a b", SamplingParams(max_tokens=6), 0.0)))
+            tokens: dict[str, list[int]] = {}
+            largest = 0
+            while sum(len(t) for t in tokens.values()) < 48:
+                response = await call.read()
+                pairs = convert.session_chunks(response)
+                largest = max(largest, len(pairs))
+                for request_id, chunk in pairs:
+                    tokens.setdefault(request_id, []).extend(chunk.outputs[0].token_ids)
+            assert tokens == {f"r{i}": list(range(6)) for i in range(8)}
+            assert largest >= 4, "the chunks of one engine step should share a message"
+        finally:
+            call.cancel()
+            await channel.close()
+    run_with_replica(scenario, tpot_ms=20.0)
+
+
+def test_session_cancel_aborts_only_that_request_and_ending_it_aborts_the_rest():
+    async def scenario(engine, client, server):
+        from scalellm.replica import convert
+        channel, call = await _open_session(server)
+        tokens = {"keep": 0, "drop": 0}
+
+        async def read():
+            async for response in call:
+                for request_id, chunk in convert.session_chunks(response):
+                    tokens[request_id] += len(chunk.outputs[0].token_ids)
+        reader = asyncio.create_task(read())
+        try:
+            for request_id in ("keep", "drop"):
+                await call.write(convert.session_generate(
+                    convert.encode_request(request_id, "x", SamplingParams(max_tokens=60), 0.0)))
+            deadline = time.monotonic() + 2
+            while engine.load().num_running != 2 or not tokens["drop"]:
+                assert time.monotonic() < deadline, engine.load()
+                await asyncio.sleep(0.01)
+            await call.write(convert.session_cancel("drop"))
+            await call.write(convert.session_cancel("unknown"))  # ignored
+            while engine.load().num_running != 1:
+                assert time.monotonic() < deadline, engine.load()
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            dropped, kept = tokens["drop"], tokens["keep"]
+            await asyncio.sleep(0.2)
+            assert tokens["drop"] == dropped < 60 and tokens["keep"] > kept
+        finally:
+            call.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await channel.close()
+        await wait_idle(engine)  # ending the call aborted "keep"
+    run_with_replica(scenario, tpot_ms=20.0)
+
+
+def test_session_reports_bad_requests_and_duplicate_ids_per_request():
+    async def scenario(engine, client, server):
+        from scalellm.replica import convert
+        channel, call = await _open_session(server)
+        try:
+            await call.write(convert.session_generate(convert.encode_request("bad", "", SamplingParams(), 0.0)))
+            await call.write(convert.session_generate(
+                convert.encode_request("twice", "x", SamplingParams(max_tokens=60), 0.0)))
+            await call.write(convert.session_generate(
+                convert.encode_request("twice", "x", SamplingParams(max_tokens=60), 0.0)))
+            errors = []
+            while len(errors) < 2:
+                errors += convert.session_errors(await call.read())
+            by_id = {request_id: (code, message) for request_id, code, message in errors}
+            assert by_id["bad"][0] == by_id["twice"][0] == 3  # INVALID_ARGUMENT
+            assert "empty" in by_id["bad"][1] and "already running" in by_id["twice"][1]
+            assert engine.load().num_running == 1  # the first "twice" runs on
+        finally:
+            call.cancel()
+            await channel.close()
+        await wait_idle(engine)
+    run_with_replica(scenario, tpot_ms=20.0)
+
+
+def test_a_stopping_replica_finishes_its_requests_and_refuses_new_ones():
+    async def scenario(engine, client, server):
+        running = asyncio.create_task(collect(client.generate("a", "x", SamplingParams(max_tokens=10), 0.0)))
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(server.stop(5))
+        await asyncio.sleep(0.02)
+        with pytest.raises(ReplicaUnavailable):
+            await collect(client.generate("b", "x", SamplingParams(max_tokens=2), 0.0))
+        outputs = await running
+        assert outputs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outputs) == 10
+        started = time.monotonic()
+        await stopping
+        assert time.monotonic() - started < 2, "an idle session must not hold the server's grace period"
+    run_with_replica(scenario, tpot_ms=20.0)
+
+
+def test_abort_in_flight_fails_requests_as_retriable_until_output_arrived():
+    async def scenario(engine, client, server):
+        stream = client.generate("a", "x", SamplingParams(max_tokens=60), 0.0)
+        await stream.__anext__()
+        waiting = asyncio.create_task(collect(client.generate("b", "x", SamplingParams(max_tokens=60), 0.0)))
+        await asyncio.sleep(0)
+        assert client.abort_in_flight() == 2
+        with pytest.raises(ReplicaError) as info:
+            await stream.__anext__()
+        assert not isinstance(info.value, ReplicaUnavailable) and "stopped responding" in info.value.message
+        with pytest.raises(ReplicaUnavailable):
+            await waiting
+        await wait_idle(engine)
+        outputs = await collect(client.generate("c", "x", SamplingParams(max_tokens=2), 0.0))
+        assert outputs[-1].finished  # a new session serves the next request
+    run_with_replica(scenario, tpot_ms=20.0, max_num_seqs=1)

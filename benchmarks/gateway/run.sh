@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The gateway alone: what it costs in CPU and latency to put a router in front of two replicas.
+#
+# Two mock replicas stream 32 tokens 5 ms apart (no model), and a closed loop of C=64 streamed chat
+# requests (and the same non-streamed) goes through, side by side:
+#   direct       the client talks to one HTTP mock replica (`serve --no-gateway --engine mock`): no router
+#   vllm-router  the Rust vllm-router 0.1.17 (power_of_two) over two such HTTP mock replicas
+#   scalellm     `scalellm gateway` over two gRPC mock replicas (`scalellm replica --engine mock`)
+# The CPU reported is the router process's alone (--server-pids); the added latency is a system's
+# E2E/TTFT p50 minus direct's, so a router that adds nothing shows about 0.
+#
+#   benchmarks/gateway/run.sh                  # REQUESTS=2000 REPEAT=3 C=64
+#   REQUESTS=500 REPEAT=1 benchmarks/gateway/run.sh
+#
+# vllm-router is installed into ~/.cache/scalellm/peers/router on first use (pip install vllm-router).
+# Writes OUT (default benchmarks/gateway/results): one folder per system and mode, summary.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SCALELLM=${SCALELLM:-.venv/bin/scalellm}
+PYTHON=${PYTHON:-.venv/bin/python}
+REQUESTS=${REQUESTS:-2000}
+REPEAT=${REPEAT:-3}
+C=${C:-64}
+OUT=${OUT:-benchmarks/gateway/results}
+ROUTER_VENV=${ROUTER_VENV:-$HOME/.cache/scalellm/peers/router}
+MOCK="--engine mock --tpot-ms 5 --ttft-ms 5"
+mkdir -p "$OUT/logs"
+
+if [ ! -x "$ROUTER_VENV/bin/vllm-router" ]; then
+  python3 -m venv "$ROUTER_VENV"
+  "$ROUTER_VENV/bin/pip" install -q vllm-router==0.1.17
+fi
+
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_http() {  # URL: until it answers 200
+  for _ in $(seq 300); do
+    curl -sf -o /dev/null "$1" && return 0
+    sleep 0.2
+  done
+  echo "no answer from $1" >&2; exit 1
+}
+wait_port() {  # PORT: until something listens on it
+  for _ in $(seq 300); do
+    "$PYTHON" -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "nothing listens on $1" >&2; exit 1
+}
+stop_all() { cleanup; pids=(); }
+
+bench() {  # NAME URL ROUTER_PID
+  for mode in stream no-stream; do
+    "$SCALELLM" bench --url "$2" --label "$1" --concurrency "$C" --requests "$REQUESTS" --repeat "$REPEAT" \
+      --output-len 32 --$mode ${3:+--server-pids $3} --output "$OUT/$1-$mode" > "$OUT/logs/$1-$mode.bench.log"
+  done
+}
+
+# direct: one HTTP mock replica, no router
+port=$(free_port)
+"$SCALELLM" serve --no-gateway $MOCK --port "$port" --no-request-log > "$OUT/logs/direct.log" 2>&1 & pids+=($!)
+wait_http "http://127.0.0.1:$port/health"
+bench direct "http://127.0.0.1:$port" ""
+stop_all
+
+# vllm-router over two HTTP mock replicas
+workers=()
+for _ in 1 2; do
+  port=$(free_port)
+  "$SCALELLM" serve --no-gateway $MOCK --port "$port" --no-request-log > "$OUT/logs/vllm-router-mock-$port.log" 2>&1 & pids+=($!)
+  wait_http "http://127.0.0.1:$port/health"
+  workers+=("http://127.0.0.1:$port")
+done
+port=$(free_port)
+"$ROUTER_VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" --worker-urls "${workers[@]}" --policy power_of_two \
+  --log-level warning > "$OUT/logs/vllm-router.log" 2>&1 & router=$!; pids+=($router)
+wait_http "http://127.0.0.1:$port/health"
+bench vllm-router "http://127.0.0.1:$port" "$router"
+stop_all
+
+# scalellm gateway over two gRPC mock replicas
+replicas=()
+for _ in 1 2; do
+  port=$(free_port)
+  "$SCALELLM" replica $MOCK --port "$port" > "$OUT/logs/scalellm-mock-$port.log" 2>&1 & pids+=($!)
+  wait_port "$port"
+  replicas+=(--replica "127.0.0.1:$port")
+done
+port=$(free_port)
+"$SCALELLM" gateway --port "$port" "${replicas[@]}" --no-request-log > "$OUT/logs/scalellm.log" 2>&1 & gateway=$!
+pids+=($gateway)
+wait_http "http://127.0.0.1:$port/health"
+bench scalellm "http://127.0.0.1:$port" "$gateway"
+stop_all
+
+"$PYTHON" benchmarks/gateway/summarize.py "$OUT" | tee "$OUT/summary.md"
