@@ -1,8 +1,9 @@
-"""The gateway's client of one replica: one grpc.aio channel, reused by every call.
+"""The gateway's client of one replica: one grpc.aio channel, and on it one Session call that carries
+every request in flight (see proto/scalellm/v1/replica.proto), opened again when it ends.
 
 Errors reach the gateway as `ReplicaError` carrying the HTTP status to answer with; `ReplicaUnavailable`
 means the replica could not be reached before any output arrived, so the request is safe to retry on
-another replica. `abort_in_flight()` ends every call in flight with such an error: the health monitor
+another replica. `abort_in_flight()` ends every request in flight with such an error: the health monitor
 uses it when a replica stops answering with its connection still open (a hung or SIGSTOPped process),
 which gRPC alone would only notice after its keepalive timeout.
 """
