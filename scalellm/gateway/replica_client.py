@@ -133,7 +133,7 @@ class ReplicaClient:
 
     def _current_session(self) -> _Session:
         if self._session is None or self._session.ended:
-            self._session = _Session(self._open_call(), self.address)
+            self._session = _Session(self._open_call())
         return self._session
 
     def _failure(self, item: object, received: bool) -> ReplicaError:
@@ -142,10 +142,7 @@ class ReplicaClient:
             return ReplicaError(f"replica {self.address}: deadline exceeded", 504)
         if isinstance(item, _RequestError):
             code = _STATUS_BY_NUMBER.get(item.code, grpc.StatusCode.UNKNOWN)
-            message = item.message if code == grpc.StatusCode.INVALID_ARGUMENT else f"replica {self.address}: {item.message}"
-            if not received and code in _UNREACHABLE:
-                return ReplicaUnavailable(message)
-            return ReplicaError(message, _HTTP_STATUS.get(code, 500))
+            return self._status_error(code, item.message, retriable=not received)
         error = item.error  # _SessionEnded
         if isinstance(error, grpc.aio.AioRpcError) and not item.aborted:
             return self._error(error, retriable=not received)
@@ -160,10 +157,13 @@ class ReplicaClient:
             raise self._error(error, retriable=True) from None
 
     def _error(self, error: grpc.aio.AioRpcError, retriable: bool) -> ReplicaError:
-        code = error.code()
-        message = f"replica {self.address}: {error.details() or code.name}"
+        return self._status_error(error.code(), error.details(), retriable)
+
+    def _status_error(self, code: grpc.StatusCode, details: str | None, retriable: bool) -> ReplicaError:
+        """The ReplicaError for a call or request the replica ended with gRPC status `code`."""
+        message = f"replica {self.address}: {details or code.name}"
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            message = error.details() or "the replica rejected the request"
+            message = details or "the replica rejected the request"
         if retriable and code in _UNREACHABLE:
             return ReplicaUnavailable(message)
         return ReplicaError(message, _HTTP_STATUS.get(code, 500))
@@ -227,15 +227,15 @@ class _Session:
     task in the middle of a write would otherwise cancel the whole call, and every request on it.
     """
 
-    def __init__(self, call, address: str) -> None:
+    def __init__(self, call) -> None:
         self.call = call
-        self.address = address
         self.ended = False
         self._aborted = False
         self._inboxes: dict[str, asyncio.Queue] = {}
         self._outgoing: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self._tasks = (loop.create_task(self._read()), loop.create_task(self._write()))
+        self._reader = loop.create_task(self._read())
+        self._writer = loop.create_task(self._write())
 
     def register(self, request_id: str) -> asyncio.Queue:
         """A new request's inbox (already holding _SessionEnded if the call is over)."""
@@ -296,6 +296,6 @@ class _Session:
             error = None  # the call was cancelled (abort, or the channel closed)
         finally:
             self.ended = True
-            self._tasks[1].cancel()
+            self._writer.cancel()
             for inbox in self._inboxes.values():
                 inbox.put_nowait(_SessionEnded(error, self._aborted))

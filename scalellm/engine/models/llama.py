@@ -114,10 +114,10 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rotary.cos_sin(positions, x.dtype)
         if self.fused_decode is not None and self.fused_decode.applies_to(ctx.attention, x.shape[0]):
             x, residual = self.fused_decode(x, rope, ctx.attention, ctx.kv_caches)
-            return self.norm(x, residual)[0]
-        residual = None
-        for layer, kv_cache in zip(self.layers, ctx.kv_caches):
-            x, residual = layer(rope, x, residual, kv_cache, ctx.attention)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, ctx.kv_caches):
+                x, residual = layer(rope, x, residual, kv_cache, ctx.attention)
         return self.norm(x, residual)[0]
 
     def enable_fused_decode(self, decode_backend: str) -> bool:
