@@ -166,7 +166,7 @@ async def run_load(config: StressConfig, serve: ServeProcess, tally: Tally) -> f
 
 async def replica_loads(addresses: list[str]) -> dict[str, dict]:
     """Each replica's Load: blocks in use, running and waiting requests."""
-    from scalellm.gateway.replica_client import ReplicaClient
+    from scalellm.rpc.client import ReplicaClient
 
     loads = {}
     for address in addresses:

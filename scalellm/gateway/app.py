@@ -45,7 +45,7 @@ def render_error(status: int, message: str) -> bytes:
 
 def default_client_factory(config: GatewayConfig) -> Callable[[str], object]:
     """Build gRPC replica clients (imported here so tests can run with fake replicas only)."""
-    from scalellm.gateway.replica_client import ReplicaClient
+    from scalellm.rpc.client import ReplicaClient
 
     return lambda address: ReplicaClient(address, connect_timeout_s=config.connect_timeout_s)
 

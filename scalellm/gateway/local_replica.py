@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable
 from scalellm.engine.client import EngineClient
 from scalellm.gateway.app import GatewayApp, serve_until_signalled
 from scalellm.gateway.config import GatewayConfig
-from scalellm.gateway.replica_client import ReplicaError, ReplicaUnavailable
+from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 from scalellm.protocol.types import (EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput,
                                      SamplingParams)
 

@@ -19,7 +19,7 @@ import time
 
 import uvloop
 
-from scalellm.gateway.replica_client import ReplicaClient, ReplicaError
+from scalellm.rpc.client import ReplicaClient, ReplicaError
 from scalellm.protocol.types import SamplingParams
 from scalellm.replica.mock_engine import MockEngine
 

@@ -103,7 +103,7 @@ def run_replica(args: argparse.Namespace) -> None:
     """Serve one replica until SIGTERM/SIGINT (blocking), on uvloop."""
     import uvloop
 
-    from scalellm.replica.server import ListenError
+    from scalellm.rpc.server import ListenError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -122,7 +122,7 @@ async def _serve_until_signal_or_failure(engine: EngineClient, args: argparse.Na
     A dead engine loop never recovers (and with tensor parallelism its ranks are gone), so the replica
     stops instead of staying up unhealthy.
     """
-    from scalellm.replica.server import serve_until_signal
+    from scalellm.rpc.server import serve_until_signal
 
     serving = asyncio.ensure_future(serve_until_signal(engine, args.host, args.port))
     if args.engine != "real":

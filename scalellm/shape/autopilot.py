@@ -59,7 +59,7 @@ class LoadPoller:
 
     async def poll(self, addresses: Sequence[str]) -> LoadSample:
         """One sample over `addresses`; an unreachable replica adds nothing."""
-        from scalellm.gateway.replica_client import ReplicaClient, ReplicaError
+        from scalellm.rpc.client import ReplicaClient, ReplicaError
 
         for address in set(self._clients) - set(addresses):
             await self._clients.pop(address).close()

@@ -56,7 +56,7 @@ class ReplicaSet:
 
         Raises StartupError when a replica exits, `timeout_s` passes or `should_stop()` turns true.
         """
-        from scalellm.gateway.replica_client import ReplicaClient, ReplicaError
+        from scalellm.rpc.client import ReplicaClient, ReplicaError
 
         deadline = time.monotonic() + timeout_s
         clients = [ReplicaClient(address) for address in self.addresses]
@@ -83,7 +83,7 @@ class ReplicaSet:
         A replica counts as idle after IDLE_CONFIRMATIONS polls in a row that show nothing in flight
         and no new request received; one that cannot be reached has nothing left to finish.
         """
-        from scalellm.gateway.replica_client import ReplicaClient, ReplicaError
+        from scalellm.rpc.client import ReplicaClient, ReplicaError
 
         deadline = time.monotonic() + timeout_s
         clients = [ReplicaClient(address) for address in self.addresses]

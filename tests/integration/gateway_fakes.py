@@ -10,7 +10,7 @@ import uvloop
 
 from scalellm.gateway.app import GatewayApp
 from scalellm.gateway.config import GatewayConfig
-from scalellm.gateway.replica_client import ReplicaError, ReplicaUnavailable
+from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 from scalellm.protocol.types import (CompletionOutput, EngineHealth, EngineLoad, Logprob, RequestMetrics,
                                      RequestOutput)
 
@@ -127,7 +127,7 @@ class MockCluster:
 
     def __init__(self, num_replicas: int = 1, tpot_ms: float = 1.0, max_model_len: int = 64, **gateway) -> None:
         from scalellm.replica.mock_engine import MockEngine
-        from scalellm.replica.server import ReplicaServer
+        from scalellm.rpc.server import ReplicaServer
 
         self._make_engine = lambda: MockEngine("mock-model", tpot_ms=tpot_ms, max_model_len=max_model_len)
         self._make_server = ReplicaServer

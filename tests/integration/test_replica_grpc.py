@@ -9,10 +9,10 @@ import time
 import pytest
 import uvloop
 
-from scalellm.gateway.replica_client import ReplicaClient, ReplicaError, ReplicaUnavailable
+from scalellm.rpc.client import ReplicaClient, ReplicaError, ReplicaUnavailable
 from scalellm.protocol.types import ChatPrompt, SamplingParams
 from scalellm.replica.mock_engine import MockEngine
-from scalellm.replica.server import ReplicaServer
+from scalellm.rpc.server import ReplicaServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -200,7 +200,7 @@ def test_generate_rpc_serves_one_request_per_call():
     async def scenario(engine, client, server):
         import grpc
 
-        from scalellm.replica import convert
+        from scalellm.rpc import convert
         async with grpc.aio.insecure_channel(server.address) as channel:
             method = convert.GENERATE
             call = channel.unary_stream(method.path, request_serializer=method.request_serializer,
@@ -215,7 +215,7 @@ def test_generate_rpc_serves_one_request_per_call():
 async def _open_session(server):
     import grpc
 
-    from scalellm.replica import convert
+    from scalellm.rpc import convert
     channel = grpc.aio.insecure_channel(server.address)
     method = convert.SESSION
     call = channel.stream_stream(method.path, request_serializer=method.request_serializer,
@@ -225,7 +225,7 @@ async def _open_session(server):
 
 def test_session_sends_a_step_of_many_requests_in_one_message():
     async def scenario(engine, client, server):
-        from scalellm.replica import convert
+        from scalellm.rpc import convert
         channel, call = await _open_session(server)
         try:
             for i in range(8):
@@ -249,7 +249,7 @@ def test_session_sends_a_step_of_many_requests_in_one_message():
 
 def test_session_cancel_aborts_only_that_request_and_ending_it_aborts_the_rest():
     async def scenario(engine, client, server):
-        from scalellm.replica import convert
+        from scalellm.rpc import convert
         channel, call = await _open_session(server)
         tokens = {"keep": 0, "drop": 0}
 
@@ -285,7 +285,7 @@ def test_session_cancel_aborts_only_that_request_and_ending_it_aborts_the_rest()
 
 def test_session_reports_bad_requests_and_duplicate_ids_per_request():
     async def scenario(engine, client, server):
-        from scalellm.replica import convert
+        from scalellm.rpc import convert
         channel, call = await _open_session(server)
         try:
             await call.write(convert.session_generate(convert.encode_request("bad", "", SamplingParams(), 0.0)))

@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from scalellm.gateway.replica_client import ReplicaClient, ReplicaError
+from scalellm.rpc.client import ReplicaClient, ReplicaError
 from scalellm.protocol.types import SamplingParams
 from scalellm.supervisor import free_ports
 

@@ -23,7 +23,7 @@ import pytest
 from scalellm.bench.client import ClientConfig, build_body
 from scalellm.bench.datasets import random_requests
 from scalellm.bench.steps import LoadStep, run_steps, summarize_steps
-from scalellm.gateway.replica_client import ReplicaClient
+from scalellm.rpc.client import ReplicaClient
 from scalellm.supervisor import free_ports
 from tests.integration.test_serve_mock import stop
 

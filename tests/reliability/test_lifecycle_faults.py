@@ -15,7 +15,7 @@ import pytest
 from procs import (MOCK, Serve, chat_body, end, http, is_openai_error, metric, start_gateway, start_replica,
                    stream_events, wait_until)
 
-from scalellm.gateway.replica_client import ReplicaClient
+from scalellm.rpc.client import ReplicaClient
 from scalellm.supervisor import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -16,7 +16,7 @@ from scalellm.protocol.types import (
     RequestOutput,
     SamplingParams,
 )
-from scalellm.replica import convert
+from scalellm.rpc import convert
 
 
 def _wire(message):

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from scalellm.gateway.local_replica import LocalReplicaClient
-from scalellm.gateway.replica_client import ReplicaError, ReplicaUnavailable
+from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 from scalellm.protocol.types import SamplingParams
 from scalellm.replica.mock_engine import MockEngine
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scalellm.replica import codegen
+from scalellm.rpc import codegen
 
 pytest.importorskip("grpc_tools")
 
@@ -15,4 +15,4 @@ def test_generated_code_is_current(tmp_path):
     for path in written:
         committed = codegen.PB_DIR / path.name
         assert committed.read_bytes() == path.read_bytes(), (
-            f"{committed} is stale: run `python -m scalellm.replica.codegen` and commit the result")
+            f"{committed} is stale: run `python -m scalellm.rpc.codegen` and commit the result")

@@ -16,9 +16,8 @@ from typing import AsyncIterator
 import grpc
 
 from scalellm.protocol.types import EngineHealth, EngineLoad, PromptInput, RequestOutput, SamplingParams
-from scalellm.replica import convert
-
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+from scalellm.rpc import convert
+from scalellm.rpc.channel import client_options
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -59,7 +58,7 @@ class ReplicaClient:
 
     def __init__(self, address: str, *, connect_timeout_s: float = 2.0) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=_channel_options(connect_timeout_s))
+        self._channel = grpc.aio.insecure_channel(address, options=client_options(connect_timeout_s))
         self._open_call = self._channel.stream_stream(
             convert.SESSION.path, request_serializer=convert.SESSION.request_serializer,
             response_deserializer=convert.SESSION.response_deserializer)
@@ -167,22 +166,6 @@ class ReplicaClient:
         if retriable and code in _UNREACHABLE:
             return ReplicaUnavailable(message)
         return ReplicaError(message, _HTTP_STATUS.get(code, 500))
-
-
-def _channel_options(connect_timeout_s: float) -> tuple[tuple[str, int], ...]:
-    connect_timeout_ms = max(1, int(connect_timeout_s * 1000))
-    return (
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        # gRPC core uses the minimum reconnect backoff as the connection attempt's timeout.
-        ("grpc.min_reconnect_backoff_ms", connect_timeout_ms),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1_000),  # a restarted replica is found again within a second
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    )
 
 
 class _Chunk:

@@ -21,21 +21,11 @@ import grpc
 
 from scalellm.engine.client import EngineClient
 from scalellm.protocol.types import EngineHealth, RequestMetrics
-from scalellm.replica import convert
+from scalellm.rpc import convert
+from scalellm.rpc.channel import SERVER_OPTIONS
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-SERVER_OPTIONS = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),  # a second replica on the same port must fail, not share it
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_pings_without_data", 0),
-)
 
 
 class _RequestFailed(Exception):

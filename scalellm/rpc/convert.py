@@ -6,7 +6,7 @@ gateway's replica client hold protobuf messages only as opaque values they got f
 After editing the proto, regenerate the code and commit it (tests/unit/test_proto_current.py checks
 that the committed files are current):
 
-    .venv/bin/python -m scalellm.replica.codegen
+    .venv/bin/python -m scalellm.rpc.codegen
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from scalellm.protocol.types import (
     RequestOutput,
     SamplingParams,
 )
-from scalellm.replica.pb import replica_pb2 as pb
+from scalellm.rpc.pb import replica_pb2 as pb
 
 SERVICE_NAME = "scalellm.v1.Replica"
 

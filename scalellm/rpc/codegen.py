@@ -1,9 +1,9 @@
-"""Regenerates the protobuf code in scalellm/replica/pb/ from proto/scalellm/v1/replica.proto.
+"""Regenerates the protobuf code in scalellm/rpc/pb/ from proto/scalellm/v1/replica.proto.
 
 Run from a source checkout (needs grpcio-tools, a dev dependency):
 
-    python -m scalellm.replica.codegen            # rewrites scalellm/replica/pb/
-    python -m scalellm.replica.codegen OUT_DIR    # writes elsewhere (tests compare the two)
+    python -m scalellm.rpc.codegen            # rewrites scalellm/rpc/pb/
+    python -m scalellm.rpc.codegen OUT_DIR    # writes elsewhere (tests compare the two)
 
 Only the message code (`replica_pb2.py` and its `.pyi` type stub) is generated: the service's method
 table lives in convert.py, so the generated gRPC glue (and its grpcio version pin) is not needed.
@@ -47,11 +47,11 @@ def generate(out_dir: Path) -> list[Path]:
 def _fix_module_name(path: Path) -> None:
     """protoc names the module after the proto package; name it after where it really lives."""
     text = path.read_text()
-    path.write_text(text.replace("'scalellm.v1.replica_pb2'", "'scalellm.replica.pb.replica_pb2'"))
+    path.write_text(text.replace("'scalellm.v1.replica_pb2'", "'scalellm.rpc.pb.replica_pb2'"))
 
 
 def main() -> None:
-    """Entry point: `python -m scalellm.replica.codegen [OUT_DIR]`."""
+    """Entry point: `python -m scalellm.rpc.codegen [OUT_DIR]`."""
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else PB_DIR
     for path in generate(out_dir):
         print(f"wrote {path}")

@@ -1,0 +1,1 @@
+"""Generated protobuf code (do not edit; see scalellm/rpc/codegen.py). Only convert.py imports it."""
