@@ -19,9 +19,9 @@ from typing import AsyncIterator, Callable
 from scalellm.engine.client import EngineClient
 from scalellm.gateway.app import GatewayApp, serve_until_signalled
 from scalellm.gateway.config import GatewayConfig
-from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 from scalellm.protocol.types import (EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput,
                                      SamplingParams)
+from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from scalellm.gateway.limits import AdmissionGate, RateLimiter
 from scalellm.gateway.metrics import GatewayMetrics
 from scalellm.gateway.policies import RouteRequest
 from scalellm.gateway.rendering import ResponseBuilder, StreamRenderer, error_event
-from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 from scalellm.gateway.router import Dispatch, NoReplicaAvailable, Router
 from scalellm.protocol.openai import (OpenAIError, ParsedRequest, created_now, new_request_id,
                                       parse_chat_request, parse_completion_request)
 from scalellm.protocol.types import RequestMetrics, RequestOutput
+from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 
 access_log = logging.getLogger("scalellm.gateway.access")
 

@@ -19,9 +19,9 @@ import time
 
 import uvloop
 
-from scalellm.rpc.client import ReplicaClient, ReplicaError
 from scalellm.protocol.types import SamplingParams
 from scalellm.replica.mock_engine import MockEngine
+from scalellm.rpc.client import ReplicaClient, ReplicaError
 
 
 def _process_cpu_s(pid: int) -> float:

@@ -40,7 +40,7 @@ class RpcMethod:
 
     @property
     def path(self) -> str:
-        """The method's HTTP/2 path, e.g. "/scalellm.v1.Replica/Generate"."""
+        """The method's HTTP/2 path, e.g. "/scalellm.v1.Replica/Session"."""
         return f"/{SERVICE_NAME}/{self.name}"
 
     @property
@@ -64,7 +64,6 @@ class RpcMethod:
         return self.request_type()
 
 
-GENERATE = RpcMethod("Generate", pb.GenerateRequest, pb.GenerateChunk)
 HEALTH = RpcMethod("Health", pb.HealthRequest, pb.HealthResponse)
 LOAD = RpcMethod("Load", pb.LoadRequest, pb.LoadResponse)
 INFO = RpcMethod("Info", pb.InfoRequest, pb.InfoResponse)

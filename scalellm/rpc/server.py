@@ -1,9 +1,8 @@
 """The replica's gRPC service: the Replica service of proto/scalellm/v1/replica.proto over an EngineClient.
 
-Per streamed token the service does one conversion; Generate writes one message per chunk, Session
-one message per batch of chunks (every request that moved in an engine step). Everything else
-(tokenizing, the chat template, detokenizing) is the engine's. Ending a call early aborts its
-requests in the engine.
+Per streamed token the service does one conversion; a Session call writes one message per batch of
+chunks (every request that moved in an engine step). Everything else (tokenizing, the chat template,
+detokenizing) is the engine's. Ending a call early aborts its requests in the engine.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 class _RequestFailed(Exception):
-    """A request ended in an error: the gRPC status Generate ends its call with."""
+    """A request ended in an error: the gRPC status its SessionError carries."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -51,15 +50,6 @@ class ReplicaService:
         self._stopping = True
         for outbox in self._session_outboxes:
             outbox.wake()
-
-    async def generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """Stream one request's outputs; the engine request is aborted if the call ends early."""
-        try:
-            async with contextlib.aclosing(self._chunks(request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except _RequestFailed as failure:
-            await context.abort(failure.code, failure.message)
 
     async def session(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Serve the requests that arrive on one Session call; each message sent holds every chunk and
@@ -115,7 +105,7 @@ class ReplicaService:
             outbox.fail(request_id, failure.code, failure.message)
 
     async def _chunks(self, request: Any) -> AsyncIterator[Any]:
-        """One request's GenerateChunks; raises _RequestFailed with the status its call should end with.
+        """One request's GenerateChunks; raises _RequestFailed with the status its SessionError carries.
         Closing the iterator before the last chunk aborts the request in the engine."""
         receive_time = time.time()
         self._num_requests_received += 1
@@ -169,10 +159,7 @@ class ReplicaService:
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """The method table to register on a grpc.aio server."""
-        generate = convert.GENERATE
-        handlers = {generate.name: grpc.unary_stream_rpc_method_handler(
-            self.generate, request_deserializer=generate.request_deserializer,
-            response_serializer=generate.response_serializer)}
+        handlers = {}
         for method, function in ((convert.HEALTH, self.health), (convert.LOAD, self.load),
                                  (convert.INFO, self.info)):
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(

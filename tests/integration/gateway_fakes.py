@@ -10,9 +10,9 @@ import uvloop
 
 from scalellm.gateway.app import GatewayApp
 from scalellm.gateway.config import GatewayConfig
-from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 from scalellm.protocol.types import (CompletionOutput, EngineHealth, EngineLoad, Logprob, RequestMetrics,
                                      RequestOutput)
+from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 
 FAKE_MODEL = "fake-model"
 

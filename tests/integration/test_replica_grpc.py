@@ -9,9 +9,9 @@ import time
 import pytest
 import uvloop
 
-from scalellm.rpc.client import ReplicaClient, ReplicaError, ReplicaUnavailable
 from scalellm.protocol.types import ChatPrompt, SamplingParams
 from scalellm.replica.mock_engine import MockEngine
+from scalellm.rpc.client import ReplicaClient, ReplicaError, ReplicaUnavailable
 from scalellm.rpc.server import ReplicaServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -195,20 +195,23 @@ def test_client_reconnects_to_a_restarted_replica():
     run_with_replica(scenario)
 
 
-def test_generate_rpc_serves_one_request_per_call():
-    """The per-request Generate RPC (other clients' way in) streams one chunk per step."""
+def test_only_the_session_transport_is_served():
+    """There is no per-request Generate RPC: a call to it is UNIMPLEMENTED, the Session call serves."""
     async def scenario(engine, client, server):
         import grpc
 
         from scalellm.rpc import convert
         async with grpc.aio.insecure_channel(server.address) as channel:
-            method = convert.GENERATE
-            call = channel.unary_stream(method.path, request_serializer=method.request_serializer,
-                                        response_deserializer=method.response_deserializer)
-            request = convert.encode_request("g", "a b", SamplingParams(max_tokens=4), 0.0)
-            chunks = [chunk async for chunk in call(request)]
-        assert [list(c.outputs[0].token_ids) for c in chunks] == [[0], [1], [2], [3]]
-        assert chunks[-1].finished
+            call = channel.unary_stream("/scalellm.v1.Replica/Generate",
+                                        request_serializer=convert.SESSION.request_serializer,
+                                        response_deserializer=convert.SESSION.response_deserializer)
+            request = convert.session_generate(
+                convert.encode_request("g", "a b", SamplingParams(max_tokens=4), 0.0))
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                [chunk async for chunk in call(request)]
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        outputs = [o async for o in client.generate("s", "a b", SamplingParams(max_tokens=4), 0.0)]
+        assert [list(o.outputs[0].token_ids) for o in outputs] == [[0], [1], [2], [3]]
     run_with_replica(scenario)
 
 

@@ -13,8 +13,8 @@ import openai
 import psutil
 import pytest
 
-from scalellm.rpc.client import ReplicaClient, ReplicaError
 from scalellm.protocol.types import SamplingParams
+from scalellm.rpc.client import ReplicaClient, ReplicaError
 from scalellm.supervisor import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -143,5 +143,5 @@ def test_info_round_trip():
 
 
 def test_method_paths():
-    assert convert.GENERATE.path == "/scalellm.v1.Replica/Generate"
+    assert convert.SESSION.path == "/scalellm.v1.Replica/Session"
     assert {m.name for m in (convert.HEALTH, convert.LOAD, convert.INFO)} == {"Health", "Load", "Info"}

@@ -6,9 +6,9 @@ import time
 import pytest
 
 from scalellm.gateway.local_replica import LocalReplicaClient
-from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 from scalellm.protocol.types import SamplingParams
 from scalellm.replica.mock_engine import MockEngine
+from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 
 
 class FailingEngine(MockEngine):
