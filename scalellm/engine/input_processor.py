@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from scalellm.engine.request import Request
-from scalellm.protocol.types import ChatPrompt, PromptInput, SamplingParams
+from scalellm.protocol.types import ChatPrompt, InfillPrompt, PromptInput, SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+"""Fill-in-the-middle markers (Qwen2.5-Coder, StarCoder-style templates): prefix, suffix, middle."""
 
 
 class InputProcessor:
@@ -33,6 +36,8 @@ class InputProcessor:
         if isinstance(prompt, ChatPrompt):
             text = self.render_chat(prompt)
             return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, InfillPrompt):
+            return self.tokenizer.encode(self.render_infill(prompt), add_special_tokens=False)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
@@ -47,13 +52,26 @@ class InputProcessor:
         messages = [_normalize_message(m, i) for i, m in enumerate(chat.messages or [])]
         if not messages:
             raise ValueError("messages must be a non-empty list")
-        if not getattr(self.tokenizer, "chat_template", None):
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise ValueError("this model has no chat template; use the completions API")
+        if chat.tools and "tools" not in str(template):
+            raise ValueError("this model's chat template cannot render tools; send the request without 'tools'")
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=chat.add_generation_prompt)
+                messages, tools=chat.tools or None, tokenize=False,
+                add_generation_prompt=chat.add_generation_prompt)
         except Exception as exc:  # jinja raises TemplateError and others for conversations it rejects
             raise ValueError(f"the chat template rejected the conversation: {exc}") from None
+
+    def render_infill(self, prompt: InfillPrompt) -> str:
+        """The fill-in-the-middle prompt; ValueError when the vocabulary lacks the FIM markers."""
+        vocab = self.tokenizer.get_vocab()
+        if not all(marker in vocab for marker in FIM_TOKENS):
+            raise ValueError("this model does not support fill-in-the-middle: 'suffix' needs a vocabulary with "
+                             + ", ".join(FIM_TOKENS))
+        prefix, suffix, middle = FIM_TOKENS
+        return f"{prefix}{prompt.prefix}{suffix}{prompt.suffix}{middle}"
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       arrival_time: float | None = None) -> list[Request]:
@@ -92,4 +110,23 @@ def _normalize_message(message, index: int) -> dict:
         content = ""
     if not isinstance(content, str):
         raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
-    return {"role": role, "content": content}
+    normalized = {"role": role, "content": content}
+    if role == "assistant" and message.get("tool_calls"):
+        normalized["tool_calls"] = [_template_tool_call(call) for call in message["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if isinstance(message.get(key), str):
+            normalized[key] = message[key]
+    return normalized
+
+
+def _template_tool_call(call: dict) -> dict:
+    """A tool call as chat templates expect it: arguments as an object when they are JSON (templates
+    apply `tojson` to them), with the OpenAI shape kept ({"id", "type", "function": {...}})."""
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return {**call, "function": function, **function}

@@ -14,6 +14,24 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
+"""What a StructuredOutput's spec is: a JSON Schema, any JSON object, a regex, a JSON list of
+allowed strings, an EBNF grammar, or an xgrammar structural tag (JSON; tool calls use it)."""
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, enforced by token masks in the sampler."""
+
+    kind: str
+    """One of STRUCTURED_KINDS."""
+    spec: str = ""
+    """The kind's text: schema JSON, regex, choices JSON, EBNF or structural tag JSON ("" for json_object)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in STRUCTURED_KINDS, f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}")
+        _check(isinstance(self.spec, str), "structured output spec must be a string")
+
 
 @dataclass
 class SamplingParams:
@@ -53,6 +71,8 @@ class SamplingParams:
     """None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives."""
     skip_special_tokens: bool = True
     """Leave special tokens (like <|im_end|>) out of the detokenized text."""
+    structured: StructuredOutput | None = None
+    """A grammar the output must follow (response_format, structured_outputs, forced tool calls)."""
 
     MAX_LOGPROBS = 20
 
@@ -85,6 +105,8 @@ class SamplingParams:
                "stop_token_ids must be non-negative integers")
         if self.seed is not None:
             _check(isinstance(self.seed, int), "seed must be an integer")
+        _check(self.structured is None or isinstance(self.structured, StructuredOutput),
+               "structured must be a StructuredOutput")
 
     @property
     def greedy(self) -> bool:
@@ -105,13 +127,24 @@ class ChatPrompt:
     """A chat conversation, turned into tokens by the replica's chat template."""
 
     messages: list[dict]
-    """OpenAI-style messages: {"role": "system"|"user"|"assistant"|"tool", "content": str | [parts]}."""
+    """OpenAI-style messages: {"role": "system"|"user"|"assistant"|"tool", "content": str | [parts]};
+    an assistant message may carry "tool_calls", a tool message "tool_call_id" (and "name")."""
     add_generation_prompt: bool = True
     """Append the assistant turn's opening so the model answers."""
+    tools: list[dict] | None = None
+    """OpenAI function tools ({"type": "function", "function": {...}}), rendered by the chat template."""
 
 
-PromptInput = Union[str, list[int], ChatPrompt]
-"""Text (tokenized as is), token ids (used as is), or a chat conversation."""
+@dataclass
+class InfillPrompt:
+    """Fill in the middle: the text before and after the gap (the model's template must support it)."""
+
+    prefix: str
+    suffix: str
+
+
+PromptInput = Union[str, list[int], ChatPrompt, InfillPrompt]
+"""Text (tokenized as is), token ids (used as is), a chat conversation, or a fill-in-the-middle gap."""
 
 
 @dataclass
