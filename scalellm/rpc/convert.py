@@ -11,12 +11,14 @@ that the committed files are current):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from scalellm.protocol.types import (
     ChatPrompt,
     CompletionOutput,
+    InfillPrompt,
     EngineHealth,
     EngineLoad,
     Logprob,
@@ -24,6 +26,7 @@ from scalellm.protocol.types import (
     RequestMetrics,
     RequestOutput,
     SamplingParams,
+    StructuredOutput,
 )
 from scalellm.rpc.pb import replica_pb2 as pb
 
@@ -93,10 +96,11 @@ def encode_request(request_id: str, prompt: PromptInput, params: SamplingParams,
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, ChatPrompt):
-        messages = [pb.ChatMessage(role=m.get("role", ""), content=_content_text(m.get("content")))
-                    for m in prompt.messages]
-        request.chat.messages.extend(messages)
+        request.chat.messages.extend(_encode_message(m) for m in prompt.messages)
+        request.chat.tools_json = json.dumps(prompt.tools) if prompt.tools else ""
         request.add_generation_prompt = prompt.add_generation_prompt
+    elif isinstance(prompt, InfillPrompt):
+        request.infill.prefix, request.infill.suffix = prompt.prefix, prompt.suffix
     else:
         request.token_ids.ids.extend(prompt)
     return request
@@ -110,12 +114,33 @@ def decode_request(request: Any) -> GenerateArgs:
     elif kind == "token_ids":
         prompt = list(request.token_ids.ids)
     elif kind == "chat":
-        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        prompt = ChatPrompt(messages=messages, add_generation_prompt=request.add_generation_prompt)
+        messages = [_decode_message(m) for m in request.chat.messages]
+        tools = json.loads(request.chat.tools_json) if request.chat.tools_json else None
+        prompt = ChatPrompt(messages=messages, add_generation_prompt=request.add_generation_prompt, tools=tools)
+    elif kind == "infill":
+        prompt = InfillPrompt(request.infill.prefix, request.infill.suffix)
     else:
         raise ValueError("the request has no prompt: send text, token ids or chat messages")
     return GenerateArgs(request.request_id, prompt, _decode_params(request.params),
                         request.gateway_receive_time)
+
+
+def _encode_message(message: dict) -> Any:
+    tool_calls = message.get("tool_calls")
+    return pb.ChatMessage(role=message.get("role", ""), content=_content_text(message.get("content")),
+                          tool_calls_json=json.dumps(tool_calls) if tool_calls else "",
+                          tool_call_id=message.get("tool_call_id") or "", name=message.get("name") or "")
+
+
+def _decode_message(m: Any) -> dict:
+    message = {"role": m.role, "content": m.content}
+    if m.tool_calls_json:
+        message["tool_calls"] = json.loads(m.tool_calls_json)
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    if m.name:
+        message["name"] = m.name
+    return message
 
 
 def _content_text(content: Any) -> str:
@@ -142,7 +167,9 @@ def _encode_params(params: SamplingParams) -> Any:
         stop=params.stop, stop_token_ids=params.stop_token_ids,
         include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
         max_tokens=params.max_tokens, min_tokens=params.min_tokens, logprobs=params.logprobs,
-        skip_special_tokens=params.skip_special_tokens)
+        skip_special_tokens=params.skip_special_tokens,
+        structured=(pb.StructuredOutput(kind=params.structured.kind, spec=params.structured.spec)
+                    if params.structured is not None else None))
 
 
 def _decode_params(p: Any) -> SamplingParams:
@@ -154,7 +181,8 @@ def _decode_params(p: Any) -> SamplingParams:
         include_stop_str_in_output=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
         max_tokens=p.max_tokens if p.HasField("max_tokens") else None, min_tokens=p.min_tokens,
         logprobs=p.logprobs if p.HasField("logprobs") else None,
-        skip_special_tokens=p.skip_special_tokens)
+        skip_special_tokens=p.skip_special_tokens,
+        structured=StructuredOutput(p.structured.kind, p.structured.spec) if p.HasField("structured") else None)
 
 
 # --- GenerateChunk (the per-token hot path: keep it lean) ---------------------------------------
