@@ -3,6 +3,7 @@
 `load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
 context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
 `int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
+`load_quantized_linear()` the linear op on weights kept in their GGUF codes (quantized_linear.cpp);
 `load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul` (a
 NormRotaryOps; see norm_rotary.cpp); `load_decode_layers()` one op that runs a Llama-family model's
 decoder layers for a decode-only step by calling the others (decode_layers.cpp). Each is None when
@@ -47,6 +48,8 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     "paged_attention": ("paged_attention.cpp", "paged_decode_attention", []),
     # No fused multiply-add contraction: the epilogue must round like the unfused torch path.
     "int8_linear": ("int8_linear.cpp", "int8_linear", ["-ffp-contract=off"]),
+    # Weights in their GGUF codes (see quantization/gguf.py); AVX512-VNNI only.
+    "quantized_linear": ("quantized_linear.cpp", "quantized_linear", []),
     # Rounding to bfloat16 between steps must match torch's chain of ops: no contraction either.
     "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off"]),
     # Calls the three above through the dispatcher: load them first (load_decode_layers does).
@@ -62,6 +65,11 @@ def load_paged_attention() -> Callable[..., torch.Tensor] | None:
 def load_int8_linear() -> Callable[..., torch.Tensor] | None:
     """The compiled fused W8A8 linear op, or None when it cannot be built (warned once)."""
     return _build_kernel("int8_linear")[0]
+
+
+def load_quantized_linear() -> Callable[..., torch.Tensor] | None:
+    """The compiled linear op on GGUF-quantized weights, or None when it cannot be built (warned once)."""
+    return _build_kernel("quantized_linear")[0]
 
 
 class NormRotaryOps(NamedTuple):

@@ -1,0 +1,318 @@
+// Linear layer on weights kept in their GGUF quantization (4, 5, 6 or 8 bits per weight with a
+// float16 scale, and a minimum or an integer zero point, per group of 16 or 32 weights along K),
+// dequantized in registers, on AVX512-VNNI.
+//
+//   quantized_linear(x, packed, scales, minimums, bias, n, bits, group, zero_point) -> y [M, n]
+//
+// What it computes, for x [M, K] (float32 or bfloat16), with g = k / group and b = k / 32:
+//
+//   activations, per row and block of 32:  d[m, b] = max|x[m, 32b : 32b + 32]| / 127,
+//                                          xq[m, k] = round_half_even(x[m, k] * (1 / d[m, b]))  (0 when d = 0)
+//   S[m, n, g]  = sum over the group of code[n, k] * xq[m, k]          (exact int32, vpdpbusd)
+//   s[m, g]     = sum over the group of xq[m, k]
+//   y[m, n]     = sum_g  float(S - zero_point * s) * (scale[n, g] * d[m, b])          (no minimums)
+//                 sum_g  float(S) * (scale[n, g] * d[m, b]) + minimum[n, g] * (d[m, b] * s)  (minimums)
+//               (+ bias[n])
+//
+// i.e. y = x' W^T with W the file's weights (w = scale * (code - zero_point), or scale * code + minimum)
+// and x' the activations rounded to 8 bits per 32-block, as llama.cpp's q8 dot products do.
+//
+// Weight layout (built at load by quantized_linear.py), for 16 output channels at a time:
+//
+//   packed  uint8 [ceil(N/16), K/group, group_bytes]    one group of 16 channels x `group` k
+//   scales  float16 [ceil(N/16), K/group, 16]           minimums: the same shape, or empty
+//
+// A group holds group/4 "steps"; step s is the 16 x 4 codes code[16 nb + j, group * g + 4 s + i] at
+// byte 4 j + i of a 64-byte vector: one vpdpbusd operand. 8-bit codes are stored as such; 4..6-bit
+// codes as a low-nibble plane (steps 2p and 2p+1 in the low and high nibbles of 64 bytes), then for
+// 5 and 6 bits one 64-bit plane per step of bit 4, then one of bit 5 (bit 4 j + i of each plane).
+// The micro kernel holds up to 4 tokens x 4 channel blocks of accumulators; channel tiles are split
+// over the intra-op threads, so each weight byte is read once per 4 tokens.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "avx512_bf16.h"
+
+#if SCALELLM_AVX512_BF16 && defined(__AVX512VNNI__)
+#define SCALELLM_VNNI 1
+#else
+#define SCALELLM_VNNI 0
+#endif
+
+namespace {
+
+#if SCALELLM_VNNI
+using scalellm_avx512::load16;
+using scalellm_avx512::store16;
+using scalellm_avx512::tail_mask;
+
+constexpr int64_t kChannels = 16;
+constexpr int64_t kActBlock = 32;
+
+struct Activations {
+  std::vector<int8_t> q;          // [M, K]
+  std::vector<float> scales;      // [M, K / 32]
+  std::vector<int32_t> sums;      // [M, K / group]
+  std::vector<float> scaled_sums;  // [M, K / group]: d * s
+};
+
+template <typename T>
+Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
+  Activations a;
+  const int64_t blocks = k / kActBlock, groups = k / group;
+  a.q.resize(m * k);
+  a.scales.resize(m * blocks);
+  a.sums.resize(m * groups);
+  a.scaled_sums.resize(m * groups);
+  for (int64_t row = 0; row < m; ++row) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const T* src = x + row * k + b * kActBlock;
+      const __m512 v0 = load16(src), v1 = load16(src + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float d = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.0f / d : 0.f);
+      int8_t* dst = a.q.data() + row * k + b * kActBlock;
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round half to even
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
+      a.scales[row * blocks + b] = d;
+      const int32_t sum0 = _mm512_reduce_add_epi32(q0), sum1 = _mm512_reduce_add_epi32(q1);
+      if (group == 32) {
+        a.sums[row * groups + b] = sum0 + sum1;
+      } else {
+        a.sums[row * groups + 2 * b] = sum0;
+        a.sums[row * groups + 2 * b + 1] = sum1;
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g)
+      a.scaled_sums[row * groups + g] = a.scales[row * blocks + g * group / kActBlock] *
+                                        static_cast<float>(a.sums[row * groups + g]);
+  }
+  return a;
+}
+
+struct Problem {
+  const Activations* a;
+  const uint8_t* packed;
+  const at::Half* scales;
+  const at::Half* minimums;  // or nullptr
+  const float* bias;         // or nullptr
+  int64_t m, n, k, groups, group_bytes;
+  int zero_point;
+};
+
+// The codes of one group's STEPS steps for one channel block, as unsigned bytes.
+template <int BITS, int STEPS>
+inline void load_codes(const uint8_t* src, __m512i* codes) {
+  if constexpr (BITS == 8) {
+#pragma GCC unroll 8
+    for (int s = 0; s < STEPS; ++s) codes[s] = _mm512_loadu_si512(src + 64 * s);
+  } else {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+    for (int p = 0; p < STEPS / 2; ++p) {
+      const __m512i v = _mm512_loadu_si512(src + 64 * p);
+      codes[2 * p] = _mm512_and_si512(v, low);
+      codes[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    if constexpr (BITS >= 5) {
+      const uint8_t* plane = src + 32 * STEPS;
+#pragma GCC unroll 8
+      for (int s = 0; s < STEPS; ++s) {
+        uint64_t bits;
+        std::memcpy(&bits, plane + 8 * s, 8);
+        codes[s] = _mm512_mask_add_epi8(codes[s], _cvtu64_mask64(bits), codes[s], _mm512_set1_epi8(16));
+      }
+    }
+    if constexpr (BITS == 6) {
+      const uint8_t* plane = src + 40 * STEPS;
+#pragma GCC unroll 8
+      for (int s = 0; s < STEPS; ++s) {
+        uint64_t bits;
+        std::memcpy(&bits, plane + 8 * s, 8);
+        codes[s] = _mm512_mask_add_epi8(codes[s], _cvtu64_mask64(bits), codes[s], _mm512_set1_epi8(32));
+      }
+    }
+  }
+}
+
+// y for tokens [m0, m0 + TOKENS) x channel blocks [b0, b0 + BLOCKS).
+template <int BITS, int GROUP, bool MINIMUMS, int TOKENS, int BLOCKS, typename T>
+void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
+  constexpr int kSteps = GROUP / 4;
+  const Activations& a = *p.a;
+  const int64_t act_blocks = p.k / kActBlock;
+  __m512 out[TOKENS][BLOCKS];
+#pragma GCC unroll 4
+  for (int t = 0; t < TOKENS; ++t)
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; ++b) out[t][b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512i acc[TOKENS][BLOCKS];
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; ++b) {
+      __m512i codes[kSteps];
+      load_codes<BITS, kSteps>(p.packed + ((b0 + b) * p.groups + g) * p.group_bytes, codes);
+#pragma GCC unroll 4
+      for (int t = 0; t < TOKENS; ++t) {
+        const int8_t* x = a.q.data() + (m0 + t) * p.k + g * GROUP;
+        __m512i sum = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int s = 0; s < kSteps; ++s) {
+          int32_t four;
+          std::memcpy(&four, x + 4 * s, 4);
+          sum = _mm512_dpbusd_epi32(sum, codes[s], _mm512_set1_epi32(four));
+        }
+        acc[t][b] = sum;
+      }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; ++b) {
+      const int64_t at = ((b0 + b) * p.groups + g) * kChannels;
+      const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.scales + at)));
+      __m512 mins;
+      if constexpr (MINIMUMS)
+        mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.minimums + at)));
+#pragma GCC unroll 4
+      for (int t = 0; t < TOKENS; ++t) {
+        const int64_t row = m0 + t;
+        const float d = a.scales[row * act_blocks + g * GROUP / kActBlock];
+        __m512i sums = acc[t][b];
+        if constexpr (!MINIMUMS)
+          sums = _mm512_sub_epi32(sums, _mm512_set1_epi32(p.zero_point * a.sums[row * p.groups + g]));
+        out[t][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws, _mm512_set1_ps(d)), out[t][b]);
+        if constexpr (MINIMUMS)
+          out[t][b] = _mm512_fmadd_ps(mins, _mm512_set1_ps(a.scaled_sums[row * p.groups + g]), out[t][b]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int b = 0; b < BLOCKS; ++b) {
+    const int64_t n = (b0 + b) * kChannels;
+    const int64_t count = std::min<int64_t>(kChannels, p.n - n);
+    if (count <= 0) break;
+    const __mmask16 mask = tail_mask(count);
+    const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + n) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int t = 0; t < TOKENS; ++t) store16(y + (m0 + t) * p.n + n, _mm512_add_ps(out[t][b], bias), mask);
+  }
+}
+
+// Every token of the problem for channel blocks [b0, b0 + BLOCKS) (fewer at the end: one at a time).
+template <int BITS, int GROUP, bool MINIMUMS, int BLOCKS, typename T>
+void channel_tile(const Problem& p, int64_t b0, int64_t blocks, T* y) {
+  if (blocks < BLOCKS) {
+    for (int64_t b = b0; b < b0 + blocks; ++b) channel_tile<BITS, GROUP, MINIMUMS, 1>(p, b, 1, y);
+    return;
+  }
+  int64_t m0 = 0;
+  if constexpr (BLOCKS <= 2) {
+    for (; m0 + 4 <= p.m; m0 += 4) tile<BITS, GROUP, MINIMUMS, 4, BLOCKS>(p, m0, b0, y);
+    switch (p.m - m0) {
+      case 3: return tile<BITS, GROUP, MINIMUMS, 3, BLOCKS>(p, m0, b0, y);
+      case 2: return tile<BITS, GROUP, MINIMUMS, 2, BLOCKS>(p, m0, b0, y);
+      case 1: return tile<BITS, GROUP, MINIMUMS, 1, BLOCKS>(p, m0, b0, y);
+      default: return;
+    }
+  } else {  // few tokens: more channel blocks in flight hide vpdpbusd's latency
+    for (; m0 + 2 <= p.m; m0 += 2) tile<BITS, GROUP, MINIMUMS, 2, BLOCKS>(p, m0, b0, y);
+    if (m0 < p.m) tile<BITS, GROUP, MINIMUMS, 1, BLOCKS>(p, m0, b0, y);
+  }
+}
+
+template <int BITS, int GROUP, bool MINIMUMS, typename T>
+void run_all(const Problem& p, int64_t num_blocks, T* y) {
+  // 4 channel blocks per tile while tokens are few (decode), 2 with 4-token tiles (prefill).
+  const int64_t per_tile = p.m <= 2 ? 4 : 2;
+  const int64_t num_tiles = (num_blocks + per_tile - 1) / per_tile;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = t * per_tile, blocks = std::min<int64_t>(per_tile, num_blocks - b0);
+      if (per_tile == 4) channel_tile<BITS, GROUP, MINIMUMS, 4>(p, b0, blocks, y);
+      else channel_tile<BITS, GROUP, MINIMUMS, 2>(p, b0, blocks, y);
+    }
+  });
+}
+
+template <int BITS, typename T>
+void dispatch_group(const Problem& p, int64_t num_blocks, int group, T* y) {
+  const bool minimums = p.minimums != nullptr;
+  if (group == 32) {
+    if (minimums) return run_all<BITS, 32, true>(p, num_blocks, y);
+    return run_all<BITS, 32, false>(p, num_blocks, y);
+  }
+  if (minimums) return run_all<BITS, 16, true>(p, num_blocks, y);
+  return run_all<BITS, 16, false>(p, num_blocks, y);
+}
+
+template <typename T>
+at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+               const c10::optional<at::Tensor>& minimums, const c10::optional<at::Tensor>& bias, int64_t n,
+               int64_t bits, int64_t group, int64_t zero_point) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const Activations a = quantize(x.data_ptr<T>(), m, k, group);
+  at::Tensor y = at::empty({m, n}, x.options());
+  const Problem p{&a, packed.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+                  minimums.has_value() ? minimums->data_ptr<at::Half>() : nullptr,
+                  bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                  m, n, k, k / group, packed.size(2), static_cast<int>(zero_point)};
+  T* out = y.data_ptr<T>();
+  const int64_t num_blocks = packed.size(0);
+  switch (bits) {
+    case 4: dispatch_group<4>(p, num_blocks, group, out); break;
+    case 5: dispatch_group<5>(p, num_blocks, group, out); break;
+    case 6: dispatch_group<6>(p, num_blocks, group, out); break;
+    default: dispatch_group<8>(p, num_blocks, group, out); break;
+  }
+  return y;
+}
+#endif
+
+at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& minimums, const c10::optional<at::Tensor>& bias,
+                            int64_t n, int64_t bits, int64_t group, int64_t zero_point) {
+#if SCALELLM_VNNI
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
+  TORCH_CHECK(group == 16 || group == 32, "group must be 16 or 32");
+  const int64_t k = x.size(1), groups = k / group;
+  TORCH_CHECK(k % 32 == 0 && k > 0, "K must be a positive multiple of 32");
+  TORCH_CHECK(n > 0 && packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.size(0) == (n + 15) / 16 && packed.size(1) == groups &&
+                  packed.size(2) == group * 2 * bits,
+              "packed must be uint8 [ceil(N/16), K/group, group * 2 * bits]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == packed.size(0) * groups * 16,
+              "scales must be float16 [ceil(N/16), K/group, 16]");
+  TORCH_CHECK(!minimums.has_value() || (minimums->scalar_type() == at::kHalf && minimums->is_contiguous() &&
+                                        minimums->numel() == scales.numel()),
+              "minimums must be float16 shaped like scales");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous()),
+              "bias must be float32 [N]");
+  if (x.scalar_type() == at::kFloat) return run<float>(x, packed, scales, minimums, bias, n, bits, group, zero_point);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  return run<at::BFloat16>(x, packed, scales, minimums, bias, n, bits, group, zero_point);
+#else
+  TORCH_CHECK(false, "quantized_linear was built for a CPU without AVX512-VNNI; use the torch path");
+  return x;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(scalellm, m) {
+  m.def("quantized_linear(Tensor x, Tensor packed, Tensor scales, Tensor? minimums, Tensor? bias, int n, "
+        "int bits, int group, int zero_point) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(scalellm, CPU, m) {
+  m.impl("quantized_linear", &quantized_linear);
+}
