@@ -27,6 +27,7 @@ from scalellm.engine.engine_core import EngineCore
 from scalellm.engine.input_processor import InputProcessor
 from scalellm.engine.output_processor import OutputProcessor
 from scalellm.engine.request import RequestStatus
+from scalellm.engine.structured import LazyGrammarCache, RequestGrammar
 from scalellm.protocol.types import (EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput,
                                      SamplingParams)
 from scalellm.protocol.deltas import merge_delta
@@ -66,6 +67,7 @@ class AsyncLLM(EngineClient):
         self.tokenizer = core.files.load_tokenizer()
         self.input_processor = InputProcessor.for_core(core, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._grammars = LazyGrammarCache.for_input_processor(self.input_processor)
 
     async def shutdown(self) -> None:
         for request_id in list(self._queues):
@@ -85,6 +87,10 @@ class AsyncLLM(EngineClient):
         metrics.replica_receive_time = metrics.replica_receive_time or time.time()
         prompt_token_ids = self.input_processor.tokenize(prompt)
         samples = self.input_processor.make_requests(request_id, prompt_token_ids, params)
+        if params.structured is not None:  # compiled off this thread and the engine's, with a deadline
+            compiled = await self._grammars.compile(params.structured)
+            for sample in samples:
+                sample.grammar = RequestGrammar(compiled)
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = outputs
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None,

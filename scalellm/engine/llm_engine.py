@@ -7,6 +7,7 @@ from scalellm.engine.engine_core import EngineCore
 from scalellm.engine.input_processor import InputProcessor
 from scalellm.engine.output_processor import OutputProcessor
 from scalellm.engine.request import RequestStatus
+from scalellm.engine.structured import LazyGrammarCache, RequestGrammar
 from scalellm.protocol.types import PromptInput, RequestMetrics, RequestOutput, SamplingParams
 
 
@@ -21,6 +22,7 @@ class LLMEngine:
         self.tokenizer = self.core.files.load_tokenizer()
         self.input_processor = InputProcessor.for_core(self.core, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.grammars = LazyGrammarCache.for_input_processor(self.input_processor)
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                     metrics: RequestMetrics | None = None, delta: bool = False) -> int:
@@ -32,6 +34,10 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in flight")
         prompt_token_ids = self.input_processor.tokenize(prompt)
         samples = self.input_processor.make_requests(request_id, prompt_token_ids, params)
+        if params.structured is not None:
+            compiled = self.grammars.compile_blocking(params.structured)
+            for sample in samples:
+                sample.grammar = RequestGrammar(compiled)
         text = prompt if isinstance(prompt, str) else None
         self.output_processor.add_request(request_id, text, samples, metrics, delta)
         self.core.add_requests(samples)

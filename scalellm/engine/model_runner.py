@@ -103,7 +103,7 @@ class ModelRunner:
             if generator is None:
                 generator = make_generator(params.seed + request.sample_index, self.device)
                 self._generators[request.request_id] = generator
-        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator)
+        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator, request.grammar)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor | None:

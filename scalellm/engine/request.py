@@ -64,6 +64,8 @@ class Request:
     scheduled_time: float = 0.0
     first_token_time: float = 0.0
     last_token_time: float = 0.0
+    grammar: object | None = None
+    """A RequestGrammar (engine/structured) when the output must follow one; advanced by each token."""
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -88,5 +90,7 @@ class Request:
     def append_output_token(self, token_id: int, logprobs: dict[int, Logprob] | None = None) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)

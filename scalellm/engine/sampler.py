@@ -4,6 +4,8 @@ Per step, for the rows that need it (all in float32):
 
     raw logits ──▶ logprobs: log_softmax of the raw logits (rows with params.logprobs)
         │
+        ├──▶ grammar masks: -inf on the tokens a row's grammar forbids (structured outputs)
+        │
         ├──▶ penalties: repetition (prompt + output), frequency and presence (output)
         │
         ├──▶ greedy rows (temperature 0): argmax
@@ -23,6 +25,7 @@ from scalellm.engine.sampling.filters import apply_min_p, apply_top_k, apply_top
 from scalellm.engine.sampling.logprobs import compute_logprobs
 from scalellm.engine.sampling.penalties import apply_penalties, needs_penalties
 from scalellm.engine.sampling.random_draw import draw_exponential_race
+from scalellm.engine.structured.matcher import GrammarMasker
 from scalellm.protocol.types import Logprob, SamplingParams
 
 
@@ -35,6 +38,8 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: torch.Generator | None = None
     """Set for requests with a seed (see make_generator); None draws from the sampler's own."""
+    grammar: object | None = None
+    """The request's RequestGrammar when its output is constrained; it is read here, never advanced."""
 
 
 @dataclass
@@ -62,21 +67,25 @@ class Sampler:
     def __init__(self, seed: int = 0):
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._masker = GrammarMasker()
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """Sample from `logits` [B, V] (any float dtype), row i following rows[i]."""
         if len(rows) != logits.shape[0]:
             raise ValueError(f"got {logits.shape[0]} rows of logits for {len(rows)} sampling rows")
+        wants_logprobs = any(row.params.logprobs is not None for row in rows)
+        masked = self._masker.apply(logits, [row.grammar for row in rows], in_place=not wants_logprobs)
         if all(_is_plain_greedy(row.params) for row in rows):
-            return SamplerOutput(greedy_ids(logits).tolist(), [None] * len(rows))
-        processed = self._penalized(logits, rows)  # [B, V] float32
+            return SamplerOutput(greedy_ids(masked).tolist(), [None] * len(rows))
+        processed = self._penalized(masked, rows)  # [B, V] float32
         token_ids = torch.empty(len(rows), dtype=torch.int64, device=logits.device)  # [B]
         self._sample_greedy(processed, rows, token_ids)
         self._sample_random(processed, rows, token_ids)
         return SamplerOutput(token_ids.tolist(), _logprobs(logits, rows, token_ids))
 
     def _penalized(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Float32 logits with penalties applied; never modifies `logits` itself."""
+        """Float32 logits with penalties applied; never modifies `logits` itself (the grammar-masked
+        logits when a row has a grammar, else the raw ones)."""
         selected = [i for i, row in enumerate(rows) if needs_penalties(row.params)]
         if not selected:
             return logits.float()

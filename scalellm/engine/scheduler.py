@@ -263,11 +263,13 @@ class Scheduler:
 def check_stop(request: Request, token_id: int) -> RequestStatus | None:
     """The finished status the just-appended token_id gives the request, or None to go on.
 
-    In order: EOS or another EOS id (unless ignore_eos), then stop_token_ids -> FINISHED_STOPPED, both only once more
+    A grammar that accepted its stop token stops the request first. Then in order: EOS or another EOS id (unless ignore_eos), then stop_token_ids -> FINISHED_STOPPED, both only once more
     than min_tokens were generated; then max_tokens -> FINISHED_LENGTH. EOS leaves stop_reason None;
     a stop token id sets stop_reason to that id.
     """
     params = request.sampling_params
+    if request.grammar is not None and request.grammar.terminated:
+        return RequestStatus.FINISHED_STOPPED  # the grammar accepted its stop token: nothing may follow
     if request.num_output_tokens > params.min_tokens:
         if not params.ignore_eos and (token_id == request.eos_token_id or token_id in request.other_eos_token_ids):
             return RequestStatus.FINISHED_STOPPED
