@@ -6,11 +6,13 @@ runs every step on the same inputs, and only rank 0's samples (the others get no
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.loader.base import ModelFiles
-from scalellm.engine.layers.attention import AttentionMetadata, PrefillSpan, resolve_decode_backend
+from scalellm.engine.layers.attention import resolve_decode_backend
 from scalellm.engine.layers.options import LayerOptions
 from scalellm.engine.layers.partition import max_local_kv_heads, partition_heads
 from scalellm.engine.models import ForwardContext, model_class
@@ -19,6 +21,7 @@ from scalellm.engine.quantization import get_quantization_method
 from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from scalellm.engine.sampler import Sampler, SamplingRow, make_generator
 from scalellm.engine.step_inputs import build_step_inputs
+from scalellm.engine.outputs import ScheduledChunk
 
 
 class ModelRunner:
@@ -77,9 +80,12 @@ class ModelRunner:
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run the forward pass for the scheduled chunks and sample where a chunk reaches its end
         (on rank 0; the other ranks return no tokens)."""
-        inputs = build_step_inputs(scheduled, self.block_size, self.model_config.sliding_window, self.device,
-                                   self.decode_backend)
-        ctx = ForwardContext(attention=inputs.attention, kv_caches=self.kv_caches)
+        c = self.model_config
+        mixed = c.has_mixed_attention
+        inputs = build_step_inputs(scheduled, self.block_size, None if mixed else c.sliding_window, self.device,
+                                   self.decode_backend, local_window=c.sliding_window if mixed else None)
+        ctx = ForwardContext(attention=inputs.attention, kv_caches=self.kv_caches,
+                             sliding_attention=inputs.sliding_attention)
         hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
         output = ModelRunnerOutput()
         if not inputs.sample_chunks:
@@ -120,10 +126,15 @@ class ModelRunner:
         caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                    torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
         slots = torch.arange(num, device=self.device)
-        meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=0, block_size=1,
-                                 prefills=[PrefillSpan(token_start=0, num_tokens=num, kv_slots=slots, mask=None)])
-        tokens = torch.tensor(token_ids, device=self.device)
-        hidden = self.model(tokens, slots, ForwardContext(attention=meta, kv_caches=caches))  # [n, hidden]
+        # one prefill chunk over a private cache of block size 1: slot i holds position i
+        tokens_only = SimpleNamespace(all_token_ids=token_ids, num_tokens=num)
+        chunk = ScheduledChunk(tokens_only, start_position=0, num_new_tokens=num, block_ids=list(range(num)))
+        mixed = c.has_mixed_attention
+        inputs = build_step_inputs(SchedulerOutput(chunks=[chunk]), 1, None if mixed else c.sliding_window,
+                                   self.device, local_window=c.sliding_window if mixed else None)
+        ctx = ForwardContext(attention=inputs.attention, kv_caches=caches, sliding_attention=inputs.sliding_attention)
+        hidden = self.model(inputs.token_ids, slots, ctx)  # [n, hidden]
+        tokens = inputs.token_ids
         logits = self.model.compute_logits(hidden[:-1])  # [n-1, V] on rank 0
         if logits is None:
             return None

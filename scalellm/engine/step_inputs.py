@@ -27,10 +27,15 @@ class StepInputs:
     """Chunks that draw a token, in the order of sample_indices."""
     sample_indices: torch.Tensor
     """[S] index into the step's tokens of each sampling chunk's last token."""
+    sliding_attention: AttentionMetadata | None = None
+    """The sliding layers' metadata when they sit among full layers (ForwardContext.sliding_attention)."""
 
 
 def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: int | None,
-                      device: torch.device, decode_backend: str = "torch") -> StepInputs:
+                      device: torch.device, decode_backend: str = "torch",
+                      local_window: int | None = None) -> StepInputs:
+    """sliding_window: the window of every layer (Mistral); local_window: the window of a model's
+    sliding layers among full ones (Gemma 3), whose metadata goes to StepInputs.sliding_attention."""
     decodes = [c for c in output.chunks if c.num_new_tokens == 1]
     prefills = [c for c in output.chunks if c.num_new_tokens > 1]
     ordered = decodes + prefills
@@ -48,24 +53,29 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: 
     tables = _block_table(ordered, block_size)  # [N, max_blocks]
     row_of_token = torch.repeat_interleave(
         torch.arange(len(ordered)), torch.tensor([c.num_new_tokens for c in ordered]))
-    slot_mapping = _slots(tables[row_of_token], positions_t.unsqueeze(1), block_size).squeeze(1)
-    meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode_tokens=len(decodes),
-                             block_size=block_size, decode_sliding_window=sliding_window or 0,
-                             decode_backend=decode_backend)
-    if decodes:
-        meta.decode_block_table, meta.decode_context_lens, meta.decode_mask = _decode_context(
-            tables[:len(decodes)], positions_t[:len(decodes)], block_size, sliding_window, device,
-            with_mask=decode_backend == "torch")
-    offset = len(decodes)
-    for row, chunk in enumerate(prefills, start=len(decodes)):
-        meta.prefills.append(_prefill_span(chunk, tables[row], offset, block_size, sliding_window, device))
-        offset += chunk.num_new_tokens
+    slot_mapping = _slots(tables[row_of_token], positions_t.unsqueeze(1), block_size).squeeze(1).to(device)
+
+    def metadata(window: int | None) -> AttentionMetadata:
+        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes),
+                                 block_size=block_size, decode_sliding_window=window or 0,
+                                 decode_backend=decode_backend)
+        if decodes:
+            meta.decode_block_table, meta.decode_context_lens, meta.decode_mask = _decode_context(
+                tables[:len(decodes)], positions_t[:len(decodes)], block_size, window, device,
+                with_mask=decode_backend == "torch")
+        offset = len(decodes)
+        for row, chunk in enumerate(prefills, start=len(decodes)):
+            meta.prefills.append(_prefill_span(chunk, tables[row], offset, block_size, window, device))
+            offset += chunk.num_new_tokens
+        return meta
+
     return StepInputs(
         token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=positions_t.to(device),
-        attention=meta,
+        attention=metadata(sliding_window),
         sample_chunks=sample_chunks,
         sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
+        sliding_attention=metadata(local_window) if local_window else None,
     )
 
 
@@ -99,7 +109,9 @@ def _prefill_span(chunk: ScheduledChunk, table: torch.Tensor, token_start: int, 
                   sliding_window: int | None, device: torch.device) -> PrefillSpan:
     start, num = chunk.start_position, chunk.num_new_tokens
     context_len = start + num
-    key_positions = torch.arange(context_len)
+    # Within a window, keys before the first query's window are never read (their blocks may be gone).
+    first_key = max(0, start - sliding_window + 1) if sliding_window is not None else 0
+    key_positions = torch.arange(first_key, context_len)
     kv_slots = _slots(table.unsqueeze(0), key_positions.unsqueeze(0), block_size)[0]
     mask = None
     if start > 0 or sliding_window is not None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
+from scalellm import LLM
 from scalellm.config import EngineConfig
 from scalellm.engine.llm_engine import LLMEngine
 from scalellm.protocol.types import SamplingParams
@@ -90,3 +92,21 @@ def test_preemption_under_small_kv_budget(tiny):
     load = engine.core.load()
     assert load.num_preemptions > 0
     assert load.num_free_blocks == load.num_total_blocks
+
+
+def test_score_matches_transformers(tiny_scoring):
+    """LLM.perplexity's scoring pass (one prefill over a private cache, sliding windows included)
+    gives transformers' log-probabilities."""
+    directory, model, tokens = tiny_scoring
+    ours = LLM(directory, dtype="float32", kv_cache_gib=0.01).engine.core.executor.score(tokens)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens[1:])[:, None]).squeeze(1)
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_scoring(tmp_path_factory, tokenizer_dir):
+    directory = str(tmp_path_factory.mktemp("gemma3-score"))
+    model = make_tiny_model("gemma3", directory, tokenizer_dir)
+    return directory, model, make_prompts()[4]

@@ -21,6 +21,13 @@ VARIANTS = {
                       "original_max_position_embeddings": 64, "rope_theta": 500000.0})),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+    # a sliding layer (window 8, local rope base) then a full one (linear rope scaling); scores scaled
+    # by query_pre_attn_scalar=24 rather than head_dim 16; one KV head
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        tie_word_embeddings=True, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24, rms_norm_eps=1e-6,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
 }
 
 PARALLEL_VARIANTS = {
@@ -47,6 +54,8 @@ def make_tiny_model(kind: str, out_dir: str, tokenizer_dir: str, seed: int = 0):
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0, 0.08)
+            elif kind == "gemma3":  # Gemma's norms scale by 1 + weight (zeros at init): test the offset
+                param.normal_(0, 0.2)
     model.save_pretrained(out_dir, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         try:

@@ -25,7 +25,7 @@ from scalellm.engine.loader.base import ModelFiles
 from scalellm.engine.loader.model_config import ModelConfig, ModelLoadError
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -43,6 +43,15 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+"""llama.cpp's converter stores Gemma's norm weights as 1 + weight; iter_weights subtracts the 1."""
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -100,7 +109,8 @@ class GGUFFiles(ModelFiles):
         elif scaling_type not in ("none", None):
             raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported")
         eos = self._field("tokenizer.ggml.eos_token_id")
-        return ModelConfig(
+        extra = _gemma3_fields(self._field, arch, need("block_count")) if arch == "gemma3" else {}
+        return ModelConfig(**extra,
             architecture=ARCHITECTURES[arch],
             vocab_size=int(self._field(f"{arch}.vocab_size", len(tokens))),
             hidden_size=hidden,
@@ -121,7 +131,7 @@ class GGUFFiles(ModelFiles):
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for tensor in self.reader.tensors:
-            name = _hf_name(tensor.name)
+            name = _hf_name(tensor.name, _GEMMA3_LAYER_NAMES if self.config.architecture == "gemma3" else _LAYER_NAMES)
             if name is None:
                 continue
             weight = torch.from_numpy(_dequantize(tensor))
@@ -130,6 +140,8 @@ class GGUFFiles(ModelFiles):
                     weight = _unpermute(weight, self.config.num_heads)
                 elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
                     weight = _unpermute(weight, self.config.num_kv_heads)
+            if self.config.architecture == "gemma3" and name.endswith("norm.weight"):
+                weight = weight - 1
             yield name, weight
 
     def load_tokenizer(self):
@@ -146,14 +158,14 @@ class GGUFFiles(ModelFiles):
         return tokenizer
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, layer_names: dict[str, str] = _LAYER_NAMES) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_PATTERN.fullmatch(gguf_name)
-    if not match or match.group(2) not in _LAYER_NAMES:
+    if not match or match.group(2) not in layer_names:
         return None
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{layer_names[part]}.{kind}"
 
 
 def _positive(name: str, value) -> int:
@@ -186,3 +198,15 @@ def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     rest = weight.shape[1:]
     return (weight.reshape(num_heads, rows // num_heads // 2, 2, *rest)
             .transpose(1, 2).reshape(weight.shape).contiguous())
+def _gemma3_fields(field, arch: str, num_layers: int) -> dict:
+    """What Gemma 3 adds to ModelConfig (gemma3_config.py: the layer pattern llama.cpp assumes)."""
+    from scalellm.engine.loader.gemma3_config import LOCAL_ROPE_THETA, default_layer_types
+
+    head_dim = field(f"{arch}.attention.key_length", 256)
+    if num_layers == 62:  # the 27B model scales by hidden / heads, as llama.cpp assumes
+        head_dim = field(f"{arch}.embedding_length") // field(f"{arch}.attention.head_count")
+    return dict(sliding_window=_positive("sliding_window", field(f"{arch}.attention.sliding_window", 4096)),
+                layer_types=default_layer_types(num_layers), local_rope_theta=LOCAL_ROPE_THETA,
+                query_pre_attn_scalar=float(head_dim), final_logit_softcapping=field(f"{arch}.final_logit_softcapping"))
+
+

@@ -10,7 +10,11 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Gemma3ForCausalLM": "gemma3",
 }
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+"""ModelConfig.layer_types values (Hugging Face's names)."""
 
 
 class ModelLoadError(ValueError):
@@ -44,7 +48,7 @@ class ModelConfig:
     """The knobs of the Llama family that the model file reads."""
 
     architecture: str
-    """One of SUPPORTED_ARCHITECTURES' values: llama, mistral, qwen2, mixtral, qwen2_moe."""
+    """One of SUPPORTED_ARCHITECTURES' values: llama, mistral, qwen2, mixtral, qwen2_moe, gemma3."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -61,7 +65,17 @@ class ModelConfig:
     rope_scaling: dict = field(default_factory=dict)
     """{"rope_type": "default" | "linear" | "llama3", ...the type's parameters}."""
     sliding_window: int | None = None
-    """Mistral's sliding attention window; None attends to the whole context."""
+    """Keys a query sees on sliding layers, counting itself; None attends to the whole context."""
+    layer_types: tuple[str, ...] = ()
+    """Per layer SLIDING or FULL (Gemma 3 interleaves them); empty: every layer slides when
+    sliding_window is set (Mistral)."""
+    local_rope_theta: float | None = None
+    """The rope base of sliding layers when it differs from rope_theta (Gemma 3: 10k); rope_scaling
+    applies to the full layers only."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scores are scaled by query_pre_attn_scalar ** -0.5; None: head_dim ** -0.5."""
+    final_logit_softcapping: float | None = None
+    """logits = cap * tanh(logits / cap) when set."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     moe: MoEConfig | None = None
@@ -74,6 +88,23 @@ class ModelConfig:
         rope_type = self.rope_scaling.get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ModelLoadError(f"rope scaling type {rope_type!r} is not supported (default, linear, llama3 are)")
+        if self.layer_types and (len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}):
+            raise ModelLoadError(f"layer_types must name {SLIDING!r} or {FULL!r} for each of the "
+                                 f"{self.num_layers} layers, got {self.layer_types!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelLoadError(f"sliding_window must be a positive integer, got {self.sliding_window!r}")
+
+    def is_sliding(self, layer_index: int) -> bool:
+        """Whether layer `layer_index` attends within sliding_window only."""
+        if self.sliding_window is None:
+            return False
+        return not self.layer_types or self.layer_types[layer_index] == SLIDING
+
+    @property
+    def has_mixed_attention(self) -> bool:
+        """Some layers slide and some attend to the whole context (Gemma 3)."""
+        kinds = {self.is_sliding(i) for i in range(self.num_layers)}
+        return len(kinds) == 2
 
     @classmethod
     def from_hf_dict(cls, config: dict, generation_config: dict | None = None) -> "ModelConfig":
@@ -85,6 +116,10 @@ class ModelConfig:
                 f"unsupported architecture {architectures or config.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         arch = SUPPORTED_ARCHITECTURES[known[0]]
+        if arch == "gemma3":
+            from scalellm.engine.loader.gemma3_config import gemma3_config
+
+            return gemma3_config(config, generation_config)
         try:
             num_heads = config["num_attention_heads"]
             hidden_size = config["hidden_size"]

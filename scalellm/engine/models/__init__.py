@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from scalellm.engine.loader.model_config import ModelLoadError
+from scalellm.engine.models.gemma3 import Gemma3ForCausalLM
 from scalellm.engine.models.llama import ForwardContext, LlamaForCausalLM
 from scalellm.engine.models.mixtral import MixtralForCausalLM
 
@@ -14,6 +15,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "qwen2": LlamaForCausalLM,
     "mixtral": MixtralForCausalLM,
     "qwen2_moe": MixtralForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 __all__ = ["MODEL_REGISTRY", "ForwardContext", "model_class"]

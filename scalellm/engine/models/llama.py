@@ -33,6 +33,12 @@ class ForwardContext:
     attention: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     """Per layer: (k_cache, v_cache), each [num_slots, num_kv_heads on this rank, head_dim]."""
+    sliding_attention: AttentionMetadata | None = None
+    """For models whose sliding-window layers sit among full ones (Gemma 3): the sliding layers'
+    metadata (their window, their KV blocks); None: `attention` serves every layer."""
+
+    def attention_for(self, sliding: bool) -> AttentionMetadata:
+        return self.sliding_attention if sliding and self.sliding_attention is not None else self.attention
 
 
 class LlamaAttention(nn.Module):
