@@ -6,6 +6,7 @@ import argparse
 
 from scalellm.gateway.config import GatewayConfig
 from scalellm.gateway.policies import policy_names
+from scalellm.protocol.tool_parsers import TOOL_PARSERS
 
 
 def add_gateway_args(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +68,8 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
                        help="do not write one JSON line per request")
     group.add_argument("--no-timings", action="store_false", dest="report_timings",
                        help="leave the non-standard scalellm_timings field out of responses")
+    group.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                       help="how replies' tool calls are read (default: by the model's name; hermes for Qwen2.5)")
 
 
 def gateway_config_from_args(args: argparse.Namespace, replica_addresses: list[str] | tuple[str, ...]
@@ -95,4 +98,5 @@ def gateway_config_from_args(args: argparse.Namespace, replica_addresses: list[s
         breaker_cooldown_s=args.breaker_cooldown_s,
         log_requests=args.log_requests,
         report_timings=args.report_timings,
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )

@@ -62,6 +62,8 @@ class GatewayConfig:
     """Write one JSON log line per request."""
     report_timings: bool = True
     """Add the non-standard "scalellm_timings" field (stage timestamps) to successful responses."""
+    tool_call_parser: str | None = None
+    """How replies' tool calls are read (scalellm/protocol/tool_parsers); None picks by the model's name."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replica_addresses", tuple(self.replica_addresses))
@@ -85,6 +87,10 @@ class GatewayConfig:
             raise ValueError("drain_timeout_s, breaker_cooldown_s and prefix_affinity_load_bound must be >= 0")
         for spec in self.api_keys:
             parse_key_spec(spec)
+        if self.tool_call_parser is not None:
+            from scalellm.protocol.tool_parsers import get_tool_parser
+
+            get_tool_parser(self.tool_call_parser)  # ValueError naming the choices
 
     @property
     def auth_enabled(self) -> bool:
