@@ -2,6 +2,7 @@
 
     scalellm bench --url http://127.0.0.1:8000 --concurrency 1,16,64
     scalellm bench --compare --systems scalellm,vllm,llamacpp --repeat 3 --output benchmarks/
+    scalellm bench --machine          # this machine's bandwidth and matmul peaks, for the roofline
 
 ``add_bench_args`` fills a parser (the top-level CLI mounts it as a
 subcommand); ``run_bench`` runs the parsed arguments and returns an exit code.
@@ -10,11 +11,13 @@ subcommand); ``run_bench`` runs the parsed arguments and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
 
-from scalellm.bench import compare, peer_install, peers, procstat
+from scalellm.bench import compare, machine, peer_install, peers, procstat, roofline, structured
 from scalellm.bench.client import ClientConfig, normalize_base_url
 from scalellm.bench.metrics import parse_slos
 from scalellm.bench.modelinfo import discover_model
@@ -82,9 +85,26 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--repeat", type=int, help="runs per point (default 1; 3 with --compare)")
     load.add_argument("--warmup", type=int, default=2, help="warm-up requests before each point (default 2)")
     load.add_argument("--seed", type=int, default=0, help="seed of the random prompts and arrivals")
+    load.add_argument("--response-format", choices=structured.RESPONSE_FORMATS, default="text",
+                      help="structured workload: json_object, or json_schema with --schema FILE")
+    load.add_argument("--schema", type=Path, help="JSON Schema file for --response-format json_schema")
+    load.add_argument("--tools", type=Path, help="JSON file of OpenAI tools (a list, or {tools, tool_choice})")
     parser.add_argument("--output", type=Path, default=Path("bench-results"),
                         help="folder for results.json, results.md and plots (default bench-results/)")
     _add_compare_args(parser)
+    _add_roofline_args(parser)
+
+
+def _add_roofline_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("machine limits and roofline")
+    group.add_argument("--machine", action="store_true",
+                       help="probe this machine (memory bandwidth, matmul peaks), write it to --machine-file "
+                            "and OUTPUT/machine.json, then exit")
+    group.add_argument("--machine-file", type=Path, default=None,
+                       help=f"the probe the roofline divides by (default {machine.default_probe_path()})")
+    group.add_argument("--weights", action="append", metavar="SYSTEM=FORMAT",
+                       help=f"the weight format a system serves ({', '.join(roofline.WEIGHT_KINDS)}) for the "
+                            "roofline; default: reported by the server, else inferred (recorded in results)")
 
 
 def _add_compare_args(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +122,13 @@ def _add_compare_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--build-jobs", type=int, default=1, help="parallel jobs for building llama.cpp")
     group.add_argument("--install-peers", action="store_true",
                        help="only install/build the --systems peers, then exit")
+    group.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                       help="longest request every system must accept (long-prompt workloads)")
+    group.add_argument("--allow-other-servers", action="store_true",
+                       help="start a system even while other servers are alive (recorded in results)")
+    group.add_argument("--verify-peer", action="store_true",
+                       help="also run vLLM's own `vllm bench serve` on the same prompts against the same "
+                            "server and report both")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -109,6 +136,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         if args.install_peers:
             return _install_peers(args)
+        if args.machine:
+            return _probe_machine(args)
         return _run_compare(args) if args.compare else _run_single(args)
     except ValueError as error:
         print(f"scalellm bench: error: {error}", file=sys.stderr)
@@ -121,6 +150,8 @@ def run_bench(args: argparse.Namespace) -> int:
 def build_plan(args: argparse.Namespace, default_repeat: int) -> BenchPlan:
     if args.dataset != "random" and not Path(args.dataset).is_file():
         raise ValueError(f"--dataset {args.dataset!r} is neither 'random' nor an existing JSONL file")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ValueError(f"--max-model-len must be >= 1, got {args.max_model_len}")
     return BenchPlan(concurrencies=tuple(args.concurrency), num_requests=args.requests,
                      repeats=args.repeat or default_repeat, num_warmup=args.warmup,
                      request_rate=args.request_rate, dataset=args.dataset, input_len=args.input_len,
@@ -128,9 +159,12 @@ def build_plan(args: argparse.Namespace, default_repeat: int) -> BenchPlan:
 
 
 def build_client(args: argparse.Namespace, base_url: str, model: str) -> ClientConfig:
+    extra = structured.request_fields(args.response_format, args.schema, args.tools)
+    if extra and args.endpoint != "chat":
+        raise ValueError("--response-format and --tools apply to the chat endpoint")
     return ClientConfig(base_url=base_url, model=model, endpoint=args.endpoint, stream=args.stream,
                         ignore_eos=args.ignore_eos, api_key=args.api_key,
-                        keepalive=not args.no_keepalive, timeout_s=args.timeout)
+                        keepalive=not args.no_keepalive, timeout_s=args.timeout, extra_fields=extra)
 
 
 def describe_config(args: argparse.Namespace, plan: BenchPlan) -> dict:
@@ -164,7 +198,10 @@ def _run_single(args: argparse.Namespace) -> int:
         return finish_steps(args, plan, systems, results)
     points = run_plan(args.label, client, plan, pids, ProgressLine(0))
     systems = {args.label: {"url": base_url, "model": model, "server_pids": pids}}
-    return _finish(args, results_document(describe_config(args, plan), systems, points))
+    document_roofline = _roofline(args, points, systems, single=True)
+    document = results_document(describe_config(args, plan), systems, points)
+    document["roofline"] = document_roofline
+    return _finish(args, document)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -179,8 +216,11 @@ def _run_compare(args: argparse.Namespace) -> int:
                                                measure=measure_steps(args, plan))
         return finish_steps(args, plan, systems, results)
     systems, points = compare.run_compare(names, custom, _peer_options(args), client, plan,
-                                          args.output, ProgressLine(0))
+                                          args.output, ProgressLine(0), allow_other_servers=args.allow_other_servers,
+                                          verify_peer=args.verify_peer)
+    document_roofline = _roofline(args, points, systems, single=False)
     document = results_document(describe_config(args, plan), systems, points)
+    document["roofline"] = document_roofline
     document["ratios"] = compare.compute_ratios(document["aggregates"], args.baseline)
     return _finish(args, document)
 
@@ -201,7 +241,45 @@ def _peer_options(args: argparse.Namespace) -> peers.PeerOptions:
     if not gguf.is_file():
         raise ValueError(f"--gguf {gguf} is not a file")
     return peers.PeerOptions(cache_dir=args.peers_cache or peer_install.default_cache_dir(),
-                             gguf=gguf.resolve(), build_jobs=args.build_jobs)
+                             gguf=gguf.resolve(), build_jobs=args.build_jobs, max_model_len=args.max_model_len)
+
+
+def _probe_machine(args: argparse.Namespace) -> int:
+    print("probing memory bandwidth and matmul peaks (about a minute)...", file=sys.stderr, flush=True)
+    probe = machine.probe_machine()
+    path = args.machine_file or machine.default_probe_path()
+    for target in (path, args.output / "machine.json"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(probe, indent=2) + "\n")
+    print(machine.describe(probe))
+    print(f"\nwrote {path} and {args.output / 'machine.json'}")
+    return 0
+
+
+def _roofline(args: argparse.Namespace, points: list, systems: dict, single: bool) -> dict:
+    """Roofline figures into every point's summary (see roofline.py); the assumptions made."""
+    gguf = args.gguf
+    if gguf is None and not single:
+        gguf = peer_install.default_gguf_path()
+    if gguf is None:
+        return {"skipped": "pass --gguf (the served model's file) and --weights LABEL=FORMAT for the roofline"}
+    overrides = roofline.parse_weight_kinds(args.weights)
+    if single and args.label not in overrides and not systems[args.label].get("weight_format"):
+        return {"skipped": f"pass --weights {args.label}=FORMAT: a server at --url may serve any format"}
+    path = args.machine_file or machine.default_probe_path()
+    probe = machine.load_probe(path) if path.exists() else None
+    facts = roofline.ModelFacts.from_gguf(gguf)
+    assumptions = roofline.apply_roofline(points, systems, facts, probe, overrides)
+    return {"gguf": str(gguf), "facts": dataclasses.asdict(facts), "systems": assumptions,
+            "machine_file": str(path) if probe else None,
+            "machine": _probe_summary(probe) if probe else "no probe: run `scalellm bench --machine` first"}
+
+
+def _probe_summary(probe: dict) -> dict:
+    return {"cpu": probe["cpu"]["model"], "cores": probe["cores"], "probed_at": probe.get("probed_at"),
+            "read_gb_s": probe["memory_bandwidth"]["all_cores_gb_s"],
+            "peak_gflop_s": {d: v["peak_gflop_s"] for d, v in probe["matmul"].items()},
+            "onednn_kernels": probe.get("kernels", {}).get("onednn_kernels", [])}
 
 
 def _finish(args: argparse.Namespace, document: dict) -> int:

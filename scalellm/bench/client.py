@@ -8,6 +8,7 @@ Definitions follow ``vllm bench serve``:
   would fake a low TTFT that way, so content is required here. Without
   streaming TTFT equals the e2e latency.
 * ITL: the gaps between consecutive content chunks (a chunk may carry several tokens).
+  A tool call's name and argument deltas count as content.
 * E2E latency: send -> the last chunk carrying ``choices`` (as vLLM: the
   trailing usage chunk and ``[DONE]`` are not part of it), or the whole body
   without streaming. ``stream_end`` records when ``[DONE]`` arrived.
@@ -48,6 +49,8 @@ class ClientConfig:
     api_key: str | None = None
     keepalive: bool = True
     timeout_s: float = 600.0
+    extra_fields: dict = field(default_factory=dict)
+    """Added to every chat body as they are: ``response_format``, ``tools``, ``tool_choice``."""
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINT_PATHS:
@@ -104,6 +107,7 @@ def build_body(spec: RequestSpec, config: ClientConfig) -> bytes:
                   "temperature": config.temperature, "stream": config.stream}
     if config.endpoint == "chat":
         body["messages"] = list(spec.messages or ({"role": "user", "content": spec.prompt},))
+        body.update(config.extra_fields)
     else:
         body["prompt"] = spec.prompt
     if config.stream:
@@ -209,7 +213,20 @@ def _chunk_text(chunk: dict, endpoint: str) -> str:
     if endpoint == "completions":
         return choice.get("text") or ""
     delta = choice.get("delta") or {}
-    return delta.get("content") or delta.get("reasoning_content") or ""
+    return delta.get("content") or delta.get("reasoning_content") or _tool_call_text(delta)
+
+
+def _tool_call_text(delta: dict) -> str:
+    """The name and argument text a tool-call delta carries (a token of a tool call is content too)."""
+    calls = delta.get("tool_calls")
+    if not isinstance(calls, list):
+        return ""
+    parts = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts += [str(function.get("name") or ""), str(function.get("arguments") or "")]
+    return "".join(parts)
 
 
 def _take_usage(result: RequestResult, usage: dict | None) -> None:

@@ -10,7 +10,8 @@ still caps the requests in flight, as ``--max-concurrency`` does in vLLM.
 
 The measured window starts after the warm-up requests (sent one by one on the
 same connection pool) and ends when the last measured request ends; the
-server's CPU (from /proc) and this process's CPU are read at both ends.
+server's CPU (from /proc), this process's CPU and the machine's (/proc/stat) are
+read at both ends, so the CPU that went to anything else shows (isolation.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable, Sequence
 
 import aiohttp
 
-from scalellm.bench import procstat
+from scalellm.bench import isolation, procstat
 from scalellm.bench.client import ClientConfig, RequestResult, make_session, send_request
 from scalellm.bench.metrics import RunWindow
 
@@ -77,6 +78,7 @@ async def run_load(client: ClientConfig, load: LoadConfig, bodies: Sequence[byte
     async with make_session(client, load.concurrency) as session:
         await _warm_up(session, client, warmup_bodies)
         server_before = procstat.tree_cpu_seconds(server_pids) if server_pids else None
+        machine_before = isolation.machine_cpu()
         bench_before = time.process_time()
         start = time.perf_counter()
         if math.isinf(load.request_rate):
@@ -88,8 +90,14 @@ async def run_load(client: ClientConfig, load: LoadConfig, bodies: Sequence[byte
         server_cpu = None
         if server_before is not None:
             server_cpu = procstat.tree_cpu_seconds(server_pids) - server_before
+        machine_after = isolation.machine_cpu()
+    other_cpu = steal = None
+    if machine_before and machine_after and server_cpu is not None:
+        other_cpu = isolation.other_cpu_seconds(machine_before, machine_after, server_cpu, bench_cpu)
+        steal = machine_after.steal_s - machine_before.steal_s
     window = RunWindow(duration_s=duration, server_cpu_s=server_cpu, bench_cpu_s=bench_cpu,
-                       concurrency=load.concurrency, request_rate=load.request_rate)
+                       concurrency=load.concurrency, request_rate=load.request_rate,
+                       other_cpu_s=other_cpu, steal_s=steal)
     return results, window
 
 

@@ -14,10 +14,20 @@ Names and definitions follow ``vllm bench serve`` so numbers compare directly:
 * Peaks: ``max_concurrent_requests`` (most requests open at once) and
   ``max_output_tokens_per_s`` (content chunks, one per token as vLLM counts
   them, in the busiest whole second since the first send).
+* ITL during prefill: the ITL gaps of a stream that overlap another request's
+  wait for its first token (from its send to its first content chunk: queueing
+  and prefill), pooled (``*_itl_during_prefill_ms``), and the other gaps
+  (``*_itl_outside_prefill_ms``). With long prompts this shows how much a prefill
+  stalls the streams already decoding.
+* Isolation: ``other_cpu_seconds`` is the machine's busy CPU in the window less
+  the server's and the bench's; ``other_cpu_share`` divides it by the duration
+  (0.5 = half a core busy elsewhere on average); ``steal_cpu_seconds`` is what the
+  hypervisor took. A fair run has both near zero.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from dataclasses import dataclass
@@ -40,6 +50,10 @@ class RunWindow:
     bench_cpu_s: float = 0.0
     concurrency: int = 1
     request_rate: float = math.inf
+    other_cpu_s: float | None = None
+    """CPU the machine spent on anything but the server and the bench (None when unknown)."""
+    steal_s: float | None = None
+    """CPU time the hypervisor took from this machine during the window."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -127,8 +141,35 @@ def summarize(results: Sequence[RequestResult], window: RunWindow,
     summary["max_output_tokens_per_s"] = max_output_tokens_per_s(done)
     for name, values in latency_samples(results).items():
         summary.update(_latency_stats(name, values))
+    during, outside = split_itl_by_prefill(done)
+    summary.update(_latency_stats("itl_during_prefill", during))
+    summary.update(_latency_stats("itl_outside_prefill", outside))
+    summary["num_itl_during_prefill"] = len(during)
     summary.update(_cpu_stats(window, len(done)))
     return summary
+
+
+def split_itl_by_prefill(results: Sequence[RequestResult]) -> tuple[list[float], list[float]]:
+    """ITL gaps (seconds) that overlap another request's send-to-first-token window, and the rest.
+
+    A request's own window ends at its first token, before any of its gaps, so only
+    other requests' windows can overlap a gap: windows sorted by start, a gap (a, b)
+    overlaps one iff some window starting before b ends after a (a prefix maximum).
+    """
+    windows = sorted((r.start_wall, r.start_wall + r.ttft) for r in results if r.success and r.itl)
+    starts = [start for start, _ in windows]
+    latest_end, running = [], -math.inf
+    for _, end in windows:
+        running = max(running, end)
+        latest_end.append(running)
+    during, outside = [], []
+    for result in results:
+        moment = result.start_wall + result.ttft
+        for gap in result.itl:
+            begin, moment = moment, moment + gap
+            index = bisect.bisect_left(starts, moment)
+            (during if index and latest_end[index - 1] > begin else outside).append(gap)
+    return during, outside
 
 
 def max_concurrent_requests(results: Iterable[RequestResult]) -> int:
@@ -179,6 +220,9 @@ def _cpu_stats(window: RunWindow, completed: int) -> dict[str, float | None]:
         "server_cpu_ms_per_request": None if server is None else server * 1000.0 / per,
         "bench_cpu_seconds": window.bench_cpu_s,
         "bench_cpu_ms_per_request": window.bench_cpu_s * 1000.0 / per,
+        "other_cpu_seconds": window.other_cpu_s,
+        "other_cpu_share": None if window.other_cpu_s is None else window.other_cpu_s / window.duration_s,
+        "steal_cpu_seconds": window.steal_s,
     }
 
 

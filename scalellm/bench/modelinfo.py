@@ -1,4 +1,4 @@
-"""Ask an OpenAI server which model it serves (GET /v1/models)."""
+"""Ask an OpenAI server which model it serves (GET /v1/models), and what it says about it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import orjson
 
 def discover_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
     """The first model id listed at ``base_url``/v1/models; RuntimeError if there is none."""
+    return str(model_entry(base_url, api_key, timeout_s)["id"])
+
+
+def model_entry(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> dict:
+    """The first entry of ``base_url``/v1/models (its ``id`` and whatever else the server reports,
+    e.g. ``weight_format``, which the roofline uses); RuntimeError if there is none."""
     request = urllib.request.Request(base_url + "/v1/models")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
@@ -22,4 +28,4 @@ def discover_model(base_url: str, api_key: str | None = None, timeout_s: float =
     models = listing.get("data") if isinstance(listing, dict) else None
     if not models or not isinstance(models[0], dict) or "id" not in models[0]:
         raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model")
-    return str(models[0]["id"])
+    return models[0]

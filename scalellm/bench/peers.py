@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scalellm.bench import peer_install
+from scalellm.bench import isolation, peer_install, procstat
 
 SCALELLM_COMMAND = "{scalellm} serve --port {port}"
 SCALELLM_DIRECT_COMMAND = "{scalellm} serve --port {port} --replicas 1 --no-gateway"
@@ -44,6 +44,8 @@ class PeerOptions:
     cache_dir: Path
     gguf: Path
     build_jobs: int = 1
+    max_model_len: int | None = None
+    """Longest request (prompt + output) each system must take; None keeps each system's default."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class LaunchSpec:
     ready_path: str = "/health"
     keepalive: bool = True
     startup_timeout_s: float = 300.0
+    details: dict = field(default_factory=dict)
+    """Facts about the system recorded with its results (how llama.cpp was built)."""
 
     def argv(self, port: int, gguf: Path) -> list[str]:
         scalellm = str(Path(sys.executable).with_name("scalellm"))
@@ -80,10 +84,11 @@ def prepare_system(name: str, options: PeerOptions, custom: dict[str, str]) -> L
     """Install the system if needed and return how to start it."""
     if name in custom:
         return LaunchSpec(name, custom[name], keepalive=name != "llamacpp")
+    length = "" if options.max_model_len is None else f" --max-model-len {options.max_model_len}"
     if name == "scalellm":
-        return LaunchSpec(name, SCALELLM_COMMAND, startup_timeout_s=300.0)
+        return LaunchSpec(name, SCALELLM_COMMAND + length, startup_timeout_s=300.0)
     if name == "scalellm-direct":
-        return LaunchSpec(name, SCALELLM_DIRECT_COMMAND, startup_timeout_s=300.0)
+        return LaunchSpec(name, SCALELLM_DIRECT_COMMAND + length, startup_timeout_s=300.0)
     if name == "vllm":
         return _prepare_vllm(options)
     if name == "llamacpp":
@@ -97,15 +102,21 @@ def _prepare_vllm(options: PeerOptions) -> LaunchSpec:
     model_dir = peer_install.convert_gguf_for_vllm(options.cache_dir, python, options.gguf)
     command = (f"{shlex.quote(str(python))} -m vllm.entrypoints.openai.api_server "
                f"--model {shlex.quote(str(model_dir))} --served-model-name default "
-               "--dtype bfloat16 --max-model-len 2048 --host 127.0.0.1 --port {port}")
-    return LaunchSpec("vllm", command, env={"VLLM_CPU_KVCACHE_SPACE": "4"}, startup_timeout_s=600.0)
+               f"--dtype bfloat16 --max-model-len {options.max_model_len or 2048} "
+               "--host 127.0.0.1 --port {port}")
+    return LaunchSpec("vllm", command, env={"VLLM_CPU_KVCACHE_SPACE": "4"}, startup_timeout_s=600.0,
+                      details={"weights": "bf16 Hugging Face directory converted from the GGUF",
+                               "model_dir": str(model_dir), "python": str(python)})
 
 
 def _prepare_llamacpp(options: PeerOptions) -> LaunchSpec:
     binary = peer_install.build_llama_server(options.cache_dir, options.build_jobs)
+    # 64 slots share 65536 tokens of cache: 1024 each, or any slot up to all of it with -kvu.
+    unified = " -kvu" if options.max_model_len and options.max_model_len > 1024 else ""
     command = (f"{shlex.quote(str(binary))} -m {{gguf}} --host 127.0.0.1 --port {{port}} "
-               "-t 2 -np 64 -c 65536 --threads-http 80 --alias default")
-    return LaunchSpec("llamacpp", command, keepalive=False, startup_timeout_s=120.0)
+               f"-t 2 -np 64 -c 65536{unified} --threads-http 80 --alias default")
+    return LaunchSpec("llamacpp", command, keepalive=False, startup_timeout_s=120.0,
+                      details={"build": peer_install.llama_build_info(options.cache_dir)})
 
 
 def free_port() -> int:
@@ -126,9 +137,15 @@ class RunningSystem:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
         self.argv = spec.argv(self.port, gguf)
+        self.env, self.removed_env = isolation.peer_environment(dict(os.environ), spec.env)
         self.process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env={**os.environ, **spec.env},
-                                        start_new_session=True)
+                                        stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
+                                        preexec_fn=isolation.widen_affinity)
+
+    def describe(self) -> dict:
+        """How the system runs: its environment (speed-relevant part), what was removed, its CPUs."""
+        return {"env_used": isolation.recorded_environment(self.env), "env_removed": self.removed_env,
+                "cpus_allowed": isolation.allowed_cpus(self.process.pid)}
 
     def __enter__(self) -> "RunningSystem":
         return self
@@ -151,7 +168,9 @@ class RunningSystem:
                            f"log {self.log_path}:\n{peer_install.tail_of(self.log_path)}")
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM the whole process group, SIGKILL it after ``grace_s``."""
+        """SIGTERM the whole process group, SIGKILL it after ``grace_s``; then end every
+        descendant that lives on in a group of its own (scalellm's replicas do)."""
+        tree = procstat.descendants([self.process.pid], procstat.process_table()) - {self.process.pid}
         if self.process.poll() is None:
             _signal_group(self.process.pid, signal.SIGTERM)
             try:
@@ -160,7 +179,38 @@ class RunningSystem:
                 _signal_group(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         _signal_group(self.process.pid, signal.SIGKILL)  # stragglers left in the group
+        _end_processes(tree, grace_s)
         self._log.close()
+
+
+def _end_processes(pids: set[int], grace_s: float) -> None:
+    """SIGTERM the still-alive ``pids``, SIGKILL what is left after ``grace_s``, wait until gone."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        alive = {pid for pid in pids if procstat.read_stat(pid) is not None}
+        for pid in alive:
+            _signal_pid(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = {pid for pid in alive if _is_running(pid)}
+        if not alive:
+            return
+
+
+def _is_running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie's parent has not reaped it yet; it holds no CPU or memory)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _answers_ok(url: str) -> bool:

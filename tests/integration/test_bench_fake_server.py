@@ -285,7 +285,8 @@ def test_compare_mode_starts_measures_and_stops_systems(tmp_path):
     command = f"{{python}} {Path(__file__).resolve()} --port {{port}}"
     rc = bench_main(["--compare", "--systems", "fake-a,fake-b", "--system-cmd", f"fake-a={command}",
                      "--system-cmd", f"fake-b={command}", "--baseline", "fake-a", "--concurrency", "2",
-                     "--requests", "4", "--repeat", "2", "--warmup", "1", "--output", str(tmp_path)])
+                     "--requests", "4", "--repeat", "2", "--warmup", "1", "--output", str(tmp_path),
+                     "--allow-other-servers"])  # a shared machine may run servers of its own
     assert rc == 0
     document = orjson.loads((tmp_path / "results.json").read_bytes())
     assert [row["system"] for row in document["aggregates"]] == ["fake-a", "fake-b"]
