@@ -26,7 +26,7 @@ import psutil
 
 from scalellm.bench.client import ClientConfig, build_body, make_session, send_request
 from scalellm.bench.datasets import WORDS, RequestSpec
-from scalellm.supervisor import free_ports
+from scalellm.process import free_ports
 
 
 @dataclass(frozen=True)

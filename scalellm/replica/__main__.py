@@ -1,8 +1,10 @@
-"""`python -m scalellm.replica ...` is `scalellm replica ...`."""
+"""`python -m scalellm.replica ...`: the same as `scalellm replica ...`, without the other subcommands."""
 
-import sys
+import argparse
 
-from scalellm.cli import main
+from scalellm.replica.launch import add_replica_args, run_replica
 
 if __name__ == "__main__":
-    main(["replica", *sys.argv[1:]])
+    parser = argparse.ArgumentParser(prog="python -m scalellm.replica", description="run one replica")
+    add_replica_args(parser)
+    run_replica(parser.parse_args())

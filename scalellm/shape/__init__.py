@@ -1,3 +1,3 @@
 """Deployment shapes (replicas × parallelism per replica), their profile, and the controller that
-changes the shape with the load. See controller.py for the decision rule, autopilot.py for how a
-change happens without dropping a request."""
+decides when to change the shape with the load. See controller.py for the decision rule;
+scalellm/deploy/autopilot.py carries a change out without dropping a request."""

@@ -1,13 +1,12 @@
-"""`scalellm serve --shape ...` (fixed or automatic shapes) and the flags of the shape controller."""
+"""The --shape flags of `scalellm serve` and what they build: the controller's config and its advisor."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 from scalellm.shape.controller import ControllerConfig, CoreRuleAdvisor, ProfileAdvisor, ShapeAdvisor
-from scalellm.shape.shape import Machine, Shape
+from scalellm.shape.shape import Machine
 
 logger = logging.getLogger("scalellm.shape")
 
@@ -51,42 +50,3 @@ def build_advisor(args: argparse.Namespace, machine: Machine) -> ShapeAdvisor:
         logger.warning("the profile %s was measured on %d %s units, this machine has %d %s units",
                        args.profile, profile.num_units, profile.device, machine.num_units, machine.device)
     return ProfileAdvisor(profile, machine)
-
-
-def serve_with_shape(args: argparse.Namespace) -> int:
-    """`serve --shape auto|RxP`: the replicas of one shape, and with auto the autopilot changing it."""
-    from scalellm.gateway.cli_args import gateway_config_from_args
-    from scalellm.replica.launch import engine_argv
-    from scalellm.shape.autopilot import Autopilot
-    from scalellm.shape.controller import ShapeController
-    from scalellm.shape.deployment import ReplicaLauncher
-    from scalellm.supervisor import Supervisor
-
-    if args.replicas is not None or args.num_threads is not None or getattr(args, "tensor_parallel_size", 1) != 1:
-        raise ValueError("--shape sets the replicas and their parallelism (threads on a CPU, tensor-parallel "
-                         "GPUs): leave out --replicas, --num-threads and --tensor-parallel-size")
-    if args.shape_poll <= 0:
-        raise ValueError(f"--shape-poll must be > 0, got {args.shape_poll}")
-    auto = args.shape == "auto"
-    if args.profile is not None and not auto:
-        raise ValueError("--profile goes with --shape auto")
-    machine = Machine.detect()
-    controller_config = controller_config_from_args(args)
-    advisor = build_advisor(args, machine) if auto else None
-    try:
-        shape = advisor.initial_shape() if advisor else Shape.parse(args.shape)
-    except ValueError:
-        raise ValueError(f"--shape takes auto or REPLICASxPARALLEL such as 2x1, got {args.shape!r}") from None
-    launcher = ReplicaLauncher(engine_argv(args), machine)
-    replica_set = launcher.build(shape)
-    config = gateway_config_from_args(args, replica_set.addresses)
-    supervisor = Supervisor([], [], config, startup_timeout_s=args.startup_timeout, replica_set=replica_set)
-    if advisor is not None:
-        logger.info("shape auto over %s (%s), starting with %s", ", ".join(s.label for s in advisor.shapes),
-                    f"profile {args.profile}" if args.profile else "rule: one replica per request in flight",
-                    shape.label)
-        controller = ShapeController(advisor, controller_config, shape, time.monotonic())
-        supervisor.autopilot = Autopilot(controller, launcher, supervisor, poll_interval_s=args.shape_poll,
-                                         startup_timeout_s=args.startup_timeout,
-                                         drain_timeout_s=config.request_timeout_s + 5.0)
-    return supervisor.run()

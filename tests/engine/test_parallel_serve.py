@@ -17,7 +17,7 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from scalellm.supervisor import free_ports
+from scalellm.process import free_ports
 from tests.engine.tiny_models import hf_greedy, make_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -13,9 +13,9 @@ import openai
 import psutil
 import pytest
 
+from scalellm.process import free_ports
 from scalellm.protocol.types import SamplingParams
 from scalellm.rpc.client import ReplicaClient, ReplicaError
-from scalellm.supervisor import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

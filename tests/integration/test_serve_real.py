@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from scalellm.supervisor import free_ports
+from scalellm.process import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -23,8 +23,8 @@ import pytest
 from scalellm.bench.client import ClientConfig, build_body
 from scalellm.bench.datasets import random_requests
 from scalellm.bench.steps import LoadStep, run_steps, summarize_steps
+from scalellm.process import free_ports
 from scalellm.rpc.client import ReplicaClient
-from scalellm.supervisor import free_ports
 from tests.integration.test_serve_mock import stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]

@@ -14,7 +14,7 @@ import urllib.request
 import orjson
 import psutil
 
-from scalellm.supervisor import free_ports
+from scalellm.process import free_ports
 
 MOCK = ("--engine", "mock", "--no-request-log")
 

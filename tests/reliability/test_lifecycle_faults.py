@@ -15,8 +15,8 @@ import pytest
 from procs import (MOCK, Serve, chat_body, end, http, is_openai_error, metric, start_gateway, start_replica,
                    stream_events, wait_until)
 
+from scalellm.process import free_ports
 from scalellm.rpc.client import ReplicaClient
-from scalellm.supervisor import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from scalellm.cli import _core_board, build_parser
+from scalellm.cli import build_parser
 from scalellm.engine.core_board import CoreBoard, create_board
+from scalellm.serve import local_launcher
+from scalellm.shape.shape import Machine
 
 
 @pytest.fixture
@@ -57,20 +57,14 @@ def test_bad_boards_are_refused(board_file, slot, threads, alone):
         CoreBoard(board_file, slot, threads, alone)
 
 
-def test_serve_gives_each_replica_its_slot_unless_told_not_to():
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("lending needs at least 2 cores")
-    args = build_parser("serve").parse_args(["serve"])
-    argvs = [["replica"], ["replica"]]
-    board = _core_board(args, argvs, num_threads=1)
-    try:
-        assert board is not None and os.path.getsize(board) == 2
-        for slot, argv in enumerate(argvs):
-            assert argv[1:] == ["--core-board", board, "--core-board-slot", str(slot), "--threads-when-alone",
-                                str(len(os.sched_getaffinity(0)))]
-    finally:
-        os.unlink(board)
-    no_lending = build_parser("serve").parse_args(["serve", "--no-lend-cores"])
-    assert _core_board(no_lending, [["replica"], ["replica"]], num_threads=1) is None
-    mock = build_parser("serve").parse_args(["serve", "--engine", "mock"])
-    assert _core_board(mock, [["replica"], ["replica"]], num_threads=1) is None
+def test_serve_lends_cores_unless_told_not_to_or_on_the_mock_engine():
+    machine = Machine("cpu", 2)
+
+    def lends(*flags: str) -> bool:
+        args = build_parser("serve").parse_args(["serve", *flags])
+        return local_launcher(args, machine, 1).lend_cores
+
+    assert lends()
+    assert not lends("--no-lend-cores")
+    assert not lends("--engine", "mock")
+    assert not lends("--tensor-parallel-size", "2")

@@ -8,9 +8,9 @@ import pytest
 
 from scalellm.gateway.app import GatewayApp
 from scalellm.gateway.config import GatewayConfig
+from scalellm.gateway.control import ReplicaSetFollower, ReplicaSetUpdate
 from scalellm.gateway.policies import RouteRequest
 from scalellm.gateway.router import NoReplicaAvailable
-from scalellm.shape.control import ReplicaSetFollower, ReplicaSetUpdate
 from scalellm.shape.shape import Shape
 from tests.integration.gateway_fakes import FakeReplica
 

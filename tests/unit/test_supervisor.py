@@ -1,4 +1,4 @@
-"""Supervisor pieces without a server: restart backoff, forced stop, ports, threads, CLI flags."""
+"""Supervisor and child-process pieces without a server: restart backoff, forced stop, ports, threads, CLI flags."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import time
 
 import pytest
 
-from scalellm.replica.launch import add_replica_args, engine_argv
+from scalellm.deploy.local import LocalLauncher, default_replica_count, threads_per_replica
 from scalellm.gateway.config import GatewayConfig
-from scalellm.supervisor import ChildProcess, Supervisor, free_ports, threads_per_replica
+from scalellm.process import ChildProcess, free_ports
+from scalellm.replica.launch import add_replica_args, engine_argv
+from scalellm.shape.shape import Machine, Shape
+from scalellm.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,14 +84,12 @@ def test_taken_gateway_port_fails_before_starting_anything():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         config = GatewayConfig(port=taken.getsockname()[1])
-        supervisor = Supervisor([[sys.executable, "-c", "pass"]], ["127.0.0.1:1"], config)
+        supervisor = Supervisor(LocalLauncher(["--engine", "mock"], Machine("cpu", 1)), Shape(1, 1), config)
         assert supervisor.run() == 1
-        assert supervisor.replicas[0].process is None
+        assert supervisor.replica_set.children[0].process is None
 
 
 @pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (16, 4)])
 def test_default_replica_count_on_a_cpu(cores, expected, monkeypatch):
-    from scalellm.supervisor import default_replica_count
-
     monkeypatch.setattr("os.path.exists", lambda path: False)
     assert default_replica_count(cores) == expected

@@ -5,12 +5,12 @@ waiting requests and the requests they received since the last poll, and feeds t
 `ShapeController`. A change it returns is carried out without dropping a request (the controller
 decides nothing meanwhile):
 
-    1. start the target shape's replicas on fresh ports; wait until each answers Health
+    1. start the target shape's replicas (the launcher's build); wait until each answers Health
        (a replica that dies or misses the startup timeout aborts the change: the new set is
        stopped, the old one keeps serving)
     2. switch: the supervisor sends the gateway the new set; new requests go there from now on
     3. drain: wait until the old replicas have nothing running or waiting (bounded by the
-       request timeout: no request lives longer), then SIGTERM them
+       request timeout: no request lives longer), then stop them
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import logging
 import time
 from typing import Protocol, Sequence
 
+from scalellm.deploy.launcher import REPLICA_STOP_TIMEOUT_S, ReplicaLauncher, ReplicaSet
+from scalellm.process import StartupError
 from scalellm.shape.controller import LoadSample, ShapeChange, ShapeController
-from scalellm.shape.deployment import ReplicaLauncher, ReplicaSet
-from scalellm.supervisor import REPLICA_STOP_TIMEOUT_S, StartupError
 
 logger = logging.getLogger("scalellm.shape")
 
