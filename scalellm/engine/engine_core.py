@@ -40,6 +40,7 @@ class EngineCore:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.executor = make_executor(config, self.files, self.max_model_len, self.device, self.dtype, on_failure)
         # A request must fit in the KV cache alone; the scheduler rejects one that cannot.
+        _check_kv_holds(config, self.files.config, self.dtype, self.executor.num_blocks)
         self.max_model_len = min(self.max_model_len, self.executor.num_blocks * config.block_size)
         self.scheduler = Scheduler(config, self.executor.num_blocks)
         self.last_step_time = time.monotonic()
@@ -96,6 +97,23 @@ class EngineCore:
         if self._board is not None:
             self._board.close()
         self.executor.shutdown()
+
+
+def _check_kv_holds(config: EngineConfig, model_config, dtype: torch.dtype, num_blocks: int) -> None:
+    """An explicit max_model_len must fit one request's KV; the default one is cut to what fits."""
+    capacity = num_blocks * config.block_size
+    if config.max_model_len is None or config.max_model_len <= capacity:
+        return
+    from scalellm.engine.layers.partition import max_local_kv_heads
+
+    c = model_config
+    kv_heads = max_local_kv_heads(c.num_heads, c.num_kv_heads, config.tensor_parallel_size)
+    bytes_per_token = 2 * c.num_layers * kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
+    needed_gib = config.max_model_len * bytes_per_token / (1 << 30)
+    raise ValueError(f"max_model_len {config.max_model_len} needs {needed_gib:.2f} GiB of KV cache for one request "
+                     f"({bytes_per_token} bytes per token in {str(dtype).removeprefix('torch.')}), but "
+                     f"kv_cache_gib={config.kv_cache_gib} holds {capacity} tokens: give at least "
+                     f"--kv-cache-gib {needed_gib:.2f} or lower --max-model-len")
 
 
 def _max_model_len(config: EngineConfig, model_max: int) -> int:

@@ -55,8 +55,9 @@ class InputProcessor:
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError("this model has no chat template; use the completions API")
-        if chat.tools and "tools" not in str(template):
-            raise ValueError("this model's chat template cannot render tools; send the request without 'tools'")
+        if chat.tools and not template_reads_tools(template):
+            raise ValueError("this model's chat template cannot render tools (it never reads a 'tools' variable); "
+                             "send the request without 'tools'")
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tools=chat.tools or None, tokenize=False,
@@ -90,6 +91,23 @@ class InputProcessor:
                         max_tokens=max_tokens, eos_token_id=self.eos_token_id,
                         other_eos_token_ids=self.other_eos_token_ids, sample_index=i,
                         arrival_time=arrival) for i, child_id in enumerate(ids)]
+
+
+def template_reads_tools(template) -> bool:
+    """Whether a chat template (the file's jinja source) reads the `tools` variable anywhere."""
+    import jinja2
+    from jinja2 import meta
+
+    environment = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    sources = template.values() if isinstance(template, dict) else [template]
+    for source in map(str, sources):
+        try:
+            if "tools" in meta.find_undeclared_variables(environment.parse(source)):
+                return True
+        except jinja2.TemplateSyntaxError:  # a tag of transformers' own environment: judge by the text
+            if "tools" in source:
+                return True
+    return False
 
 
 def _normalize_message(message, index: int) -> dict:

@@ -145,17 +145,9 @@ class GGUFFiles(ModelFiles):
             yield name, weight
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
+        from scalellm.engine.loader.gguf_tokenizer import load_gguf_tokenizer
 
-        directory, filename = os.path.split(os.path.abspath(self.path))
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-        except Exception as exc:  # transformers raises many types for tokenizers it cannot convert
-            raise ModelLoadError(f"cannot build a tokenizer from {self.path}: {exc}") from None
-        template = self._field("tokenizer.chat_template")
-        if template and not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = template
-        return tokenizer
+        return load_gguf_tokenizer(self.path, self._field("tokenizer.chat_template"))
 
 
 def _hf_name(gguf_name: str, layer_names: dict[str, str] = _LAYER_NAMES) -> str | None:
