@@ -3,7 +3,12 @@
 The fake streams NUM_TOKENS content chunks: the first TTFT_S after the request
 arrives, then one every ITL_S (scheduled on absolute times, so no drift), then
 a usage chunk and [DONE]. The model name picks a behaviour (ok, bad-json,
-http-500, drop, no-usage, fast). It records how many requests were in flight.
+http-500, drop, no-usage, fast, tool-calls, prefill-stall). It records how many
+requests were in flight and the last request body.
+
+``prefill-stall`` plays an engine without chunked prefill: each arrival takes
+STALL_S to its first token, and no other stream gets a token meanwhile; every
+other request has twice the tokens, so arrivals meet streams that decode.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ NUM_TOKENS = 8
 PROMPT_TOKENS = 20
 E2E_S = TTFT_S + (NUM_TOKENS - 1) * ITL_S
 SLOW_DONE_S = 0.030
+STALL_S = 0.060
 TOLERANCE_S = 0.006  # a few ms: scheduling jitter on a shared 2-core machine
 
 
@@ -44,6 +50,8 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self.num_requests = 0
+        self.last_body: dict = {}
+        self.stall_until = 0.0
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -52,6 +60,7 @@ class FakeOpenAI:
 
     def reset(self) -> None:
         self.in_flight = self.max_in_flight = self.num_requests = 0
+        self.stall_until = 0.0
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -79,6 +88,7 @@ class FakeOpenAI:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         arrival, arrival_wall = time.perf_counter(), time.time()
         body = await request.json()
+        self.last_body = body
         self.num_requests += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -99,16 +109,28 @@ class FakeOpenAI:
         await response.prepare(request)
         num_tokens = 1 if mode == "fast" else NUM_TOKENS
         ttft = 0.0 if mode == "fast" else TTFT_S
+        if mode == "prefill-stall":  # every other request twice as long, so the streams fall out of step
+            num_tokens = NUM_TOKENS * (1 + self.num_requests % 2)
+            ttft = max(self.stall_until, arrival) + STALL_S - arrival
+            self.stall_until = arrival + ttft
         if mode == "role-first":  # a role-only chunk before any token must not count as the first token
             await response.write(_sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
+        sent = arrival + ttft - ITL_S
         for index in range(num_tokens):
-            await _sleep_until(arrival + ttft + index * ITL_S)
+            sent = max(sent + ITL_S, self.stall_until) if mode == "prefill-stall" else arrival + ttft + index * ITL_S
+            await _sleep_until(sent)
+            if mode == "prefill-stall" and time.perf_counter() < self.stall_until:  # a prefill began meanwhile
+                sent = self.stall_until
+                await _sleep_until(sent)
             if mode == "bad-json" and index == 2:
                 await response.write(b"data: {not json\n\n")
             if mode == "drop" and index == 3:
                 request.transport.abort()
                 return response
-            await response.write(_sse({"choices": [{"index": 0, "delta": {"content": f" w{index}"}}]}))
+            delta = {"content": f" w{index}"}
+            if mode == "tool-calls":
+                delta = {"tool_calls": [{"index": 0, "function": {"arguments": f"{{\"a\": {index}}}"}}]}
+            await response.write(_sse({"choices": [{"index": 0, "delta": delta}]}))
         if mode != "no-usage":
             usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": num_tokens,
                      "total_tokens": PROMPT_TOKENS + num_tokens}
@@ -295,6 +317,38 @@ def test_compare_mode_starts_measures_and_stops_systems(tmp_path):
     assert document["ratios"][0]["median_ttft_ms"] == pytest.approx(1.0, rel=0.2)
     assert "| fake-a vs fake-b | 2 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "logs" / "fake-b.log").exists()
+
+
+def test_itl_during_another_prefill_shows_the_stall(server):
+    _, alone = measure(server, model="prefill-stall", concurrency=1, num_requests=3)
+    assert alone["num_itl_during_prefill"] == 0  # one stream: no other request prefills
+    assert alone["median_ttft_ms"] == pytest.approx(STALL_S * 1000, abs=TOLERANCE_S * 1000)
+    _, shared = measure(server, model="prefill-stall", concurrency=3, num_requests=12)
+    assert shared["completed"] == 12 and shared["num_itl_during_prefill"] > 0
+    # A gap that spans another request's prefill lasts up to the whole stall; the others are ITL_S.
+    assert shared["p99_itl_during_prefill_ms"] > 0.5 * STALL_S * 1000
+    assert ITL_S * 1000 - 2 < shared["median_itl_outside_prefill_ms"] < STALL_S * 1000 / 2
+    assert shared["p99_itl_during_prefill_ms"] > 2 * shared["median_itl_outside_prefill_ms"]
+
+
+def test_structured_fields_reach_the_server_and_tool_calls_count_as_tokens(server, tmp_path):
+    schema = tmp_path / "schema10.json"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}')
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]')
+    server.reset()
+    rc = bench_main(["--url", server.url, "--model", "tool-calls", "--concurrency", "1", "--requests", "2",
+                     "--warmup", "0", "--output", str(tmp_path / "out"), "--response-format", "json_schema",
+                     "--schema", str(schema), "--tools", str(tools)])
+    assert rc == 0
+    body = server.last_body
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "schema10", "schema": orjson.loads(schema.read_bytes()), "strict": True}}
+    assert body["tools"][0]["function"]["name"] == "f"
+    run = orjson.loads((tmp_path / "out" / "results.json").read_bytes())["runs"][0]
+    assert run["summary"]["completed"] == 2 and run["requests"][0]["num_chunks"] == NUM_TOKENS
+    assert bench_main(["--url", server.url, "--response-format", "json_schema",
+                       "--output", str(tmp_path / "bad")]) == 2  # no --schema
 
 
 if __name__ == "__main__":  # the compare-mode test starts this file as a server

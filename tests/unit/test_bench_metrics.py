@@ -95,3 +95,29 @@ def test_zero_duration_is_an_error():
     with pytest.raises(ValueError):
         summarize([], RunWindow(duration_s=0.0))
     assert math.isinf(RunWindow(duration_s=1).request_rate)
+
+
+def test_itl_split_by_other_requests_prefill():
+    from scalellm.bench.metrics import split_itl_by_prefill
+
+    # A decodes from t=1.0 with gaps ending at 1.1, 1.2, 1.5, 1.6; B is sent at 1.25 and
+    # gets its first token at 1.45: only A's gap 1.2 -> 1.5 overlaps B's wait.
+    a = RequestResult(success=True, start_wall=0.9, ttft=0.1, itl=[0.1, 0.1, 0.3, 0.1], output_tokens=5)
+    b = RequestResult(success=True, start_wall=1.25, ttft=0.2, itl=[0.05], output_tokens=2)
+    during, outside = split_itl_by_prefill([a, b])
+    assert during == [pytest.approx(0.3)]
+    assert sorted(outside) == pytest.approx([0.05, 0.1, 0.1, 0.1])
+    # A request sent after A's last token overlaps none of A's gaps, nor A its own.
+    c = RequestResult(success=True, start_wall=1.65, ttft=0.1, itl=[0.1], output_tokens=2)
+    during, _ = split_itl_by_prefill([a, c])
+    assert during == []
+    assert split_itl_by_prefill([a]) == ([], [pytest.approx(g) for g in a.itl])
+
+
+def test_summary_reports_isolation_figures():
+    window = RunWindow(duration_s=2.0, server_cpu_s=3.0, bench_cpu_s=0.5, other_cpu_s=1.0, steal_s=0.25)
+    summary = summarize([ok(0.1, 0.5, 5, itl=[0.1] * 4)], window)
+    assert summary["other_cpu_seconds"] == 1.0 and summary["other_cpu_share"] == 0.5
+    assert summary["steal_cpu_seconds"] == 0.25
+    assert summary["num_itl_during_prefill"] == 0 and summary["median_itl_outside_prefill_ms"] == pytest.approx(100)
+    assert summarize([ok(0.1, 0.5, 5)], RunWindow(duration_s=1.0))["other_cpu_share"] is None
