@@ -10,6 +10,8 @@
   a multiply-add counted as two). oneDNN's verbose log of one bf16 and one int8
   call is captured in a child process to report which kernel and ISA ran
   (AMX where the CPU has it, AVX-512 VNNI/BF16 otherwise).
+* How quiet the machine was: the cores other processes kept busy meanwhile
+  (``other_cpu_share``, from /proc/stat); the probe warns above QUIET_SHARE.
 
 The result is a JSON document (``probe_machine``); ``roofline.py`` divides a
 run's achieved bandwidth and compute by it.
@@ -29,6 +31,8 @@ GIB = 1 << 30
 MATMUL_SHAPES = ((64, 2048, 2048), (256, 2048, 2048), (1024, 2048, 2048))
 """(M, K, N): a batched decode, a small prefill, a large prefill on a 2048-wide layer."""
 DTYPES = ("fp32", "bf16", "int8")
+QUIET_SHARE = 0.1
+"""More cores than this busy elsewhere during a probe, on average, and its figures are not the machine's."""
 CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
              "amx_bf16", "amx_int8")
 
@@ -141,11 +145,14 @@ def probe_machine(buffer_bytes: int = GIB, shapes=MATMUL_SHAPES, repeats: int = 
     """Measure bandwidth and matmul peaks; the JSON document ``--machine`` writes."""
     import torch
 
+    from scalellm.bench.isolation import machine_cpu
+
     cores = len(os.sched_getaffinity(0))
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
+    machine_before, own_before, start = machine_cpu(), time.process_time(), time.perf_counter()
     bandwidth = {"buffer_bytes": buffer_bytes,
                  "one_core_gb_s": read_bandwidth(buffer_bytes, 1, repeats) / 1e9,
                  "all_cores_gb_s": read_bandwidth(buffer_bytes, cores, repeats) / 1e9}
@@ -156,7 +163,16 @@ def probe_machine(buffer_bytes: int = GIB, shapes=MATMUL_SHAPES, repeats: int = 
         matmul[dtype] = {"gflop_s_by_shape": by_shape, "peak_gflop_s": max(by_shape.values())}
     return {"probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
             "cores": cores, "torch": torch.__version__, "cpu": cpu_facts(cpuinfo),
-            "memory_bandwidth": bandwidth, "matmul": matmul, "kernels": kernel_isa()}
+            "memory_bandwidth": bandwidth, "matmul": matmul, "kernels": kernel_isa(),
+            "other_cpu_share": _other_share(machine_before, machine_cpu(), time.process_time() - own_before,
+                                            time.perf_counter() - start)}
+
+
+def _other_share(before, after, own_cpu_s: float, seconds: float) -> float | None:
+    """Cores busy on average with other work while the probe ran (a quiet machine: near 0)."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    return max(0.0, after.busy_s - before.busy_s - own_cpu_s) / seconds
 
 
 def describe(probe: dict) -> str:
@@ -168,6 +184,10 @@ def describe(probe: dict) -> str:
              "matmul peak: " + ", ".join(f"{d} {mm[d]['peak_gflop_s']:.0f} G{'OP' if d == 'int8' else 'FLOP'}/s"
                                          for d in mm),
              f"oneDNN kernels: {', '.join(probe['kernels'].get('onednn_kernels', [])) or 'none seen'}"]
+    other = probe.get("other_cpu_share")
+    if other is not None and other > QUIET_SHARE:
+        lines.append(f"WARNING: other work kept {other:.2f} cores busy during the probe: these limits are low; "
+                     "probe again on a quiet machine")
     return "\n".join(lines)
 
 

@@ -62,10 +62,12 @@ def test_probe_measures_a_real_machine(tmp_path):
     for dtype in machine.DTYPES:
         assert probe["matmul"][dtype]["peak_gflop_s"] > 0.1
     assert probe["kernels"]["torch_cpu_capability"]
+    assert probe["other_cpu_share"] is None or probe["other_cpu_share"] >= 0
     path = tmp_path / "machine.json"
     path.write_text(json.dumps(probe))
     assert machine.load_probe(path)["cores"] == probe["cores"]
     assert "streaming read" in machine.describe(probe)
+    assert "WARNING" in machine.describe({**probe, "other_cpu_share": 1.5})
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a probe"):
         machine.load_probe(path)
