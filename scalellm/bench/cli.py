@@ -14,7 +14,9 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from scalellm.bench import compare, machine, peer_install, peers, procstat, roofline, structured
@@ -205,6 +207,17 @@ def _run_single(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    """Compare mode; SIGTERM unwinds like Ctrl-C, so the running system stops with all it started."""
+    if threading.current_thread() is not threading.main_thread():
+        return _compare(args)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _compare(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _compare(args: argparse.Namespace) -> int:
     plan = build_plan(args, default_repeat=3)
     custom = peers.parse_system_commands(args.system_cmd)
     names = compare.check_systems([s.strip() for s in args.systems.split(",") if s.strip()], custom)
