@@ -84,17 +84,26 @@ def prepare_system(name: str, options: PeerOptions, custom: dict[str, str]) -> L
     """Install the system if needed and return how to start it."""
     if name in custom:
         return LaunchSpec(name, custom[name], keepalive=name != "llamacpp")
-    length = "" if options.max_model_len is None else f" --max-model-len {options.max_model_len}"
+    extra = "" if options.max_model_len is None else f" --max-model-len {options.max_model_len}"
+    if not _is_default_model(options.gguf):
+        extra += " {gguf}"  # the model every system serves
     if name == "scalellm":
-        return LaunchSpec(name, SCALELLM_COMMAND + length, startup_timeout_s=300.0)
+        return LaunchSpec(name, SCALELLM_COMMAND + extra, startup_timeout_s=600.0)
     if name == "scalellm-direct":
-        return LaunchSpec(name, SCALELLM_DIRECT_COMMAND + length, startup_timeout_s=300.0)
+        return LaunchSpec(name, SCALELLM_DIRECT_COMMAND + extra, startup_timeout_s=600.0)
     if name == "vllm":
         return _prepare_vllm(options)
     if name == "llamacpp":
         return _prepare_llamacpp(options)
     raise ValueError(f"unknown system {name!r}: use one of {', '.join(SYSTEMS)} or define it "
                      f"with --system-cmd {name}='COMMAND --port {{port}}'")
+
+
+def _is_default_model(gguf: Path) -> bool:
+    try:
+        return Path(gguf).resolve() == peer_install.default_gguf_path().resolve()
+    except ValueError:
+        return False
 
 
 def _prepare_vllm(options: PeerOptions) -> LaunchSpec:
