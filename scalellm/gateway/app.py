@@ -1,8 +1,8 @@
 """The gateway application: routes, wiring of router, health, limits and metrics, and the lifecycle.
 
 Routes:
-    POST /v1/chat/completions, POST /v1/completions   (API key when configured)
-    GET  /v1/models                                    (API key when configured)
+    POST /v1/chat/completions, POST /v1/completions, POST /v1/responses   (API key when configured)
+    GET  /v1/models, GET /v1/models/{id}                                (API key when configured)
     GET  /health    200 when at least one replica is routable and the gateway is not draining, else 503
     GET  /metrics   Prometheus text (a key with the metrics scope when keys are configured)
     GET  /openapi.json   the OpenAPI document of these routes
@@ -15,6 +15,7 @@ import asyncio
 import logging
 import signal
 import time
+import urllib.parse
 from typing import Callable, Sequence
 
 import orjson
@@ -28,12 +29,13 @@ from scalellm.gateway.metrics import GatewayMetrics
 from scalellm.gateway.openapi import openapi_document
 from scalellm.gateway.policies import create_policy
 from scalellm.gateway.router import Router
-from scalellm.gateway.serving import InferenceService, ModelInfo
+from scalellm.gateway.serving import ROUTES, InferenceService, ModelInfo
 from scalellm.protocol.openai import OpenAIError
 
 logger = logging.getLogger("scalellm.gateway")
 
-_METHODS = {"/v1/chat/completions": b"POST", "/v1/completions": b"POST", "/v1/models": b"GET",
+_METHODS = {"/v1/chat/completions": b"POST", "/v1/completions": b"POST", "/v1/responses": b"POST",
+            "/v1/models": b"GET",
             "/health": b"GET", "/metrics": b"GET", "/openapi.json": b"GET"}
 
 
@@ -109,18 +111,22 @@ class GatewayApp:
     async def handle(self, request: Request, conn: HttpConnection) -> None:
         """Route one HTTP request."""
         path = request.path
+        model_id = None
+        if path.startswith("/v1/models/"):
+            path, model_id = "/v1/models", urllib.parse.unquote(path[len("/v1/models/"):])
         method = _METHODS.get(path)
         if method is None:
             return self._error(conn, OpenAIError(404, f"no route {path}; see /v1/chat/completions, "
-                                                 "/v1/completions, /v1/models", code="not_found"), "other")
+                                                 "/v1/completions, /v1/responses, /v1/models",
+                                                 code="not_found"), "other")
         if request.method != method:
             error = OpenAIError(405, f"{path} accepts only {method.decode()}", code="method_not_allowed",
                                 headers=((b"allow", method),))
             return self._error(conn, error, path)
-        if path == "/v1/chat/completions" or path == "/v1/completions":
-            await self.service.handle(request, conn, chat=path == "/v1/chat/completions")
+        if path in ROUTES:
+            await self.service.handle(request, conn, path)
         elif path == "/v1/models":
-            self._models(request, conn)
+            self._models(request, conn, model_id)
         elif path == "/health":
             self._health(conn)
         elif path == "/openapi.json":
@@ -140,7 +146,8 @@ class GatewayApp:
             return self._error(conn, error, "/metrics")
         conn.send_response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
-    def _models(self, request: Request, conn: HttpConnection) -> None:
+    def _models(self, request: Request, conn: HttpConnection, model_id: str | None = None) -> None:
+        """GET /v1/models, or /v1/models/{id} (404 in OpenAI's format for another id)."""
         try:
             self.service.auth.authorize(request.headers.get(b"authorization"), INFERENCE)
         except OpenAIError as error:
@@ -149,7 +156,14 @@ class GatewayApp:
         if self.model.name is not None:
             data.append({"id": self.model.name, "object": "model", "created": self._created,
                          "owned_by": "scalellm", "max_model_len": self.model.max_model_len})
-        conn.send_response(200, orjson.dumps({"object": "list", "data": data}))
+        if model_id is not None:
+            if not data or model_id != self.model.name:
+                return self._error(conn, OpenAIError(404, f"the model '{model_id}' does not exist; this server "
+                                                     f"serves '{self.model.name}'", param="model",
+                                                     code="model_not_found"), "/v1/models")
+            conn.send_response(200, orjson.dumps(data[0]))
+        else:
+            conn.send_response(200, orjson.dumps({"object": "list", "data": data}))
         self.metrics.count_request("/v1/models", 200)
 
     def _health(self, conn: HttpConnection) -> None:

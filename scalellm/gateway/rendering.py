@@ -16,22 +16,35 @@ from __future__ import annotations
 
 import orjson
 
+from scalellm.protocol.choice_stream import ChoiceDelta, ChoiceStream, assemble
 from scalellm.protocol.openai import (CompletionLogprobs, ParsedRequest, chat_logprobs, check_not_aborted,
                                       usage)
-from scalellm.protocol.types import CompletionOutput, RequestOutput
+from scalellm.protocol.types import FINISH_STOP, CompletionOutput, RequestOutput
 
 DONE_EVENT = b"data: [DONE]\n\n"
 TIMINGS_FIELD = "scalellm_timings"
 _NULL = b"null"
-_FINISH = {None: _NULL, "stop": b'"stop"', "length": b'"length"'}
+_FINISH = {None: _NULL, "stop": b'"stop"', "length": b'"length"', "tool_calls": b'"tool_calls"'}
 
 
 def _finish_bytes(reason: str | None) -> bytes:
     return _FINISH.get(reason) or orjson.dumps(reason)
 
 
+def num_choices(parsed: ParsedRequest) -> int:
+    """n per prompt; a completions request with several prompts has n choices for each."""
+    return parsed.params.n * (1 + len(parsed.extra_prompts or ()))
+
+
+def echo_text(parsed: ParsedRequest, index: int) -> str:
+    """The prompt text echoed before choice `index` (completions with echo)."""
+    prompts = [parsed.prompt, *(parsed.extra_prompts or ())]
+    prompt = prompts[index // parsed.params.n]
+    return prompt if isinstance(prompt, str) else ""
+
+
 class _Accounting:
-    """Token counts and per-sample logprob state shared by both renderers."""
+    """Token counts, per-sample logprob state and chat choice parsing shared by both renderers."""
 
     def __init__(self, parsed: ParsedRequest) -> None:
         self.chat = parsed.chat
@@ -39,6 +52,23 @@ class _Accounting:
         self.num_prompt_tokens = 0
         self.num_output_tokens = 0
         self._completion_logprobs: dict[int, CompletionLogprobs] = {}
+        self.choices = [ChoiceStream(parsed.tool_parser) for _ in range(num_choices(parsed))] if parsed.chat else []
+
+    def choice_delta(self, sample: CompletionOutput) -> ChoiceDelta:
+        """The chat message parts `sample` adds (everything held back, once it finished)."""
+        stream = self.choices[sample.index]
+        delta = stream.feed(sample.text)
+        if sample.finish_reason is not None:
+            rest = stream.finish()
+            delta = ChoiceDelta(delta.content + rest.content, delta.reasoning + rest.reasoning,
+                                delta.tool_calls + rest.tool_calls)
+        return delta
+
+    def finish_reason(self, sample: CompletionOutput) -> str | None:
+        """OpenAI's finish reason: "tool_calls" when a chat reply that stopped made calls."""
+        if sample.finish_reason == FINISH_STOP and self.chat and self.choices[sample.index].has_tool_calls:
+            return "tool_calls"
+        return sample.finish_reason
 
     def logprobs_delta(self, sample: CompletionOutput):
         """The logprobs object for the new positions of `sample` (None when not requested)."""
@@ -72,7 +102,8 @@ class StreamRenderer(_Accounting):
                       + str(created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":[')
         self._include_usage = parsed.include_usage
         self._tail = b'],"usage":null}\n\n' if parsed.include_usage else b"]}\n\n"
-        self._num_samples = parsed.params.n
+        self._num_samples = num_choices(parsed)
+        self._parsed = parsed
         self._started = False
 
     def render(self, output: RequestOutput) -> bytes:
@@ -85,18 +116,29 @@ class StreamRenderer(_Accounting):
             if self.chat:
                 events = [head + b'{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,'
                           b'"finish_reason":null}' % i + tail for i in range(self._num_samples)]
+            elif self._parsed.echo:
+                events = [head + b'{"index":%d,"text":' % i + orjson.dumps(echo_text(self._parsed, i))
+                          + b',"logprobs":null,"finish_reason":null}' + tail for i in range(self._num_samples)]
         for sample in output.outputs:
             if sample.text or sample.finish_reason is not None or sample.token_ids:
-                events.append(head + self._choice(sample) + tail)
+                choice = self._choice(sample)
+                if choice:
+                    events.append(head + choice + tail)
         return b"".join(events)
 
     def _choice(self, sample: CompletionOutput) -> bytes:
         logprobs = self.logprobs_delta(sample)
         logprobs_bytes = _NULL if logprobs is None else orjson.dumps(logprobs)
         if self.chat:
-            delta = b'{"content":' + orjson.dumps(sample.text) + b"}" if sample.text else b"{}"
+            parts = self.choice_delta(sample)
+            if not parts and sample.finish_reason is None and logprobs is None and self.choices[sample.index].parser:
+                return b""  # text held back by the tool parser (a forced call's fixed opening, say)
+            if parts.reasoning or parts.tool_calls:
+                delta = orjson.dumps(_delta_dict(parts))
+            else:
+                delta = b'{"content":' + orjson.dumps(parts.content) + b"}" if parts.content else b"{}"
             return (b'{"index":%d,"delta":' % sample.index + delta + b',"logprobs":' + logprobs_bytes
-                    + b',"finish_reason":' + _finish_bytes(sample.finish_reason) + b"}")
+                    + b',"finish_reason":' + _finish_bytes(self.finish_reason(sample)) + b"}")
         return (b'{"index":%d,"text":' % sample.index + orjson.dumps(sample.text) + b',"logprobs":'
                 + logprobs_bytes + b',"finish_reason":' + _finish_bytes(sample.finish_reason) + b"}")
 
@@ -107,6 +149,17 @@ class StreamRenderer(_Accounting):
         extra = b"" if timings is None else b',"' + TIMINGS_FIELD.encode() + b'":' + orjson.dumps(timings)
         return (self._head + b'],"usage":' + orjson.dumps(usage(self.num_prompt_tokens, self.num_output_tokens))
                 + extra + b"}\n\n" + DONE_EVENT)
+
+
+def _delta_dict(parts: ChoiceDelta) -> dict:
+    delta = {}
+    if parts.reasoning:
+        delta["reasoning_content"] = parts.reasoning
+    if parts.content:
+        delta["content"] = parts.content
+    if parts.tool_calls:
+        delta["tool_calls"] = parts.tool_calls
+    return delta
 
 
 def error_event(body: bytes) -> bytes:
@@ -122,17 +175,22 @@ class ResponseBuilder(_Accounting):
         self._request_id = request_id
         self._created = created
         self._model = model
-        self._texts: list[list[str]] = [[] for _ in range(parsed.params.n)]
-        self._finish_reasons: list[str | None] = [None] * parsed.params.n
-        self._chat_logprobs: list[list[dict]] = [[] for _ in range(parsed.params.n)]
+        count = num_choices(parsed)
+        self._parsed = parsed
+        self._texts: list[list[str]] = [[] for _ in range(count)]
+        self._finish_reasons: list[str | None] = [None] * count
+        self._chat_logprobs: list[list[dict]] = [[] for _ in range(count)]
+        self._deltas: list[list[ChoiceDelta]] = [[] for _ in range(count)]
 
     def add(self, output: RequestOutput) -> None:
         """Fold one delta output in."""
         self.count(output)
         for sample in output.outputs:
             self._texts[sample.index].append(sample.text)
+            if self.chat:
+                self._deltas[sample.index].append(self.choice_delta(sample))
             if sample.finish_reason is not None:
-                self._finish_reasons[sample.index] = sample.finish_reason
+                self._finish_reasons[sample.index] = self.finish_reason(sample)
             logprobs = self.logprobs_delta(sample)
             if logprobs is not None and self.chat:
                 self._chat_logprobs[sample.index] += logprobs["content"]
@@ -144,9 +202,25 @@ class ResponseBuilder(_Accounting):
             logprobs = ({"content": self._chat_logprobs[index]} if self.chat
                         else self.whole_completion_logprobs(index))
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs, "finish_reason": self._finish_reasons[index]}
+            return {"index": index, "message": self.message(index), "logprobs": logprobs,
+                    "finish_reason": self._finish_reasons[index]}
+        if self._parsed.echo:
+            text = echo_text(self._parsed, index) + text
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": self._finish_reasons[index]}
+
+    def message(self, index: int) -> dict:
+        """The assistant message of chat choice `index`: content (null beside tool calls), reasoning, calls."""
+        content, reasoning, calls = assemble(self._deltas[index])
+        message = {"role": "assistant", "content": content or (None if calls else "")}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return self._finish_reasons
 
     def render(self, timings: dict | None = None) -> bytes:
         """The whole response body (with `timings` as "scalellm_timings" when given)."""

@@ -13,6 +13,7 @@ field (see `stage_timings` and rendering.py) unless `GatewayConfig.report_timing
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -26,10 +27,15 @@ from scalellm.gateway.limits import AdmissionGate, RateLimiter
 from scalellm.gateway.metrics import GatewayMetrics
 from scalellm.gateway.policies import RouteRequest
 from scalellm.gateway.rendering import ResponseBuilder, StreamRenderer, error_event
+from scalellm.gateway.responses import ResponsesRenderer, parse_responses_request
 from scalellm.gateway.router import Dispatch, NoReplicaAvailable, Router
 from scalellm.protocol.openai import (OpenAIError, ParsedRequest, created_now, new_request_id,
                                       parse_chat_request, parse_completion_request)
+from scalellm.protocol.tool_parsers import tool_parser_for_model
 from scalellm.protocol.types import RequestMetrics, RequestOutput
+
+CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+ROUTES = (CHAT, COMPLETIONS, RESPONSES)
 from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
 
 access_log = logging.getLogger("scalellm.gateway.access")
@@ -93,10 +99,9 @@ class InferenceService:
                               "flight); retry shortly", type="rate_limit_exceeded", code="queue_full",
                               headers=((b"retry-after", b"1"),))
 
-    async def handle(self, request: Request, conn: HttpConnection, chat: bool) -> int:
-        """Serve one generation request; returns the HTTP status sent."""
-        record = RequestRecord(new_request_id(chat), "/v1/chat/completions" if chat else "/v1/completions",
-                               request.receive_time)
+    async def handle(self, request: Request, conn: HttpConnection, route: str) -> int:
+        """Serve one generation request on `route` (one of ROUTES); returns the HTTP status sent."""
+        record = RequestRecord(_request_id(route), route, request.receive_time)
         try:
             self.admit(request)
         except OpenAIError as error:
@@ -104,7 +109,7 @@ class InferenceService:
         self.metrics.in_flight.inc()
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
-                return await self._serve(request, conn, chat, record)
+                return await self._serve(request, conn, route, record)
         except OpenAIError as error:
             return self._send_error(conn, error, record)
         except asyncio.CancelledError:
@@ -118,20 +123,29 @@ class InferenceService:
             self.gate.leave()
             self.metrics.in_flight.dec()
 
-    def _parse(self, request: Request, chat: bool) -> ParsedRequest:
-        parse = parse_chat_request if chat else parse_completion_request
-        parsed = parse(request.body, self.model.max_model_len, self.config.prefix_affinity_chars)
+    def _parse(self, request: Request, route: str) -> ParsedRequest:
+        limit, chars = self.model.max_model_len, self.config.prefix_affinity_chars
+        tool_parser = self.config.tool_call_parser or tool_parser_for_model(self.model.name)
+        if route == COMPLETIONS:
+            parsed = parse_completion_request(request.body, limit, chars)
+        elif route == CHAT:
+            parsed = parse_chat_request(request.body, limit, chars, tool_parser)
+        else:
+            parsed = parse_responses_request(request.body, limit, chars, tool_parser)
         if self.model.name is not None and parsed.model is not None and parsed.model != self.model.name:
             raise OpenAIError(404, f"the model '{parsed.model}' does not exist; this server serves "
                               f"'{self.model.name}'", param="model", code="model_not_found")
         return parsed
 
-    async def _serve(self, request: Request, conn: HttpConnection, chat: bool, record: RequestRecord) -> int:
-        parsed = self._parse(request, chat)
+    async def _serve(self, request: Request, conn: HttpConnection, route: str, record: RequestRecord) -> int:
+        parsed = self._parse(request, route)
         model = self.model.name or parsed.model or "unknown"
         tried: set[int] = set()
         while True:
-            dispatch, stream, first = await self._start(parsed, record, tried)
+            if parsed.extra_prompts:
+                dispatch, stream, first = await self._start_many(parsed, record)
+            else:
+                dispatch, stream, first = await self._start(parsed, record, tried)
             ok: bool | None = None
             try:
                 if parsed.stream:
@@ -152,6 +166,24 @@ class InferenceService:
             status = 200 if ok else 500
             self._finish(record, status)
             return status
+
+    async def _start_many(self, parsed: ParsedRequest, record: RequestRecord):
+        """Completions with several prompts: one replica request per prompt, their outputs merged
+        (choice index = prompt * n + sample). No failover once any prompt has started."""
+        prompts = [parsed.prompt, *parsed.extra_prompts]
+        started = []
+        try:
+            for i, prompt in enumerate(prompts):
+                one = dataclasses.replace(parsed, prompt=prompt, extra_prompts=None)
+                sub_record = RequestRecord(f"{record.request_id}-{i}", record.route, record.receive_time)
+                started.append(await self._start(one, sub_record, set()))
+        except BaseException:
+            for dispatch, stream, _ in started:
+                await self._abandon(dispatch, stream, ok=None)
+            raise
+        record.routed_time, record.replica, record.attempts = time.time(), started[0][0].replica.address, 1
+        merged = MergedStreams(started, parsed.params.n)
+        return merged, merged, merged.first
 
     async def _start(self, parsed: ParsedRequest, record: RequestRecord, tried: set[int]):
         """Dispatch and wait for the first output, failing over while no byte reached the client.
@@ -194,7 +226,8 @@ class InferenceService:
 
     async def _stream(self, conn: HttpConnection, parsed: ParsedRequest, record: RequestRecord, model: str,
                       stream, first: RequestOutput) -> bool:
-        renderer = StreamRenderer(parsed, record.request_id, created_now(), model)
+        renderer = (ResponsesRenderer if parsed.responses is not None else StreamRenderer)(
+            parsed, record.request_id, created_now(), model)
         conn.start_stream(first_chunk=renderer.render(first))
         record.first_send_time = time.time()
         last = first
@@ -216,7 +249,8 @@ class InferenceService:
 
     async def _collect(self, conn: HttpConnection, parsed: ParsedRequest, record: RequestRecord, model: str,
                        stream, first: RequestOutput) -> bool:
-        builder = ResponseBuilder(parsed, record.request_id, created_now(), model)
+        builder = (ResponsesRenderer if parsed.responses is not None else ResponseBuilder)(
+            parsed, record.request_id, created_now(), model)
         builder.add(first)
         last = first
         async for output in stream:
@@ -255,6 +289,77 @@ class InferenceService:
                                           record.num_output_tokens)
         if self.config.log_requests and access_log.isEnabledFor(logging.INFO):
             access_log.info(orjson.dumps(_log_fields(record, status, end, error)).decode())
+
+
+def _request_id(route: str) -> str:
+    if route == RESPONSES:
+        return "resp_" + new_request_id(True).split("-", 1)[1]
+    return new_request_id(route == CHAT)
+
+
+class MergedStreams:
+    """Several prompts' replica streams as one: outputs re-indexed, finished when all are, and the
+    dispatch interface (`finish`, `replica`) the serving loop uses."""
+
+    def __init__(self, started: list, n: int) -> None:
+        self._started = started
+        self._n = n
+        self.replica = started[0][0].replica
+        self.first = self._merge([self._shift(i, first) for i, (_, _, first) in enumerate(started)])
+        self._done = [first.finished for _, _, first in started]
+
+    def _shift(self, prompt_index: int, output: RequestOutput) -> RequestOutput:
+        for sample in output.outputs:
+            sample.index += prompt_index * self._n
+        return output
+
+    @staticmethod
+    def _merge(outputs: list[RequestOutput]) -> RequestOutput:
+        merged = outputs[0]
+        merged.outputs = [sample for output in outputs for sample in output.outputs]
+        merged.num_prompt_tokens = sum(output.num_prompt_tokens for output in outputs)
+        merged.finished = all(output.finished for output in outputs)
+        return merged
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream) -> None:
+            try:
+                async for output in stream:
+                    queue.put_nowait((index, output))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((index, exc))
+            queue.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(i, stream)) for i, (_, stream, first) in enumerate(self._started)
+                 if not first.finished]
+        try:
+            while not all(self._done):
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    self._done[index] = True
+                    continue
+                output = self._shift(index, item)
+                output.num_prompt_tokens = 0
+                output.finished = False
+                yield output
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def aclose(self) -> None:
+        for _, stream, _ in self._started:
+            await stream.aclose()
+
+    def finish(self, ok: bool | None) -> None:
+        for dispatch, _, _ in self._started:
+            dispatch.finish(ok)
 
 
 def stage_timings(record: RequestRecord, metrics: RequestMetrics | None, send_time: float) -> dict:

@@ -54,6 +54,8 @@ class ChoiceStream:
         self.text = ""
         self._previous = Snapshot()
         self._reasoning = ""
+        self._plain = False
+        """No parser and no reasoning section left to split: new text is content as it comes."""
         self.call_ids: list[str] = []
 
     @property
@@ -62,15 +64,20 @@ class ChoiceStream:
 
     def feed(self, new_text: str) -> ChoiceDelta:
         self.text += new_text
+        if self._plain:
+            self._previous.content += new_text
+            return ChoiceDelta(content=new_text)
         return self._advance(final=False)
 
     def finish(self) -> ChoiceDelta:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> ChoiceDelta:
-        reasoning, rest, _ = split_reasoning(self.text, final)
+        reasoning, rest, certain = split_reasoning(self.text, final)
         if self.parser is None:
             current = Snapshot(rest)
+            thinking = self.text.lstrip().startswith(THINK_BEGIN)
+            self._plain = certain and (bool(rest) or not thinking)
         else:
             current = self.parser.snapshot(rest, final)
         delta = ChoiceDelta(reasoning=_grown(self._reasoning, reasoning, "reasoning"),

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 import orjson
 
-from scalellm.protocol.types import FINISH_ABORT, ChatPrompt, Logprob, PromptInput, RequestOutput, SamplingParams
+from scalellm.protocol.agent_fields import (ToolRequest, check_known_fields, message_tool_fields,
+                                            parse_response_format, parse_structured_outputs, parse_tools)
+from scalellm.protocol.tool_parsers import DEFAULT_TOOL_PARSER, ToolParser, get_tool_parser
+from scalellm.protocol.types import (FINISH_ABORT, ChatPrompt, InfillPrompt, Logprob, PromptInput, RequestOutput,
+                                     SamplingParams, StructuredOutput)
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_N = 128
@@ -96,6 +100,30 @@ class ParsedRequest:
     affinity_key: str
     """The prompt's leading characters, for prefix-affinity routing."""
     num_prompt_tokens_estimate: int
+    tools: ToolRequest | None = None
+    tool_parser: ToolParser | None = None
+    """Set when the reply may hold tool calls: the parser that reads them."""
+    echo: bool = False
+    """Completions: the prompt's text goes before each choice's text."""
+    extra_prompts: list[PromptInput] | None = None
+    """Completions with a list of prompts: the prompts after the first (choices index prompt * n + sample)."""
+    responses: object | None = None
+    """A /v1/responses request's own fields, echoed in its response (gateway/responses.py); else None."""
+
+
+_STREAM_FIELDS = ("model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop", "logprobs",
+                  "response_format", "structured_outputs", "store", "logit_bias")
+CHAT_FIELDS = frozenset({*SAMPLING_FIELDS, *_STREAM_FIELDS, "messages", "top_logprobs", "add_generation_prompt",
+                         "tools", "tool_choice", "parallel_tool_calls"})
+COMPLETION_FIELDS = frozenset({*SAMPLING_FIELDS, *_STREAM_FIELDS, "prompt", "echo", "suffix", "best_of"})
+
+
+def structured_output(body: dict) -> StructuredOutput | None:
+    """response_format or structured_outputs (not both)."""
+    response_format, structured = parse_response_format(body), parse_structured_outputs(body)
+    if response_format is not None and structured is not None:
+        raise _invalid("send either 'response_format' or 'structured_outputs', not both", param="structured_outputs")
+    return response_format or structured
 
 
 def load_json_object(body: bytes) -> dict:
@@ -187,10 +215,14 @@ def _sampling_values(body: dict) -> dict:
     return values
 
 
-def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
+                     structured: StructuredOutput | None = None, keep_special_tokens: bool = False) -> SamplingParams:
+    values = _sampling_values(body)
+    if keep_special_tokens:
+        values["skip_special_tokens"] = False
     try:
-        return SamplingParams(**_sampling_values(body), stop=_stop(body), max_tokens=max_tokens,
-                              logprobs=logprobs)
+        return SamplingParams(**values, stop=_stop(body), max_tokens=max_tokens, logprobs=logprobs,
+                              structured=structured)
     except ValueError as exc:
         raise _invalid(str(exc)) from None
 
@@ -234,55 +266,104 @@ def _chat_messages(body: dict) -> list[dict]:
         text = _message_text(message, i)
         if text is None and role != "assistant":
             raise _invalid(f"messages[{i}].content is required for role {role!r}", param="messages")
-        normalized.append({"role": role, "content": text or ""})
+        normalized.append({"role": role, "content": text or "", **message_tool_fields(message, i)})
     return normalized
 
 
-def parse_chat_request(raw: bytes, max_model_len: int | None, affinity_chars: int = 256) -> ParsedRequest:
+def parse_chat_request(raw: bytes, max_model_len: int | None, affinity_chars: int = 256,
+                       tool_parser: str = DEFAULT_TOOL_PARSER) -> ParsedRequest:
     """Validate a /v1/chat/completions body; raises `OpenAIError` (400) on bad input."""
     body = load_json_object(raw)
+    check_known_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+    return chat_request_from_body(body, max_model_len, affinity_chars, tool_parser)
+
+
+def chat_request_from_body(body: dict, max_model_len: int | None, affinity_chars: int = 256,
+                           tool_parser: str = DEFAULT_TOOL_PARSER) -> ParsedRequest:
+    """A parsed chat request from a body already checked for unknown fields (the Responses API maps onto it)."""
     messages = _chat_messages(body)
+    tools = parse_tools(body)
+    parser = get_tool_parser(tool_parser) if tools is not None and tools.parses_calls else None
+    structured = structured_output(body)
+    forced = tools.forced(parser) if parser is not None else None
+    if forced is not None and structured is not None:
+        raise _invalid("'tool_choice' forces a tool call, which cannot also follow 'response_format'",
+                       param="tool_choice")
     wants_logprobs = _get(body, "logprobs", (bool,), False, "a boolean")
     top_logprobs = _get(body, "top_logprobs", (int,), None, "an integer")
     if top_logprobs is not None and not wants_logprobs:
         raise _invalid("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     logprobs = (top_logprobs or 0) if wants_logprobs else None
-    params = _sampling_params(body, _max_tokens(body, None, max_model_len), logprobs)
+    params = _sampling_params(body, _max_tokens(body, None, max_model_len), logprobs, forced or structured,
+                              keep_special_tokens=parser is not None and parser.keep_special_tokens)
     stream, include_usage = _stream_options(body)
     add_generation_prompt = _get(body, "add_generation_prompt", (bool,), True, "a boolean")
     text = "".join(m["content"] for m in messages)
+    tool_list = tools.tools if tools is not None else None
     return ParsedRequest(True, _get(body, "model", (str,), None, "a string"),
-                         ChatPrompt(messages, add_generation_prompt), params, stream, include_usage,
-                         logprobs, text[:affinity_chars], len(text) // 4 + 8 * len(messages))
+                         ChatPrompt(messages, add_generation_prompt, tool_list), params, stream, include_usage,
+                         logprobs, text[:affinity_chars], len(text) // 4 + 8 * len(messages), tools, parser)
 
 
-def _completion_prompt(body: dict) -> str | list[int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+MAX_PROMPTS = 64
+
+
+def _one_prompt(prompt) -> str | list[int] | None:
     if isinstance(prompt, str) and prompt:
         return prompt
     if isinstance(prompt, list) and prompt and (ids := _token_ids(prompt)) is not None:
         return ids
-    raise _invalid("'prompt' must be a non-empty string or a list of token ids (batches of several "
-                   "prompts are not supported)", param="prompt")
+    return None
+
+
+def _completion_prompts(body: dict) -> list[str | list[int]]:
+    """The prompts: a string, token ids, or a list of several of either (one choice each per sample)."""
+    prompt = body.get("prompt")
+    single = _one_prompt(prompt)
+    if single is not None:
+        return [single]
+    if isinstance(prompt, list) and 0 < len(prompt) <= MAX_PROMPTS and all(isinstance(p, (str, list)) for p in prompt):
+        prompts = [_one_prompt(p) for p in prompt]
+        if all(p is not None for p in prompts):
+            return prompts
+    raise _invalid(f"'prompt' must be a non-empty string, a list of token ids, or a list of at most {MAX_PROMPTS} "
+                   "of either", param="prompt")
+
+
+def _infill(prompts: list, suffix) -> list[PromptInput]:
+    if suffix is None or suffix == "":
+        return prompts
+    if not isinstance(suffix, str):
+        raise _invalid("'suffix' must be a string", param="suffix")
+    if not all(isinstance(p, str) for p in prompts):
+        raise _invalid("'suffix' needs text prompts, not token ids", param="suffix")
+    return [InfillPrompt(p, suffix) for p in prompts]
 
 
 def parse_completion_request(raw: bytes, max_model_len: int | None, affinity_chars: int = 256) -> ParsedRequest:
     """Validate a /v1/completions body; raises `OpenAIError` (400) on bad input."""
     body = load_json_object(raw)
-    prompt = _completion_prompt(body)
-    if _get(body, "echo", (bool,), False, "a boolean"):
-        raise _invalid("'echo' is not supported", param="echo")
+    check_known_fields(body, COMPLETION_FIELDS, "/v1/completions")
+    prompts = _completion_prompts(body)
+    echo = _get(body, "echo", (bool,), False, "a boolean")
     logprobs = _get(body, "logprobs", (int,), None, "an integer")
-    params = _sampling_params(body, _max_tokens(body, 16, max_model_len), logprobs)
+    if echo and (logprobs is not None or not all(isinstance(p, str) for p in prompts) or body.get("suffix")):
+        raise _invalid("'echo' is supported for text prompts without 'logprobs' or 'suffix'", param="echo")
+    params = _sampling_params(body, _max_tokens(body, 16, max_model_len), logprobs, structured_output(body))
+    best_of = _get(body, "best_of", (int,), None, "an integer")
+    if best_of is not None and best_of != params.n:
+        raise _invalid("'best_of' other than 'n' is not supported", param="best_of")
     stream, include_usage = _stream_options(body)
-    if isinstance(prompt, str):
-        key, estimate = prompt[:affinity_chars], len(prompt) // 4 + 1
+    prompts = _infill(prompts, body.get("suffix"))
+    first = prompts[0]
+    if isinstance(first, (str, InfillPrompt)):
+        text = first if isinstance(first, str) else first.prefix
+        key, estimate = text[:affinity_chars], len(text) // 4 + 1
     else:
-        key, estimate = ",".join(map(str, prompt[:affinity_chars // 4])), len(prompt)
-    return ParsedRequest(False, _get(body, "model", (str,), None, "a string"), prompt, params,
-                         stream, include_usage, logprobs, key, estimate)
+        key, estimate = ",".join(map(str, first[:affinity_chars // 4])), len(first)
+    return ParsedRequest(False, _get(body, "model", (str,), None, "a string"), first, params,
+                         stream, include_usage, logprobs, key, estimate * len(prompts), echo=echo,
+                         extra_prompts=prompts[1:] or None)
 
 
 def new_request_id(chat: bool) -> str:

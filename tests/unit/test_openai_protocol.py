@@ -67,12 +67,15 @@ def test_bad_chat_requests_are_400(body, param):
 
 @pytest.mark.parametrize("body", [
     orjson.dumps({"model": "m", "prompt": ""}),
-    orjson.dumps({"model": "m", "prompt": ["a", "b"]}),
+    orjson.dumps({"model": "m", "prompt": ["a", 5]}),
     orjson.dumps({"model": "m", "prompt": [1, -2]}),
     orjson.dumps({"model": "m", "prompt": [1, 2.5]}),
     orjson.dumps({"model": "m", "prompt": [True]}),
     orjson.dumps({"model": "m"}),
-    completion(echo=True),
+    completion(echo=True, logprobs=1),
+    completion(suffix=3),
+    completion(best_of=3),
+    completion(unknown_field=1),
     completion(logprobs=True),
     completion(max_tokens=5000),
 ])

@@ -1,0 +1,205 @@
+"""Request fields for agents: response_format, vLLM's structured_outputs, tools and tool_choice,
+and the rule that no field is silently ignored.
+
+Each parser raises `OpenAIError` (400, naming the field) for bad input. Schemas, regexes and
+grammars are compiled by the replica (xgrammar), which answers 400 for those that do not compile.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from scalellm.protocol.tool_parsers import ToolParser
+from scalellm.protocol.types import StructuredOutput
+
+IGNORED_FIELDS = {
+    "user": "an end-user id for the provider's abuse monitoring; nothing here uses it",
+    "safety_identifier": "the newer name of 'user'",
+    "prompt_cache_key": "a cache-routing hint; the gateway routes by prefix affinity on its own",
+    "service_tier": "one tier is served",
+    "metadata": "tags for stored completions; nothing is stored",
+}
+"""Fields accepted and ignored, with the reason (the README lists them)."""
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+TOOL_CHOICES = ("none", "auto", "required")
+STRUCTURED_OUTPUT_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                          "json_object": "json_object"}
+
+
+def _invalid(message: str, param: str):
+    from scalellm.protocol.openai import OpenAIError
+
+    return OpenAIError(400, message, param=param)
+
+
+def check_known_fields(body: dict, known: frozenset[str], route: str) -> None:
+    """400 naming the first field that is neither honoured nor in IGNORED_FIELDS."""
+    for name in body:
+        if name not in known and name not in IGNORED_FIELDS:
+            raise _invalid(f"'{name}' is not supported by {route}; remove it (this server refuses fields it "
+                           "would otherwise ignore)", name)
+    if body.get("store"):
+        raise _invalid("'store': true is not supported: this server stores no completions", "store")
+    if body.get("logit_bias"):
+        raise _invalid("'logit_bias' is not supported; use structured_outputs or stop_token_ids", "logit_bias")
+
+
+def _schema_text(schema, param: str) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise _invalid(f"'{param}' is not valid JSON: {exc}", param) from None
+    if not isinstance(schema, (dict, bool)):
+        raise _invalid(f"'{param}' must be a JSON Schema object", param)
+    return json.dumps(schema)
+
+
+def parse_response_format(body: dict) -> StructuredOutput | None:
+    """OpenAI's response_format: text, json_object, or json_schema {name, schema, strict}."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind != "json_schema":
+        raise _invalid("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise _invalid("'response_format.json_schema' must be an object with a 'name' and a 'schema'",
+                       "response_format")
+    return StructuredOutput("json_schema", _schema_text(spec.get("schema", {}), "response_format.json_schema.schema"))
+
+
+def parse_structured_outputs(body: dict) -> StructuredOutput | None:
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+    value = body.get("structured_outputs")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid("'structured_outputs' must be an object", "structured_outputs")
+    unknown = [key for key in value if key not in STRUCTURED_OUTPUT_KEYS]
+    if unknown:
+        raise _invalid(f"'structured_outputs.{unknown[0]}' is not supported; use one of "
+                       f"{', '.join(STRUCTURED_OUTPUT_KEYS)}", "structured_outputs")
+    given = [key for key in STRUCTURED_OUTPUT_KEYS if value.get(key) not in (None, False)]
+    if len(given) != 1:
+        raise _invalid("'structured_outputs' takes exactly one of " + ", ".join(STRUCTURED_OUTPUT_KEYS),
+                       "structured_outputs")
+    key = given[0]
+    spec = value[key]
+    if key == "json":
+        return StructuredOutput("json_schema", _schema_text(spec, "structured_outputs.json"))
+    if key == "json_object":
+        return StructuredOutput("json_object")
+    if key == "choice":
+        if not isinstance(spec, list) or not spec or not all(isinstance(c, str) for c in spec):
+            raise _invalid("'structured_outputs.choice' must be a non-empty list of strings", "structured_outputs")
+        return StructuredOutput("choice", json.dumps(spec))
+    if not isinstance(spec, str) or not spec:
+        raise _invalid(f"'structured_outputs.{key}' must be a non-empty string", "structured_outputs")
+    return StructuredOutput(STRUCTURED_OUTPUT_KEYS[key], spec)
+
+
+@dataclass
+class ToolRequest:
+    """The request's tools and how the model must use them."""
+
+    tools: list[dict]
+    choice: str
+    """"none", "auto", "required" or "named"."""
+    named: str | None
+    parallel: bool
+
+    def forced(self, parser: ToolParser) -> StructuredOutput | None:
+        """The structural tag that forces calls ("required" or a named function), else None."""
+        if self.choice not in ("required", "named"):
+            return None
+        tools = [t for t in self.tools if self.choice == "required" or t["function"]["name"] == self.named]
+        return StructuredOutput("structural_tag", json.dumps(parser.structural_tag(tools, self.parallel)))
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.choice != "none"
+
+
+def _tool(tool, index: int) -> dict:
+    where = f"tools[{index}]"
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        raise _invalid(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}} (only function tools "
+                       "are supported)", "tools")
+    function = tool["function"]
+    name = function.get("name")
+    if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+        raise _invalid(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'", "tools")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _invalid(f"{where}.function.parameters must be a JSON Schema object", "tools")
+    if function.get("description") is not None and not isinstance(function["description"], str):
+        raise _invalid(f"{where}.function.description must be a string", "tools")
+    return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
+
+
+def _tool_choice(value, names: list[str]) -> tuple[str, str | None]:
+    if value is None:
+        return ("auto" if names else "none"), None
+    if value in TOOL_CHOICES:
+        if value == "required" and not names:
+            raise _invalid("'tool_choice': 'required' needs 'tools'", "tool_choice")
+        return value, None
+    function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise _invalid("'tool_choice' must be 'none', 'auto', 'required' or "
+                       '{"type": "function", "function": {"name": ...}}', "tool_choice")
+    if name not in names:
+        raise _invalid(f"'tool_choice' names the function {name!r}, which is not in 'tools'", "tool_choice")
+    return "named", name
+
+
+def parse_tools(body: dict) -> ToolRequest | None:
+    """tools, tool_choice and parallel_tool_calls; None when the request has no tools."""
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or len(tools) > 128):
+        raise _invalid("'tools' must be a list of at most 128 function tools", "tools")
+    tools = [_tool(tool, i) for i, tool in enumerate(tools or [])]
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise _invalid("'tools' names a function more than once", "tools")
+    choice, named = _tool_choice(body.get("tool_choice"), names)
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool) and parallel is not None:
+        raise _invalid("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    if not tools:
+        return None
+    return ToolRequest(tools, choice, named, parallel is not False)
+
+
+def message_tool_fields(message: dict, index: int) -> dict:
+    """An assistant message's tool_calls and a tool message's tool_call_id, checked."""
+    fields = {}
+    calls = message.get("tool_calls")
+    if calls is not None and message.get("role") == "assistant":
+        if not isinstance(calls, list):
+            raise _invalid(f"messages[{index}].tool_calls must be a list", "messages")
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
+                    or not isinstance(function.get("arguments", ""), str)):
+                raise _invalid(f"messages[{index}].tool_calls entries need function.name and function.arguments "
+                               "(a JSON string)", "messages")
+        if calls:
+            fields["tool_calls"] = calls
+    if message.get("role") == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise _invalid(f"messages[{index}].tool_call_id is required for role 'tool'", "messages")
+        fields["tool_call_id"] = call_id
+    if isinstance(message.get("name"), str):
+        fields["name"] = message["name"]
+    return fields
