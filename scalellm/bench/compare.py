@@ -75,7 +75,7 @@ def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig,
     return info, points
 
 
-LOG_NOTE_MARKERS = ("thread binding", "core ids", "reserved_cpus", "system_info", "n_threads",
+LOG_NOTE_MARKERS = ("thread binding", "core ids", "reserved_cpus", "Torch threads", "system_info", "n_threads",
                     "KV cache", "ScaleLLM serving", "quantiz")
 
 
