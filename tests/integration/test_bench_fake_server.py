@@ -351,5 +351,38 @@ def test_structured_fields_reach_the_server_and_tool_calls_count_as_tokens(serve
                        "--output", str(tmp_path / "bad")]) == 2  # no --schema
 
 
+def test_compare_stopped_by_sigterm_stops_the_system(tmp_path):
+    import signal
+    import subprocess
+
+    from scalellm.bench import isolation
+
+    command = f"{{python}} {Path(__file__).resolve()} --port {{port}}"
+    bench = subprocess.Popen([sys.executable, "-m", "scalellm.bench", "--compare", "--systems", "fake",
+                              "--system-cmd", f"fake={command}", "--concurrency", "1", "--requests", "100000",
+                              "--warmup", "0", "--allow-other-servers", "--output", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        system = []
+        while time.monotonic() < deadline and not system:
+            time.sleep(0.2)
+            system = [pid for pid in _children(bench.pid) if "--port" in isolation.read_argv(pid)]
+        assert system, "the fake system never started"
+        time.sleep(1.0)  # measuring now
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(30) == 143
+        assert isolation.read_argv(system[0]) == []  # gone
+    finally:
+        bench.kill()
+        bench.wait()
+
+
+def _children(pid: int) -> list[int]:
+    from scalellm.bench import procstat
+
+    return sorted(procstat.descendants([pid], procstat.process_table()) - {pid})
+
+
 if __name__ == "__main__":  # the compare-mode test starts this file as a server
     FakeOpenAI(port=int(sys.argv[sys.argv.index("--port") + 1]))._thread.join()
