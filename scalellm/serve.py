@@ -103,13 +103,13 @@ def _supervise(args: argparse.Namespace, machine: Machine, shape: Shape, num_thr
 
 
 def local_launcher(args: argparse.Namespace, machine: Machine, num_threads: int | None):
-    """The LocalLauncher of the serve flags; its replicas lend each other cores unless told not to, or
-    when there is nothing to lend (the mock engine, tensor-parallel replicas)."""
+    """The LocalLauncher of the serve flags: the engine flags' ReplicaConfig for every replica; the
+    replicas lend each other cores unless --no-lend-cores."""
     from scalellm.deploy.local import LocalLauncher
-    from scalellm.replica.launch import engine_argv
+    from scalellm.replica.launch import replica_config_from_args, with_threads
 
-    lend = args.lend_cores and args.engine == "real" and args.tensor_parallel_size == 1
-    return LocalLauncher(engine_argv(args, num_threads), machine, lend_cores=lend)
+    replica = with_threads(replica_config_from_args(args), num_threads)
+    return LocalLauncher(replica, machine, lend_cores=args.lend_cores)
 
 
 def _autopilot(args: argparse.Namespace, advisor, launcher, supervisor, shape: Shape):
@@ -132,7 +132,7 @@ def _serve_local(args: argparse.Namespace) -> int:
     from scalellm.gateway.cli_args import gateway_config_from_args
     from scalellm.gateway.local_replica import run_local_server
     from scalellm.process import StartupError, check_port_free
-    from scalellm.replica.launch import build_engine
+    from scalellm.replica.launch import build_engine, replica_config_from_args, with_threads
 
     if args.replicas not in (None, 1):
         raise ValueError(f"--no-gateway serves one in-process engine: use --replicas 1 (got {args.replicas})")
@@ -141,8 +141,9 @@ def _serve_local(args: argparse.Namespace) -> int:
         check_port_free(config.host, config.port)
     except StartupError as error:
         raise ValueError(str(error)) from None
-    engine = build_engine(argparse.Namespace(**{**vars(args), "num_threads": args.num_threads
-                                                or threads_per_replica(args.tensor_parallel_size)}))
+    replica = replica_config_from_args(args)
+    num_threads = replica.engine.num_threads or threads_per_replica(replica.engine.tensor_parallel_size)
+    engine = build_engine(with_threads(replica, num_threads))
 
     def banner(app) -> None:
         print(f"ScaleLLM serving {engine.model_name} at http://{config.host}:{app.port} "

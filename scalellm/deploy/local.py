@@ -1,6 +1,7 @@
 """LocalLauncher: the replicas of a shape as `scalellm replica` processes on this machine.
 
-Each replica is a supervised ChildProcess with its own gRPC port (scalellm/process.py). On a CPU,
+Each replica is a supervised ChildProcess with its own gRPC port (scalellm/process.py); it gets its
+whole ReplicaConfig as one line of JSON on stdin, again at every restart. On a CPU,
 the replicas of a set with more than one replica lend each other their cores (engine/core_board.py):
 the launcher creates the set's board file, gives each replica its slot and the machine's core count
 for steps taken alone, and removes the board when the set stops.
@@ -8,6 +9,7 @@ for steps taken alone, and removes the board when the set stops.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -15,8 +17,12 @@ import tempfile
 from typing import Sequence
 
 from scalellm.deploy.launcher import ReplicaLauncher, ReplicaSet
+from scalellm.flags import to_json
 from scalellm.process import ChildProcess, free_ports
+from scalellm.replica.config import ReplicaConfig
 from scalellm.shape.shape import Machine, Shape
+
+REPLICA_ARGV = [sys.executable, "-m", "scalellm.cli", "replica", "--config-stdin"]
 
 
 class LocalReplicaSet(ReplicaSet):
@@ -60,35 +66,43 @@ class LocalReplicaSet(ReplicaSet):
 class LocalLauncher(ReplicaLauncher):
     """Starts replicas as child processes of this one, on free ports of `host`.
 
-    `engine_argv` are the engine's flags for every replica; the launcher adds the shape's parallelism
-    (threads on a CPU, tensor-parallel GPUs with their own CUDA_VISIBLE_DEVICES) and, with
-    `lend_cores`, the core-lending flags.
+    Every replica gets `replica`'s config with its own port, the shape's parallelism (threads on a
+    CPU, tensor-parallel GPUs with their own CUDA_VISIBLE_DEVICES) and, where lending applies, its
+    slot on the set's core board.
     """
 
-    def __init__(self, engine_argv: Sequence[str], machine: Machine, host: str = "127.0.0.1", *,
+    def __init__(self, replica: ReplicaConfig, machine: Machine, host: str = "127.0.0.1", *,
                  lend_cores: bool = True) -> None:
-        self.engine_argv = list(engine_argv)
+        self.replica = replica
         self.machine = machine
         self.host = host
         self.lend_cores = lend_cores
 
     def build(self, shape: Shape) -> LocalReplicaSet:
-        addresses = [f"{self.host}:{port}" for port in free_ports(shape.replicas, self.host)]
+        ports = free_ports(shape.replicas, self.host)
         board = self._create_board(shape)
-        children = []
-        for index, address in enumerate(addresses):
-            argv = [sys.executable, "-m", "scalellm.cli", "replica", *self.engine_argv,
-                    *self.machine.replica_flags(shape), *self._lending_flags(board, index),
-                    "--host", self.host, "--port", address.rsplit(":", 1)[1]]
-            children.append(ChildProcess(f"replica {index} of {shape.label} ({address})", argv,
+        children, addresses = [], []
+        for index, port in enumerate(ports):
+            config = self.replica_config(shape, index, port, board)
+            children.append(ChildProcess(f"replica {index} of {shape.label} ({config.address})", REPLICA_ARGV,
+                                         to_json(config).encode() + b"\n",
                                          extra_env=self.machine.replica_env(shape, index)))
+            addresses.append(config.address)
         return LocalReplicaSet(shape, children, addresses, board)
 
+    def replica_config(self, shape: Shape, index: int, port: int, board: str | None = None) -> ReplicaConfig:
+        """The config of replica `index` of `shape`, listening on `port`."""
+        engine = self.machine.apply(shape, self.replica.engine)
+        if board is not None:
+            engine = dataclasses.replace(engine, core_board=board, core_board_slot=index,
+                                         threads_when_alone=self.machine.num_units)
+        return dataclasses.replace(self.replica, engine=engine, host=self.host, port=port)
+
     def lends_cores(self, shape: Shape) -> bool:
-        """Whether the replicas of `shape` lend each other their cores: several replicas on a CPU
-        that leave cores to borrow."""
-        return (self.lend_cores and self.machine.device == "cpu" and shape.replicas > 1
-                and shape.parallel < self.machine.num_units)
+        """Whether the replicas of `shape` lend each other their cores: several single-rank replicas
+        of the real engine on a CPU that leave cores to borrow."""
+        return (self.lend_cores and self.replica.mock is None and self.replica.engine.tensor_parallel_size == 1
+                and self.machine.device == "cpu" and shape.replicas > 1 and shape.parallel < self.machine.num_units)
 
     def _create_board(self, shape: Shape) -> str | None:
         if not self.lends_cores(shape):
@@ -99,12 +113,6 @@ class LocalLauncher(ReplicaLauncher):
         os.close(fd)
         create_board(board, shape.replicas)
         return board
-
-    def _lending_flags(self, board: str | None, slot: int) -> list[str]:
-        if board is None:
-            return []
-        return ["--core-board", board, "--core-board-slot", str(slot),
-                "--threads-when-alone", str(self.machine.num_units)]
 
 
 def default_replica_count(num_cores: int | None = None) -> int:

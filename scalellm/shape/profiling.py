@@ -38,7 +38,7 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
     from scalellm.bench.cli import concurrency_list
     from scalellm.replica.launch import add_engine_args
 
-    add_engine_args(parser)
+    add_engine_args(parser, exclude=("seed",))  # --seed seeds the prompts here
     group = parser.add_argument_group("profile")
     group.add_argument("--shapes", type=shape_list, default=None, metavar="RxP,...",
                        help="shapes to measure (default: every feasible one, e.g. 1x2,2x1 on 2 cores)")
@@ -59,9 +59,9 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
 
 def serve_command(args: argparse.Namespace, shape: Shape) -> str:
     """The bench launch template of `scalellm serve` in `shape` with the engine flags of `args`."""
-    from scalellm.replica.launch import engine_argv
+    from scalellm.replica.launch import engine_flags, replica_config_from_args
 
-    engine = shlex.join(engine_argv(args))
+    engine = shlex.join(engine_flags(replica_config_from_args(args)))
     return (f"{shlex.quote(sys.executable)} -m scalellm.cli serve --port {{port}} --shape {shape.label} "
             f"--no-request-log {engine}")
 

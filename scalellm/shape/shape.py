@@ -8,10 +8,13 @@ of them (1×2 and 2×1 on two cores; 1×4, 2×2 and 4×1 on four).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import re
 from dataclasses import dataclass
+
+from scalellm.config import EngineConfig
 
 MAX_REPLICAS = 8
 """Most replicas a feasible shape has (each one holds a copy of the model in memory)."""
@@ -79,11 +82,12 @@ class Machine:
         return [Shape(r, self.num_units // r) for r in range(1, min(max_replicas, self.num_units) + 1)
                 if self.num_units % r == 0]
 
-    def replica_flags(self, shape: Shape) -> list[str]:
-        """Engine flags that give one replica the shape's parallelism."""
+    def apply(self, shape: Shape, engine: EngineConfig) -> EngineConfig:
+        """`engine` with the shape's parallelism for one replica: its threads on a CPU, its
+        tensor-parallel degree on GPUs."""
         if self.device == "cuda":
-            return ["--tensor-parallel-size", str(shape.parallel)]
-        return ["--num-threads", str(shape.parallel)]
+            return dataclasses.replace(engine, tensor_parallel_size=shape.parallel)
+        return dataclasses.replace(engine, num_threads=shape.parallel)
 
     def replica_env(self, shape: Shape, index: int) -> dict[str, str]:
         """Environment of replica `index`: on GPUs, its own `parallel` devices; nothing on a CPU."""

@@ -44,12 +44,13 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def replicas_of(process: subprocess.Popen) -> dict[str, psutil.Process]:
-    """The live replica children by port."""
+    """The live replica children by the port they listen on (a replica still starting has none yet)."""
     found = {}
     for child in psutil.Process(process.pid).children():
-        cmdline = child.cmdline()
-        if "replica" in cmdline and child.status() != psutil.STATUS_ZOMBIE:
-            found[cmdline[cmdline.index("--port") + 1]] = child
+        if "replica" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+            ports = [str(c.laddr.port) for c in child.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+            if ports:
+                found[ports[0]] = child
     return found
 
 

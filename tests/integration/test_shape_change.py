@@ -66,13 +66,14 @@ def auto_serve(tmp_path_factory):
 
 
 def live_replicas(process: subprocess.Popen) -> dict[str, psutil.Process]:
-    """Replica children by port."""
+    """Replica children by the port they listen on (a replica still starting has none yet)."""
     found = {}
     for child in psutil.Process(process.pid).children():
         try:
-            cmdline = child.cmdline()
-            if "replica" in cmdline and child.status() != psutil.STATUS_ZOMBIE:
-                found[cmdline[cmdline.index("--port") + 1]] = child
+            if "replica" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                ports = [str(c.laddr.port) for c in child.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+                if ports:
+                    found[ports[0]] = child
         except psutil.NoSuchProcess:
             pass
     return found

@@ -42,7 +42,10 @@ class Serve:
             except psutil.Error:
                 continue
             if kind in cmdline and status != psutil.STATUS_ZOMBIE:
-                found[cmdline[cmdline.index("--port") + 1] if kind == "replica" else kind] = child
+                if kind == "gateway":
+                    found[kind] = child
+                elif port := listening_port(child):  # a replica still starting has none yet
+                    found[port] = child
         return found
 
     def stop(self) -> None:
@@ -53,6 +56,15 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def listening_port(process: psutil.Process) -> str | None:
+    """The TCP port `process` listens on (a replica's gRPC port), None when it listens on none."""
+    try:
+        ports = [str(c.laddr.port) for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return None
+    return ports[0] if ports else None
 
 
 def start_replica(port: int, *args: str) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import pytest
 from scalellm.cli import build_parser
 from scalellm.engine.core_board import CoreBoard, create_board
 from scalellm.serve import local_launcher
-from scalellm.shape.shape import Machine
+from scalellm.shape.shape import Machine, Shape
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_serve_lends_cores_unless_told_not_to_or_on_the_mock_engine():
 
     def lends(*flags: str) -> bool:
         args = build_parser("serve").parse_args(["serve", *flags])
-        return local_launcher(args, machine, 1).lend_cores
+        return local_launcher(args, machine, 1).lends_cores(Shape(2, 1))
 
     assert lends()
     assert not lends("--no-lend-cores")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from scalellm.config import EngineConfig
 from scalellm.shape.profile import Profile, ProfilePoint, ShapeProfile, plot_profile
 from scalellm.shape.profiling import profile_from_aggregates, serve_command, shape_list
 from scalellm.shape.shape import Machine, Shape
@@ -33,8 +34,9 @@ def test_feasible_shapes_use_every_unit(units, shapes):
 
 def test_cpu_shapes_set_threads_and_gpu_shapes_split_the_devices():
     cpu, gpu = Machine("cpu", 2), Machine("cuda", 4)
-    assert cpu.replica_flags(Shape(2, 1)) == ["--num-threads", "1"] and cpu.replica_env(Shape(2, 1), 1) == {}
-    assert gpu.replica_flags(Shape(2, 2)) == ["--tensor-parallel-size", "2"]
+    assert cpu.apply(Shape(2, 1), EngineConfig(num_threads=7)).num_threads == 1
+    assert cpu.replica_env(Shape(2, 1), 1) == {}
+    assert gpu.apply(Shape(2, 2), EngineConfig()).tensor_parallel_size == 2
     assert [gpu.replica_env(Shape(2, 2), i) for i in range(2)] == [{"CUDA_VISIBLE_DEVICES": "0,1"},
                                                                    {"CUDA_VISIBLE_DEVICES": "2,3"}]
     assert gpu.fits(Shape(4, 1)) and not gpu.fits(Shape(4, 2))

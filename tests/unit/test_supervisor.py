@@ -11,9 +11,11 @@ import time
 import pytest
 
 from scalellm.deploy.local import LocalLauncher, default_replica_count, threads_per_replica
+from scalellm.flags import from_json, to_json
 from scalellm.gateway.config import GatewayConfig
 from scalellm.process import ChildProcess, free_ports
-from scalellm.replica.launch import add_replica_args, engine_argv
+from scalellm.replica.config import ReplicaConfig
+from scalellm.replica.launch import add_replica_args, engine_flags, replica_config
 from scalellm.shape.shape import Machine, Shape
 from scalellm.supervisor import Supervisor
 
@@ -67,16 +69,30 @@ def test_threads_per_replica(replicas, cores, expected):
     assert threads_per_replica(replicas, cores) == expected
 
 
-def test_engine_argv_round_trips_through_the_replica_parser():
+def test_replica_flags_and_their_json_give_the_same_config():
     parser = argparse.ArgumentParser()
     add_replica_args(parser)
     args = parser.parse_args(["/models/x", "--engine", "mock", "--tpot-ms", "2.5", "--max-model-len", "512",
-                              "--kv-cache-gib", "0.5", "--dtype", "float32"])
-    again = parser.parse_args(engine_argv(args, num_threads=3) + ["--port", "1"])
-    assert again.num_threads == 3 and again.port == 1
-    for name in ("model", "engine", "tpot_ms", "ttft_ms", "max_model_len", "kv_cache_gib", "dtype",
-                 "max_num_seqs", "max_num_batched_tokens"):
-        assert getattr(again, name) == getattr(args, name), name
+                              "--kv-cache-gib", "0.5", "--dtype", "float32", "-tp", "2", "--no-fused-decode",
+                              "--port", "7"])
+    config = replica_config(args)
+    assert config.port == 7 and config.mock.tpot_ms == 2.5 and config.engine.model == "/models/x"
+    assert config.engine.tensor_parallel_size == 2 and not config.engine.fused_decode
+    assert from_json(ReplicaConfig, to_json(config)) == config
+    again = parser.parse_args(engine_flags(config) + ["--port", "7"])
+    assert replica_config(again) == config
+    assert engine_flags(ReplicaConfig()) == []  # defaults need no flag
+
+
+def test_bad_flag_values_are_refused_by_the_config_itself():
+    parser = argparse.ArgumentParser()
+    add_replica_args(parser)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        replica_config(parser.parse_args(["--max-num-seqs", "0"]))
+    with pytest.raises(ValueError, match="tpot_ms"):
+        replica_config(parser.parse_args(["--engine", "mock", "--tpot-ms", "-1"]))
+    with pytest.raises(ValueError, match="has no field"):
+        from_json(ReplicaConfig, '{"engine": {"modle": "x"}}')
 
 
 def test_taken_gateway_port_fails_before_starting_anything():
@@ -84,7 +100,7 @@ def test_taken_gateway_port_fails_before_starting_anything():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         config = GatewayConfig(port=taken.getsockname()[1])
-        supervisor = Supervisor(LocalLauncher(["--engine", "mock"], Machine("cpu", 1)), Shape(1, 1), config)
+        supervisor = Supervisor(LocalLauncher(ReplicaConfig(), Machine("cpu", 1)), Shape(1, 1), config)
         assert supervisor.run() == 1
         assert supervisor.replica_set.children[0].process is None
 

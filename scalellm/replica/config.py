@@ -1,0 +1,51 @@
+"""What a replica is given: the engine's config, the engine kind, and where to listen.
+
+`scalellm serve` hands each replica process its whole ReplicaConfig as one line of JSON on its stdin
+(scalellm/flags.py `to_json`); `scalellm replica` run by hand builds the same dataclass from flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scalellm.config import EngineConfig
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class MockEngineConfig:
+    """The mock engine: synthetic tokens on a fixed cadence, to measure and test everything around the model."""
+
+    tpot_ms: float = 5.0
+    """Mock engine: milliseconds per output token (the engine steps on this cadence)."""
+    ttft_ms: float = 0.0
+    """Mock engine: milliseconds before a request's first token."""
+
+    def __post_init__(self) -> None:
+        if self.tpot_ms < 0 or self.ttft_ms < 0:
+            raise ValueError(f"tpot_ms and ttft_ms must be >= 0, got {self.tpot_ms} and {self.ttft_ms}")
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """One replica: an engine behind the gRPC service on HOST:PORT."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The engine (with the mock engine, only its model name, max_model_len and max_num_seqs count)."""
+    mock: MockEngineConfig | None = None
+    """Set: serve the mock engine instead of the model."""
+    host: str = "127.0.0.1"
+    """Interface the gRPC server binds to."""
+    port: int = DEFAULT_PORT
+    """gRPC port (0 picks a free one)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
