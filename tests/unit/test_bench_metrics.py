@@ -120,4 +120,5 @@ def test_summary_reports_isolation_figures():
     assert summary["other_cpu_seconds"] == 1.0 and summary["other_cpu_share"] == 0.5
     assert summary["steal_cpu_seconds"] == 0.25
     assert summary["num_itl_during_prefill"] == 0 and summary["median_itl_outside_prefill_ms"] == pytest.approx(100)
+    assert summary["p99_itl_during_prefill_ms"] is None  # no overlap: no figure, not 0
     assert summarize([ok(0.1, 0.5, 5)], RunWindow(duration_s=1.0))["other_cpu_share"] is None
