@@ -7,7 +7,8 @@
   per 64 bytes, far below what a core can issue, so the pass is bound by memory.
 * Matrix-multiply peak: torch matmuls in fp32, bf16 and int8 (``torch._int_mm``)
   at a few shapes on every core, best of several calls, in GFLOP/s (int8: GOP/s,
-  a multiply-add counted as two). oneDNN's verbose log of one bf16 and one int8
+  a multiply-add counted as two). int8 also times ScaleLLM's own VNNI kernel
+  where it builds; its peak is the better of the two. oneDNN's verbose log of one bf16 and one int8
   call is captured in a child process to report which kernel and ISA ran
   (AMX where the CPU has it, AVX-512 VNNI/BF16 otherwise).
 * How quiet the machine was: the cores other processes kept busy meanwhile
@@ -87,6 +88,25 @@ def matmul_rate(dtype: str, m: int, k: int, n: int, repeats: int = 5) -> float:
     return rate(matmul_flops(m, k, n), seconds)
 
 
+def int8_kernel_rate(m: int, k: int, n: int, repeats: int = 5) -> float | None:
+    """Operations per second of ScaleLLM's own W8A8 kernel (kernels/int8_linear.cpp, AVX512-VNNI) on
+    one [M, K] x [K, N] product; None where it cannot be built. torch's int8 matmul is not the
+    fastest int8 path on every CPU, and a peak must be the best this machine reaches."""
+    import torch
+
+    from scalellm.engine.layers.kernels import load_int8_linear
+    from scalellm.engine.quantization.int8 import pack_for_vnni, quantize_rows
+
+    fused = load_int8_linear()
+    if fused is None:
+        return None
+    weight_q, scales = quantize_rows(torch.randn(n, k) * 0.05)
+    packed, compensation = pack_for_vnni(weight_q)
+    x = torch.randn(m, k).bfloat16()
+    seconds = best_seconds(lambda: fused(x, packed, compensation, scales, None, n), repeats)
+    return rate(matmul_flops(m, k, n), seconds)
+
+
 def cpu_facts(cpuinfo: str) -> dict:
     """Model name, logical CPUs and the SIMD/AMX flags that matter, from /proc/cpuinfo text."""
     model, flags, count = "", set(), 0
@@ -161,6 +181,10 @@ def probe_machine(buffer_bytes: int = GIB, shapes=MATMUL_SHAPES, repeats: int = 
     for dtype in DTYPES:
         by_shape = {f"{m}x{k}x{n}": matmul_rate(dtype, m, k, n, repeats) / 1e9 for m, k, n in shapes}
         matmul[dtype] = {"gflop_s_by_shape": by_shape, "peak_gflop_s": max(by_shape.values())}
+    kernel = {f"{m}x{k}x{n}": int8_kernel_rate(m, k, n, repeats) for m, k, n in shapes}
+    if all(value is not None for value in kernel.values()):
+        matmul["int8"]["kernel_gflop_s_by_shape"] = {shape: value / 1e9 for shape, value in kernel.items()}
+        matmul["int8"]["peak_gflop_s"] = max(matmul["int8"]["peak_gflop_s"], *(v / 1e9 for v in kernel.values()))
     return {"probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
             "cores": cores, "torch": torch.__version__, "cpu": cpu_facts(cpuinfo),
             "memory_bandwidth": bandwidth, "matmul": matmul, "kernels": kernel_isa(),

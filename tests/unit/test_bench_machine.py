@@ -62,6 +62,9 @@ def test_probe_measures_a_real_machine(tmp_path):
     for dtype in machine.DTYPES:
         assert probe["matmul"][dtype]["peak_gflop_s"] > 0.1
     assert probe["kernels"]["torch_cpu_capability"]
+    int8 = probe["matmul"]["int8"]
+    if "kernel_gflop_s_by_shape" in int8:  # the project's VNNI kernel built here
+        assert int8["peak_gflop_s"] == max(*int8["gflop_s_by_shape"].values(), *int8["kernel_gflop_s_by_shape"].values())
     assert probe["other_cpu_share"] is None or probe["other_cpu_share"] >= 0
     path = tmp_path / "machine.json"
     path.write_text(json.dumps(probe))
