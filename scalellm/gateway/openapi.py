@@ -8,7 +8,10 @@ error is documented with OpenAI's error object. Null means "the default" for eve
 
 from __future__ import annotations
 
-from scalellm.protocol.openai import (CHAT_ROLES, MAX_N, MAX_TOKEN_ID, MAX_TOKENS_WITHOUT_CONTEXT,
+from scalellm.gateway.openapi_agents import (chat_message_schema, chat_agent_properties, chat_agent_rules,
+                                             chat_message_response, completion_rules, ignored_properties,
+                                             responses_paths, structured_properties)
+from scalellm.protocol.openai import (MAX_N, MAX_PROMPTS, MAX_TOKEN_ID, MAX_TOKENS_WITHOUT_CONTEXT,
                                       SAMPLING_FIELDS, STOP_SCHEMA)
 from scalellm.protocol.types import SamplingParams
 
@@ -48,27 +51,21 @@ def _common_properties(max_tokens: int, model: str | None) -> dict:
     properties["stream"] = _nullable({"type": "boolean"})
     properties["stream_options"] = _nullable({"type": "object", "properties": {
         "include_usage": _nullable({"type": "boolean"})}})
+    properties.update(structured_properties(), **ignored_properties())
     return properties
 
 
 def _chat_request(max_tokens: int, model: str | None) -> dict:
-    text_part = {"type": "object", "required": ["type", "text"],
-                 "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-    content = [{"type": "string"}, {"type": "array", "items": text_part}]
-    message = {"oneOf": [  # only the assistant may leave content out
-        {"type": "object", "required": ["role"], "properties": {
-            "role": {"const": "assistant"}, "content": {"anyOf": [*content, {"type": "null"}]}}},
-        {"type": "object", "required": ["role", "content"], "properties": {
-            "role": {"type": "string", "enum": sorted(CHAT_ROLES - {"assistant"})}, "content": {"anyOf": content}}}]}
     properties = _common_properties(max_tokens, model)
     properties.update(
-        messages={"type": "array", "minItems": 1, "items": message},
+        messages={"type": "array", "minItems": 1, "items": chat_message_schema()},
         max_completion_tokens=properties["max_tokens"],
         logprobs=_nullable({"type": "boolean"}),
         top_logprobs=_nullable({"type": "integer", "minimum": 0, "maximum": SamplingParams.MAX_LOGPROBS}),
-        add_generation_prompt=_nullable({"type": "boolean"}))
-    return {"type": "object", "required": ["messages"], "properties": properties,
-            "allOf": [_needs_true("stream_options", "stream"), _needs_true("top_logprobs", "logprobs")]}
+        add_generation_prompt=_nullable({"type": "boolean"}), **chat_agent_properties())
+    return {"type": "object", "required": ["messages"], "properties": properties, "additionalProperties": False,
+            "allOf": [_needs_true("stream_options", "stream"), _needs_true("top_logprobs", "logprobs"),
+                      *chat_agent_rules()]}
 
 
 def _completion_request(max_tokens: int, model: str | None) -> dict:
@@ -76,20 +73,21 @@ def _completion_request(max_tokens: int, model: str | None) -> dict:
     text = {"type": "string", "minLength": 1}
     properties = _common_properties(max_tokens, model)
     properties.update(
-        prompt={"anyOf": [text, token_ids, {"type": "array", "minItems": 1, "maxItems": 1,
+        prompt={"anyOf": [text, token_ids, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS,
                                             "items": {"anyOf": [text, token_ids]}}]},
         logprobs=_nullable({"type": "integer", "minimum": 0, "maximum": SamplingParams.MAX_LOGPROBS}),
-        echo=_nullable({"type": "boolean", "const": False}))
-    return {"type": "object", "required": ["prompt"], "properties": properties,
-            "allOf": [_needs_true("stream_options", "stream")]}
+        echo=_nullable({"type": "boolean"}), suffix=_nullable({"type": "string"}),
+        best_of=_nullable({"type": "integer", "minimum": 1, "maximum": MAX_N,
+                           "description": "accepted when equal to n (no reranking)"}))
+    return {"type": "object", "required": ["prompt"], "properties": properties, "additionalProperties": False,
+            "allOf": [_needs_true("stream_options", "stream"), *completion_rules()]}
 
 
 def _completion_response(chat: bool) -> dict:
     if chat:
         choice = {"type": "object", "required": ["index", "message", "finish_reason"], "properties": {
             "index": {"type": "integer"}, "finish_reason": {"type": ["string", "null"]},
-            "message": {"type": "object", "required": ["role", "content"],
-                        "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}}}
+            "message": chat_message_response()}}
     else:
         choice = {"type": "object", "required": ["index", "text", "finish_reason"], "properties": {
             "index": {"type": "integer"}, "text": {"type": "string"},
@@ -143,6 +141,11 @@ def openapi_document(model: str | None, max_model_len: int | None, auth_enabled:
                                        auth_enabled),
         "/v1/models": {"get": _operation("The served model", {"200": _json(models, "Models"),
                                                               **_errors("401", "403", "405")}, auth_enabled)},
+        "/v1/models/{model}": {"get": {**_operation("One model", {
+            "200": _json(models["properties"]["data"]["items"], "The model"),
+            **_errors("401", "403", "404", "405")}, auth_enabled), "parameters": [
+            {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+        **responses_paths(max_tokens, model, _operation, _json, _errors, auth_enabled),
         "/health": {"get": _operation("Gateway health (no key needed)", {
             "200": _json(health, "At least one replica is routable"),
             "503": _json(health, "No routable replica, or draining"), **_errors("405")}, False)},

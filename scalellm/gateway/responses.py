@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from scalellm.protocol.agent_fields import IGNORED_FIELDS
+from scalellm.protocol.agent_fields import IGNORED_FIELDS, check_type
 from scalellm.protocol.choice_stream import ChoiceDelta, ChoiceStream
 from scalellm.protocol.openai import (OpenAIError, ParsedRequest, chat_request_from_body,
                                       check_not_aborted, load_json_object)
@@ -57,6 +57,10 @@ def parse_responses_request(raw: bytes, max_model_len: int | None, affinity_char
     if body.get("previous_response_id") is not None:
         raise _invalid("'previous_response_id' is not supported: this server stores no responses; send the "
                        "whole conversation as 'input' items", "previous_response_id")
+    for name, kinds, what in (("store", (bool,), "a boolean"), ("text", (dict,), "an object"),
+                              ("tools", (list,), "a list"), ("include", (list,), "a list"),
+                              ("stream", (bool,), "a boolean")):
+        check_type(body, name, kinds, what)
     if body.get("truncation") not in (None, "disabled"):
         raise _invalid("'truncation' must be 'disabled': prompts are never cut", "truncation")
     if body.get("include"):
@@ -72,6 +76,8 @@ def parse_responses_request(raw: bytes, max_model_len: int | None, affinity_char
     if body.get("parallel_tool_calls") is not None:
         chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     text = body.get("text") or {}
+    if text.get("format") is not None and not isinstance(text["format"], dict):
+        raise _invalid("'text.format' must be an object", "text")
     response_format = _response_format(text)
     if response_format is not None:
         chat["response_format"] = response_format

@@ -40,10 +40,18 @@ def check_known_fields(body: dict, known: frozenset[str], route: str) -> None:
         if name not in known and name not in IGNORED_FIELDS:
             raise _invalid(f"'{name}' is not supported by {route}; remove it (this server refuses fields it "
                            "would otherwise ignore)", name)
-    if body.get("store"):
-        raise _invalid("'store': true is not supported: this server stores no completions", "store")
-    if body.get("logit_bias"):
-        raise _invalid("'logit_bias' is not supported; use structured_outputs or stop_token_ids", "logit_bias")
+    if body.get("store") is not None and body["store"] is not False:
+        raise _invalid("'store' must be false or null: this server stores no completions", "store")
+    if body.get("logit_bias") is not None and body["logit_bias"] != {}:
+        raise _invalid("'logit_bias' is not supported (only {} or null); use structured_outputs or stop_token_ids",
+                       "logit_bias")
+
+
+def check_type(body: dict, name: str, kinds: tuple[type, ...], what: str) -> None:
+    """400 unless body[name] is null/absent or one of `kinds` (a bool is not a number)."""
+    value = body.get(name)
+    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+        raise _invalid(f"'{name}' must be {what}", name)
 
 
 def _schema_text(schema, param: str) -> str:
