@@ -52,9 +52,9 @@ def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig,
     """Start one prepared system alone, measure the plan on it (or run `measure`), stop it."""
     info: dict = {"command": spec.command, "env": spec.env, "keepalive": spec.keepalive and client.keepalive,
                   **spec.details}
-    others = isolation.leftover_servers()
-    if others and not allow_other_servers:
+    if not allow_other_servers:
         isolation.check_alone(spec.name)
+    others = isolation.leftover_servers()
     info["other_servers_at_start"] = [f"{p.pid} {p.family}: {p.cmdline}" for p in others]
     log_path = output_dir / "logs" / f"{spec.name}.log"
     with RunningSystem(spec, options.gguf, log_path) as running:
@@ -70,7 +70,7 @@ def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig,
         if measure is not None:
             return info, measure(spec.name, system_client, [running.process.pid])
         points = run_plan(spec.name, system_client, plan, [running.process.pid], progress)
-        if verify_peer and spec.name == "vllm":
+        if verify_peer and "python" in spec.details:  # the built-in vLLM: its own client is in its venv
             info["peer_check"] = check_with_own_tool(spec, system_client, plan, points, output_dir)
     return info, points
 
