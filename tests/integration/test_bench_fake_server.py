@@ -378,6 +378,25 @@ def test_compare_stopped_by_sigterm_stops_the_system(tmp_path):
         bench.wait()
 
 
+def test_compare_refuses_to_start_beside_another_server(tmp_path):
+    import subprocess
+
+    leftover = subprocess.Popen(["bash", "-c", f'exec -a scalellm {sys.executable} -c "import time; '
+                                 f'time.sleep(60)" serve --port 1'])
+    try:
+        time.sleep(0.5)
+        command = f"{{python}} {Path(__file__).resolve()} --port {{port}}"
+        rc = bench_main(["--compare", "--systems", "fake", "--system-cmd", f"fake={command}", "--concurrency", "1",
+                         "--requests", "2", "--warmup", "0", "--output", str(tmp_path)])
+        assert rc == 1
+        error = orjson.loads((tmp_path / "results.json").read_bytes())["systems"]["fake"]["error"]
+        assert "refusing to start fake" in error and f"pid {leftover.pid} (scalellm)" in error
+        assert not (tmp_path / "logs" / "fake.log").exists()  # never started
+    finally:
+        leftover.kill()
+        leftover.wait()
+
+
 def _children(pid: int) -> list[int]:
     from scalellm.bench import procstat
 
