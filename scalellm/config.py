@@ -44,8 +44,10 @@ class EngineConfig:
     (None: num_threads)."""
     seed: int = 0
     """Seed for requests that bring none."""
-    quantization: str | None = None
-    """None keeps the weights in `dtype`; "int8" is W8A8 dynamic int8 (per-channel weights, per-token activations)."""
+    quantization: str | None = "auto"
+    """"auto": a GGUF's quantized linear weights are kept in their own types ("gguf") on a CPU with
+    AVX512-VNNI, other models stay in `dtype`; "none" (or None) keeps the weights in `dtype`; "int8" is W8A8
+    dynamic int8 (per-channel weights, per-token activations); "gguf" keeps a GGUF's quantization."""
     attention_backend: str = "auto"
     """Decode attention: "cpp" is a fused C++ CPU kernel reading the paged KV cache in place (compiled on
     first use; float32/bfloat16 on the CPU), "torch" is scaled_dot_product_attention on gathered blocks,
@@ -75,8 +77,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
-        if self.quantization not in (None, "none", "int8"):
-            raise ValueError(f"quantization must be none or int8, got {self.quantization!r}")
+        if self.quantization not in (None, "auto", "none", "int8", "gguf"):
+            raise ValueError(f"quantization must be auto, none, int8 or gguf, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
         if self.threads_when_alone is not None and self.threads_when_alone < (self.num_threads or 1):

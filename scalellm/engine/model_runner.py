@@ -17,7 +17,7 @@ from scalellm.engine.layers.options import LayerOptions
 from scalellm.engine.layers.partition import max_local_kv_heads, partition_heads
 from scalellm.engine.models import ForwardContext, model_class
 from scalellm.engine.parallel.group import ParallelGroup, SingleRank
-from scalellm.engine.quantization import get_quantization_method
+from scalellm.engine.quantization import get_quantization_method, resolve_quantization
 from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from scalellm.engine.sampler import Sampler, SamplingRow, make_generator
 from scalellm.engine.step_inputs import build_step_inputs
@@ -37,11 +37,12 @@ class ModelRunner:
         self.decode_backend = resolve_decode_backend(config.attention_backend, device, dtype)
         self.num_kv_heads = partition_heads(c.num_heads, c.num_kv_heads, self.group.world_size,
                                             self.group.rank).kv.size
-        options = LayerOptions(dtype, get_quantization_method(config.quantization), self.group,
-                               config.enable_expert_parallel)
+        self.quantization = resolve_quantization(config.quantization, files, device, self.group.world_size)
+        quant = get_quantization_method(self.quantization)
+        options = LayerOptions(dtype, quant, self.group, config.enable_expert_parallel)
         with torch.device(device):
             self.model = model_class(c.architecture)(c, max_model_len, options)
-        self.model.load_weights(files.iter_weights())
+        self.model.load_weights(files.iter_weights(getattr(quant, "keeps_gguf_types", ())))
         self.model.eval()
         if config.fused_decode:
             self.model.enable_fused_decode(self.decode_backend)

@@ -25,7 +25,7 @@ BF16_LOGPROB_TOLERANCE = 0.35
 
 @pytest.fixture(scope="module")
 def llm_fp32():
-    return LLM(dtype="float32", max_num_batched_tokens=24, kv_cache_gib=0.05)
+    return LLM(dtype="float32", quantization="none", max_num_batched_tokens=24, kv_cache_gib=0.05)
 
 
 def hf_generate(model, ids: list[int], num_tokens: int, **kwargs) -> list[int]:
@@ -58,7 +58,7 @@ def test_eight_prompts_batched_and_chunked(hf_default_model, llm_fp32):
 
 def test_bf16_logprobs_within_tolerance(hf_default_model):
     model, tokenizer = hf_default_model
-    llm = LLM(dtype="bfloat16", kv_cache_gib=0.05)
+    llm = LLM(dtype="bfloat16", quantization="none", kv_cache_gib=0.05)
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
     for prompt in PROMPTS[:4]:
         output = llm.generate(prompt, params)[0].outputs[0]

@@ -10,6 +10,8 @@ import pytest
 from scalellm.config import EngineConfig
 from scalellm.engine.layers.kernels import kernel_load_error, load_decode_layers
 from scalellm.engine.llm_engine import LLMEngine
+from scalellm.engine.loader import default_model_path
+from scalellm.engine.quantization.gguf import kernel_op
 from scalellm.protocol.types import SamplingParams
 from tests.engine.tiny_models import VOCAB_SIZE, make_tiny_model
 
@@ -67,6 +69,17 @@ def test_fused_decode_equals_the_python_layers(kind, quantization, tmp_path, tok
     for want, have in zip(expected, got):
         assert have[0] == want[0]
         assert have[1] == want[1]  # logprobs equal exactly: the same bits all the way to the logits
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(kernel_op() is None, reason="the quantized kernel needs AVX512-VNNI")
+def test_fused_decode_equals_the_python_layers_on_gguf_weights():
+    """The default model on its own Q4_1 weights: the fused op calls the quantized kernel as the layers do."""
+    path = default_model_path()
+    expected, _ = run(path, "gguf", fused=False)
+    got, calls = run(path, "gguf", fused=True)
+    assert calls > 10
+    assert got == expected
 
 
 def test_fused_decode_does_not_apply_where_the_op_cannot_run(tmp_path, tokenizer_dir):

@@ -19,6 +19,7 @@ from torch import nn
 from scalellm.engine.layers.options import LayerOptions
 from scalellm.engine.layers.partition import Slice, balanced_slice, partition_heads
 from scalellm.engine.quantization import QuantizationMethod, get_quantization_method
+from scalellm.engine.quantization.gguf import GGUFTensor
 
 
 class Linear(nn.Module):
@@ -50,6 +51,8 @@ class Linear(nn.Module):
             offset += piece.size
         self.weight = nn.Parameter(torch.empty(offset, self.input_slice.size, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(offset, dtype=dtype), requires_grad=False) if bias else None
+        self.gguf_shards: dict[str | None, GGUFTensor] = {}
+        """Shards loaded still in their GGUF quantization (methods with `keeps_gguf_types` only)."""
 
     def load(self, tensor: torch.Tensor, shard: str | None = None, kind: str = "weight") -> None:
         """Copy this layer's slice of a full checkpoint tensor into the rows of `shard`."""
@@ -57,6 +60,12 @@ class Linear(nn.Module):
         expected = (rows.total, self.input_slice.total) if kind == "weight" else (rows.total,)
         if tuple(tensor.shape) != expected:
             raise ValueError(f"{kind} shape {tuple(tensor.shape)} does not fit shard {shard!r} of shape {expected}")
+        if isinstance(tensor, GGUFTensor):
+            whole_rows = self.input_slice.size == self.input_slice.total
+            if whole_rows and tensor.type_name in getattr(self.quant_method, "keeps_gguf_types", ()):
+                self.gguf_shards[shard] = tensor.rows(slice(rows.start, rows.end))  # the method packs them
+                return
+            tensor = tensor.dequantize()
         tensor = tensor[rows.start:rows.end]
         if kind == "weight":
             tensor = tensor[:, self.input_slice.start:self.input_slice.end]

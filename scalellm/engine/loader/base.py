@@ -21,8 +21,9 @@ class ModelFiles(ABC):
     config: ModelConfig
 
     @abstractmethod
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hugging_face_name, tensor) for every weight, dequantized, in the checkpoint's dtype or fp32."""
+    def iter_weights(self, keep_quantized: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hugging_face_name, tensor) for every weight, dequantized, in the checkpoint's dtype or fp32;
+        matrices stored in one of the GGUF types `keep_quantized` may come as a GGUFTensor instead."""
 
     @abstractmethod
     def load_tokenizer(self):

@@ -129,10 +129,15 @@ class GGUFFiles(ModelFiles):
             eos_token_ids=() if eos is None else (int(eos),),
         )
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, keep_quantized: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """keep_quantized: GGUF types (quantization/gguf_blocks.py's KERNEL_TYPES) whose matrices come as
+        GGUFTensor, undecoded; everything else is dequantized."""
         for tensor in self.reader.tensors:
             name = _hf_name(tensor.name, _GEMMA3_LAYER_NAMES if self.config.architecture == "gemma3" else _LAYER_NAMES)
             if name is None:
+                continue
+            if tensor.tensor_type.name in keep_quantized and name.endswith(".weight") and len(tensor.shape) == 2:
+                yield name, self._quantized(tensor, name)
                 continue
             weight = torch.from_numpy(_dequantize(tensor))
             if self.config.architecture in ("llama", "mistral"):
@@ -143,6 +148,24 @@ class GGUFFiles(ModelFiles):
             if self.config.architecture == "gemma3" and name.endswith("norm.weight"):
                 weight = weight - 1
             yield name, weight
+
+    def _quantized(self, tensor, name: str):
+        """The tensor's rows as a GGUFTensor (q and k rows of Llama-style files unpermuted)."""
+        from scalellm.engine.quantization.gguf import GGUFTensor
+
+        from gguf.constants import GGML_QUANT_SIZES
+
+        rows, cols = (int(d) for d in reversed(tensor.shape))
+        block_size, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
+        row_bytes = cols // block_size * type_size
+        if cols % block_size or rows * row_bytes != tensor.data.nbytes or rows < 1:
+            raise ModelLoadError(f"tensor {tensor.name} of shape {(rows, cols)} needs {rows * row_bytes} bytes but "
+                                 f"the file holds {tensor.data.nbytes} for it: the file is truncated or corrupt")
+        result = GGUFTensor(tensor.tensor_type.name, tensor.data.reshape(rows, row_bytes), cols)
+        if self.config.architecture in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = self.config.num_heads if name.endswith("q_proj.weight") else self.config.num_kv_heads
+            result = result.rows(_unpermute(torch.arange(rows), heads).numpy())
+        return result
 
     def load_tokenizer(self):
         from scalellm.engine.loader.gguf_tokenizer import load_gguf_tokenizer

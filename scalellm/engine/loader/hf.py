@@ -66,7 +66,7 @@ class HFDirectoryFiles(ModelFiles):
             raise ModelLoadError(f"missing weight shard {missing[0]}")
         return files
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, keep_quantized: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import SafetensorError, safe_open
 
         for file in self.weight_files:

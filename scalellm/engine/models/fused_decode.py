@@ -7,7 +7,8 @@ The C++ op runs the same scalellm ops in the same order on the same tensors, so 
 for bit the Python layers'.
 
 It applies to Llama-family models (GatedMLP feed-forward, no experts) in bfloat16 on the CPU, on one
-rank, with the C++ decode attention, and with int8 (fused kernel) or unquantized projections.
+rank, with the C++ decode attention, and with int8 (fused kernel), GGUF-quantized (quantized kernel)
+or unquantized projections.
 Steps that carry a prefill chunk, and every other configuration, run the Python layers.
 """
 
@@ -78,11 +79,16 @@ class FusedDecodeLayers:
 
 
 def _operands(linear: torch.nn.Module) -> list[torch.Tensor] | None:
-    """A projection's four tensors for the op (see decode_layers.cpp), or None if it cannot take it."""
+    """A projection's five tensors for the op (see decode_layers.cpp), or None if it cannot take it."""
     empty = torch.empty(0)
     if getattr(linear, "fused_op", None) is not None:  # int8 with the fused kernel
         bias = linear.bias_f32 if linear.bias is not None else empty
-        return [linear.weight_packed, linear.weight_compensation, linear.weight_scales, bias]
-    if isinstance(linear.quant_method, Unquantized):
-        return [linear.weight, linear.bias if linear.bias is not None else empty, empty, empty]
+        return [linear.weight_packed, linear.weight_compensation, linear.weight_scales, bias, empty]
+    if getattr(linear, "quantized_op", None) is not None:  # GGUF codes with the quantized kernel
+        bias = linear.bias_f32 if linear.bias is not None else empty
+        minimums = linear.qweight_minimums if linear.qweight_minimums is not None else empty
+        return [linear.qweight_packed, linear.qweight_scales, minimums, bias,
+                torch.tensor(linear.qweight_meta, dtype=torch.int64)]
+    if isinstance(linear.quant_method, Unquantized) or getattr(linear, "weight", None) is not None:
+        return [linear.weight, linear.bias if linear.bias is not None else empty, empty, empty, empty]
     return None

@@ -106,7 +106,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, options.dtype)
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, options)
-        self.logits_head = LogitsHead(self.lm_head, options.quant)
+        self.logits_head = LogitsHead(self.lm_head, options.quant, tied=config.tie_word_embeddings)
         self.fused_decode: FusedDecodeLayers | None = None
         """Set by enable_fused_decode: decode-only steps then run the layers as one C++ call."""
 

@@ -109,7 +109,7 @@ class GGUFQuantized(QuantizationMethod):
             for name, tensor in quantized.items():
                 offset, _ = layer.shards[name]
                 layer.weight.data[offset:offset + tensor.shape[0]].copy_(tensor.dequantize())
-        layer.gguf_shards = None
+        layer.gguf_shards = {}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if layer.quantized_op is None:

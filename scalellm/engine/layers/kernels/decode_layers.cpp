@@ -15,11 +15,13 @@
 //   x = linear(silu_and_mul(linear(h, gate_up_proj)), down_proj)
 //
 // and returns the last layer's (x, residual); the final norm and the logits stay in Python.
-// `weights` holds kTensorsPerLayer tensors per layer: the input norm weight, the four tensors of the
-// qkv projection, the four of o, the post-attention norm weight, the four of gate_up, the four of down.
-// A projection is either W8A8 int8 (packed int8 weight, int32 compensation, float32 scales, float32
-// bias or an empty tensor: the operands of int8_linear) or plain (weight [N, K] in x's dtype, bias or
-// an empty tensor, two empty tensors: at::linear). Caches are [slots, KH, D] per layer.
+// `weights` holds kTensorsPerLayer tensors per layer: the input norm weight, the five tensors of the
+// qkv projection, the five of o, the post-attention norm weight, the five of gate_up, the five of down.
+// A projection is W8A8 int8 (packed int8 weight, int32 compensation, float32 scales, float32 bias or
+// an empty tensor, an empty tensor: the operands of int8_linear), GGUF-quantized (packed uint8 codes,
+// float16 scales, float16 minimums or empty, float32 bias or empty, int64 [n, bits, group, zero_point]:
+// the operands of quantized_linear) or plain (weight [N, K] in x's dtype, bias or an empty tensor,
+// three empty tensors: at::linear). Caches are [slots, KH, D] per layer.
 //
 // What it saves is the Python work around some 15 small ops per layer: the ops themselves are the
 // scalellm ops the layers call (found in the dispatcher, so their libraries must be loaded first).
@@ -35,10 +37,14 @@
 
 namespace {
 
-constexpr int64_t kTensorsPerLayer = 18;
+constexpr int64_t kTensorsPerLayer = 22;
+constexpr int64_t kTensorsPerProjection = 5;
 
 using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const c10::optional<at::Tensor>&, int64_t);
+using QuantizedLinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t,
+                                     int64_t, int64_t, int64_t);
 using AddRmsNormFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
                                                         const at::Tensor&, double);
 using RotaryFn = at::Tensor(at::Tensor, const at::Tensor&, const at::Tensor&);
@@ -54,6 +60,11 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
 // The scalellm ops this one composes, looked up once.
 struct Ops {
   c10::TypedOperatorHandle<Int8LinearFn> int8_linear = find_op<Int8LinearFn>("scalellm::int8_linear");
+  // Looked up on first use: only models with GGUF-quantized projections need its library loaded.
+  c10::TypedOperatorHandle<QuantizedLinearFn> quantized_linear() const {
+    static const auto handle = find_op<QuantizedLinearFn>("scalellm::quantized_linear");
+    return handle;
+  }
   c10::TypedOperatorHandle<AddRmsNormFn> add_rms_norm = find_op<AddRmsNormFn>("scalellm::add_rms_norm");
   c10::TypedOperatorHandle<RotaryFn> rotary = find_op<RotaryFn>("scalellm::rotary_");
   c10::TypedOperatorHandle<SiluAndMulFn> silu_and_mul = find_op<SiluAndMulFn>("scalellm::silu_and_mul");
@@ -69,10 +80,15 @@ c10::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-// y = x W^T + b for one projection, given its four tensors starting at `w`.
+// y = x W^T + b for one projection, given its five tensors starting at `w`.
 at::Tensor project(const at::Tensor& x, const at::Tensor* w) {
   if (w[0].scalar_type() == at::kChar)
     return ops().int8_linear.call(x.contiguous(), w[0], w[1], w[2], optional(w[3]), w[2].numel());
+  if (w[0].scalar_type() == at::kByte) {
+    const int64_t* meta = w[4].data_ptr<int64_t>();  // n, bits, group, zero_point
+    return ops().quantized_linear().call(x.contiguous(), w[0], w[1], optional(w[2]), optional(w[3]), meta[0], meta[1],
+                                         meta[2], meta[3]);
+  }
   return at::linear(x, w[0], optional(w[1]));
 }
 
@@ -126,10 +142,11 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     write_kv(qkv, num_heads * head_dim, q_heads_and_k * head_dim, slots, k_cache, v_cache);
     at::Tensor attn = ops().attention.call(heads.narrow(1, 0, num_heads), k_cache, v_cache, block_table,
                                            context_lens, block_size, scale, sliding_window);
-    at::Tensor o = project(attn.reshape({rows, -1}), w + 5);
-    std::tie(h, sum) = ops().add_rms_norm.call(o, residual, w[9], eps);
+    at::Tensor o = project(attn.reshape({rows, -1}), w + 1 + kTensorsPerProjection);
+    std::tie(h, sum) = ops().add_rms_norm.call(o, residual, w[1 + 2 * kTensorsPerProjection], eps);
     residual = sum;
-    x = project(ops().silu_and_mul.call(project(h, w + 10)), w + 14);
+    const at::Tensor* mlp = w + 2 + 2 * kTensorsPerProjection;
+    x = project(ops().silu_and_mul.call(project(h, mlp)), mlp + kTensorsPerProjection);
   }
   return {x, *residual};
 }

@@ -1,0 +1,107 @@
+"""Micro-benchmark of the GGUF-quantized linear op (weights in their file's codes) against the fused
+W8A8 int8 op, on the projections of a real GGUF, plus a streaming-read probe of memory bandwidth.
+
+Each row is one projection at M tokens: microseconds per call (best of 5) and the weight bytes each
+op streams per call. The per-step line adds every layer's projections and the LM head (M <= 16); at
+M=1 the quantized op's figure is compared with the time to read its weights once at the measured
+bandwidth (the floor for a memory-bound decode step).
+
+    .venv/bin/python benchmarks/quantized_linear.py --threads 2 --tokens 1,16,64,256
+    .venv/bin/python benchmarks/quantized_linear.py --model $(../shared/models/fetch.sh qwen2.5-coder-1.5b)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from scalellm.engine.layers.kernels import load_int8_linear
+from scalellm.engine.loader import default_model_path
+from scalellm.engine.loader.gguf import GGUFFiles
+from scalellm.engine.quantization.gguf import kernel_op, pack
+from scalellm.engine.quantization.gguf_blocks import KERNEL_TYPES, merge
+from scalellm.engine.quantization.int8 import pack_for_vnni, quantize_rows
+
+PROJECTIONS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+               "down": ("down_proj",)}
+
+
+def best_time_us(fn) -> float:
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    repeats = max(2, int(0.2 / max(once, 1e-6)))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        times.append((time.perf_counter() - start) / repeats)
+    return 1e6 * min(times)
+
+
+def stream_bandwidth_gbs(size_mib: int = 1024) -> float:
+    """Bytes per second of a multithreaded streaming read (a sum over a buffer larger than the caches)."""
+    data = torch.ones(size_mib << 18, dtype=torch.float32)
+    return data.numel() * 4 / best_time_us(lambda: data.sum()) * 1e6 / 1e9
+
+
+def layer_weights(files: GGUFFiles, layer: int) -> dict:
+    """projection -> merged GroupCodes of layer `layer`, and "lm_head" -> the output matrix's."""
+    weights = dict(files.iter_weights(KERNEL_TYPES))
+    prefix = f"model.layers.{layer}."
+    out = {name: merge([weights[f"{prefix}{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}.weight"].codes()
+                        for p in parts]) for name, parts in PROJECTIONS.items()}
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    out["lm_head"] = head.codes()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M Q4_1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", default="1,16,64,256", help="comma-separated M values")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quantized, int8 = kernel_op(), load_int8_linear()
+    if quantized is None or int8 is None:
+        raise SystemExit("the kernels cannot be built here (they need AVX512-VNNI)")
+    files = GGUFFiles(args.model or default_model_path())
+    bandwidth = stream_bandwidth_gbs()
+    print(f"streaming read: {bandwidth:.1f} GB/s")
+    num_layers = files.config.num_layers
+    shapes = {}
+    for name, codes in layer_weights(files, 0).items():
+        packed, scales, minimums = pack(codes)
+        weight_q, w_scales = quantize_rows(torch.from_numpy(codes.dequantize()))
+        packed8, compensation = pack_for_vnni(weight_q)
+        nbytes = packed.numel() + 2 * scales.numel() * (2 if minimums is not None else 1)
+        shapes[name] = (codes, (packed, scales, minimums), (packed8, compensation, w_scales), nbytes)
+    for m in (int(t) for t in args.tokens.split(",")):
+        totals = {"gguf": 0.0, "int8": 0.0}
+        weight_bytes = 0
+        for name, (codes, (packed, scales, minimums), (packed8, compensation, w_scales), nbytes) in shapes.items():
+            if name == "lm_head" and m > 16:
+                continue  # the head sees the last token of each request only
+            n, k = codes.codes.shape
+            x = torch.randn(m, k).bfloat16()
+            calls = 1 if name == "lm_head" else num_layers
+            weight_bytes += nbytes * calls
+            gguf_us = best_time_us(lambda: quantized(x, packed, scales, minimums, None, n, codes.bits, codes.group,
+                                                     codes.zero_point))
+            int8_us = best_time_us(lambda: int8(x, packed8, compensation, w_scales, None, n))
+            totals["gguf"] += gguf_us * calls
+            totals["int8"] += int8_us * calls
+            print(f"M={m:4d} {name:8s} [{n}x{k} {codes.bits}-bit/{codes.group}]  gguf {gguf_us:8.1f} us "
+                  f"({nbytes / 1e6:6.2f} MB)  int8 {int8_us:8.1f} us ({packed8.numel() / 1e6:6.2f} MB)")
+        floor = weight_bytes / bandwidth / 1e6
+        print(f"M={m:4d} per step: gguf {totals['gguf'] / 1e3:.2f} ms, int8 {totals['int8'] / 1e3:.2f} ms; "
+              f"gguf weights {weight_bytes / 1e6:.0f} MB, read once at {bandwidth:.0f} GB/s: {floor:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
