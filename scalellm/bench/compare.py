@@ -91,8 +91,10 @@ def log_notes(log_path: Path, max_lines: int = 20) -> list[str]:
 def check_with_own_tool(spec: LaunchSpec, client: ClientConfig, plan: BenchPlan, points: list,
                         output_dir: Path) -> list[dict]:
     """Per concurrency: our client's medians beside ``vllm bench serve``'s on the same server."""
+    from scalellm.bench.peer_install import ensure_vllm_bench_client
     from scalellm.bench.verify import OWN_TOOL_KEYS, run_vllm_bench
 
+    ensure_vllm_bench_client(Path(spec.details["python"]))
     rows = []
     for concurrency in plan.concurrencies:
         print(f"[compare] {spec.name} C={concurrency}: vllm bench serve on the same prompts", file=sys.stderr,

