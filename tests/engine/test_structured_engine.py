@@ -89,3 +89,30 @@ def test_repeat_compile_is_cached(engine):
     spec = StructuredOutput("json_schema", json.dumps({**SCHEMA, "title": "cached"}))
     first = cache.compile_blocking(spec)
     assert cache.compile_blocking(spec) is first
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from scalellm.engine.loader import default_model_path
+
+    return LLMEngine(EngineConfig(model=default_model_path(), kv_cache_gib=0.05, max_model_len=512))
+
+
+@pytest.mark.slow
+def test_default_model_answers_json_when_the_grammar_forces_it(smollm):
+    from scalellm.protocol.types import ChatPrompt
+
+    chat = ChatPrompt([{"role": "user", "content": "Describe a cat."}])
+    params = SamplingParams(temperature=0.0, max_tokens=60, structured=StructuredOutput(
+        "json_schema", json.dumps({"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                                    "legs": {"type": "integer", "maximum": 8}},
+                                   "required": ["name", "legs"], "additionalProperties": False})))
+    smollm.add_request("json", chat, params)
+    final = None
+    while smollm.has_unfinished_requests():
+        final = next((o for o in smollm.step() if o.finished), final)
+    value = json.loads(final.outputs[0].text)
+    assert set(value) == {"name", "legs"}
+    with pytest.raises(ValueError, match="cannot render tools"):
+        smollm.add_request("tools", ChatPrompt(chat.messages, tools=[{"type": "function", "function": {"name": "f"}}]),
+                           SamplingParams(max_tokens=4))
