@@ -10,6 +10,7 @@ import torch
 from scalellm.config import EngineConfig
 from scalellm.engine.core_board import CoreBoard
 from scalellm.engine.device import resolve_device, resolve_dtype
+from scalellm.engine.kv_cache.groups import block_bytes, kv_groups
 from scalellm.engine.loader import ModelFiles, open_model_files
 from scalellm.engine.parallel.executor import make_executor, threads_per_rank
 from scalellm.engine.request import Request, RequestStatus
@@ -40,9 +41,11 @@ class EngineCore:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.executor = make_executor(config, self.files, self.max_model_len, self.device, self.dtype, on_failure)
         # A request must fit in the KV cache alone; the scheduler rejects one that cannot.
-        _check_kv_holds(config, self.files.config, self.dtype, self.executor.num_blocks)
-        self.max_model_len = min(self.max_model_len, self.executor.num_blocks * config.block_size)
-        self.scheduler = Scheduler(config, self.executor.num_blocks)
+        groups = kv_groups(self.files.config)
+        self.scheduler = Scheduler(config, self.executor.num_blocks, tuple(g.sliding_window for g in groups))
+        capacity = self.scheduler.kv_cache_manager.max_tokens_per_request(config.max_num_batched_tokens)
+        _check_kv_holds(config, self.files.config, groups, self.dtype, capacity)
+        self.max_model_len = min(self.max_model_len, capacity)
         self.last_step_time = time.monotonic()
         self._threads = torch.get_num_threads()
         self._board = None
@@ -99,21 +102,22 @@ class EngineCore:
         self.executor.shutdown()
 
 
-def _check_kv_holds(config: EngineConfig, model_config, dtype: torch.dtype, num_blocks: int) -> None:
+def _check_kv_holds(config: EngineConfig, model_config, groups, dtype: torch.dtype, capacity: int) -> None:
     """An explicit max_model_len must fit one request's KV; the default one is cut to what fits."""
-    capacity = num_blocks * config.block_size
     if config.max_model_len is None or config.max_model_len <= capacity:
         return
+    from scalellm.engine.kv_cache.manager import KVCacheManager
     from scalellm.engine.layers.partition import max_local_kv_heads
 
     c = model_config
     kv_heads = max_local_kv_heads(c.num_heads, c.num_kv_heads, config.tensor_parallel_size)
-    bytes_per_token = 2 * c.num_layers * kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
-    needed_gib = config.max_model_len * bytes_per_token / (1 << 30)
+    bytes_per_block = block_bytes(groups, config.block_size, kv_heads, c.head_dim, dtype)
+    sizing = KVCacheManager(1, config.block_size, False, tuple(g.sliding_window for g in groups))
+    num_blocks = sizing.max_blocks_for(config.max_model_len, config.max_num_batched_tokens)
+    needed_gib = num_blocks * bytes_per_block / (1 << 30)
     raise ValueError(f"max_model_len {config.max_model_len} needs {needed_gib:.2f} GiB of KV cache for one request "
-                     f"({bytes_per_token} bytes per token in {str(dtype).removeprefix('torch.')}), but "
-                     f"kv_cache_gib={config.kv_cache_gib} holds {capacity} tokens: give at least "
-                     f"--kv-cache-gib {needed_gib:.2f} or lower --max-model-len")
+                     f"(in {str(dtype).removeprefix('torch.')}), but kv_cache_gib={config.kv_cache_gib} holds "
+                     f"{capacity} tokens: give at least --kv-cache-gib {needed_gib:.2f} or lower --max-model-len")
 
 
 def _max_model_len(config: EngineConfig, model_max: int) -> int:

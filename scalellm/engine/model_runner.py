@@ -22,6 +22,7 @@ from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from scalellm.engine.sampler import Sampler, SamplingRow, make_generator
 from scalellm.engine.step_inputs import build_step_inputs
 from scalellm.engine.outputs import ScheduledChunk
+from scalellm.engine.kv_cache.groups import block_bytes, kv_groups, layer_slots
 
 
 class ModelRunner:
@@ -46,6 +47,8 @@ class ModelRunner:
         self.model.eval()
         if config.fused_decode:
             self.model.enable_fused_decode(self.decode_backend)
+        self.kv_groups = kv_groups(c)
+        self.group_windows = tuple(g.sliding_window for g in self.kv_groups)
         self.num_blocks = self._num_blocks(config.kv_cache_gib)
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler(config.seed)
@@ -54,9 +57,8 @@ class ModelRunner:
     def _bytes_per_block(self) -> int:
         """On the rank with the most KV heads: every rank then fits the same number of blocks."""
         c = self.model_config
-        element = torch.tensor([], dtype=self.dtype).element_size()
         num_kv_heads = max_local_kv_heads(c.num_heads, c.num_kv_heads, self.group.world_size)
-        return 2 * c.num_layers * self.block_size * num_kv_heads * c.head_dim * element
+        return block_bytes(self.kv_groups, self.block_size, num_kv_heads, c.head_dim, self.dtype)
 
     def _num_blocks(self, kv_cache_gib: float) -> int:
         num_blocks = int(kv_cache_gib * (1 << 30)) // self._bytes_per_block()
@@ -74,19 +76,17 @@ class ModelRunner:
         c = self.model_config
         shape = (num_blocks * self.block_size, self.num_kv_heads, c.head_dim)  # [slots, KH on this rank, D]
         allocate = torch.empty if self.decode_backend == "cpp" else torch.zeros
-        return [(allocate(shape, dtype=self.dtype, device=self.device),
-                 allocate(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+        pairs = [(allocate(shape, dtype=self.dtype, device=self.device),
+                  allocate(shape, dtype=self.dtype, device=self.device)) for _ in self.kv_groups[0].layers]
+        _, pair_of = layer_slots(self.kv_groups)  # layers of different groups share a pair, in different blocks
+        return [pairs[pair_of[layer]] for layer in range(c.num_layers)]
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run the forward pass for the scheduled chunks and sample where a chunk reaches its end
         (on rank 0; the other ranks return no tokens)."""
-        c = self.model_config
-        mixed = c.has_mixed_attention
-        inputs = build_step_inputs(scheduled, self.block_size, None if mixed else c.sliding_window, self.device,
-                                   self.decode_backend, local_window=c.sliding_window if mixed else None)
-        ctx = ForwardContext(attention=inputs.attention, kv_caches=self.kv_caches,
-                             sliding_attention=inputs.sliding_attention)
+        inputs = build_step_inputs(scheduled, self.block_size, self.group_windows, self.device, self.decode_backend)
+        ctx = self._context(inputs, self.kv_caches)
         hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
         output = ModelRunnerOutput()
         if not inputs.sample_chunks:
@@ -129,11 +129,14 @@ class ModelRunner:
         slots = torch.arange(num, device=self.device)
         # one prefill chunk over a private cache of block size 1: slot i holds position i
         tokens_only = SimpleNamespace(all_token_ids=token_ids, num_tokens=num)
-        chunk = ScheduledChunk(tokens_only, start_position=0, num_new_tokens=num, block_ids=list(range(num)))
-        mixed = c.has_mixed_attention
-        inputs = build_step_inputs(SchedulerOutput(chunks=[chunk]), 1, None if mixed else c.sliding_window,
-                                   self.device, local_window=c.sliding_window if mixed else None)
-        ctx = ForwardContext(attention=inputs.attention, kv_caches=caches, sliding_attention=inputs.sliding_attention)
+        windows = (None, c.sliding_window) if c.has_mixed_attention else (c.sliding_window,)
+        table = [i for i in range(num) for _ in windows]  # both groups' tables are the identity
+        chunk = ScheduledChunk(tokens_only, start_position=0, num_new_tokens=num, block_ids=table)
+        inputs = build_step_inputs(SchedulerOutput(chunks=[chunk]), 1, windows, self.device)
+        layer_attention = None
+        if c.has_mixed_attention:  # every layer writes its own private cache: one table serves both kinds
+            layer_attention = [inputs.attention[int(c.is_sliding(i))] for i in range(c.num_layers)]
+        ctx = ForwardContext(attention=inputs.attention[0], kv_caches=caches, layer_attention=layer_attention)
         hidden = self.model(inputs.token_ids, slots, ctx)  # [n, hidden]
         tokens = inputs.token_ids
         logits = self.model.compute_logits(hidden[:-1])  # [n-1, V] on rank 0
@@ -141,6 +144,14 @@ class ModelRunner:
             return None
         logprobs = torch.log_softmax(logits, dim=-1)
         return logprobs.gather(1, tokens[1:, None]).squeeze(1)
+
+    def _context(self, inputs, kv_caches) -> ForwardContext:
+        """The forward context: one metadata for every layer, or per layer its KV group's."""
+        if len(inputs.attention) == 1:
+            return ForwardContext(attention=inputs.attention[0], kv_caches=kv_caches)
+        group_of, _ = layer_slots(self.kv_groups)
+        return ForwardContext(attention=inputs.attention[0], kv_caches=kv_caches,
+                              layer_attention=[inputs.attention[g] for g in group_of])
 
     def release(self, request_ids) -> None:
         """Forget per-request state (seeded generators) of finished requests."""

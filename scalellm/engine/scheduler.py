@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from scalellm.config import EngineConfig
-from scalellm.engine.kv_cache.manager import KVCacheManager, cdiv
+from scalellm.engine.kv_cache.manager import KVCacheManager
 from scalellm.engine.outputs import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from scalellm.engine.request import Request, RequestStatus
 from scalellm.protocol.types import EngineLoad, Logprob
@@ -50,9 +50,11 @@ class Scheduler:
     finish_requests come from the same loop between steps.
     """
 
-    def __init__(self, config: EngineConfig, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, num_blocks: int, group_windows: tuple[int | None, ...] = (None,)) -> None:
+        """group_windows: the sliding window (or None) of each KV cache group (kv_cache/groups.py)."""
         self.config = config
-        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                               group_windows)
         self._requests: dict[str, Request] = {}
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -250,10 +252,10 @@ class Scheduler:
     def _check_fits(self, request: Request) -> None:
         # The last output token is never fed back, so the KV holds at most prompt + max_tokens - 1 tokens.
         max_num_kv_tokens = request.num_tokens + request.max_tokens - request.num_output_tokens - 1
-        num_blocks_needed = cdiv(max(max_num_kv_tokens, 1), self.config.block_size)
-        num_total_blocks = self.kv_cache_manager.num_total_blocks
-        if num_blocks_needed > num_total_blocks:
-            capacity = num_total_blocks * self.config.block_size
+        kv = self.kv_cache_manager
+        num_blocks_needed = kv.max_blocks_for(max(max_num_kv_tokens, 1), self.config.max_num_batched_tokens)
+        if num_blocks_needed > kv.num_total_blocks:
+            capacity = kv.max_tokens_per_request(self.config.max_num_batched_tokens)
             raise ValueError(
                 f"request {request.request_id!r} needs up to {max_num_kv_tokens} tokens of KV cache "
                 f"(prompt plus max_tokens) but the cache holds {capacity}: lower max_tokens or the "

@@ -1,9 +1,10 @@
 """Turning a SchedulerOutput into the tensors of one forward pass.
 
 Chunks are reordered so one-token queries come first (the batched decode path), then the
-multi-token chunks. Slots of a request's context come from its block table:
+multi-token chunks. Slots of a request's context come from its block table (one per KV cache
+group, interleaved in block_ids; one group: table = block_ids):
 
-    position p  ->  slot = block_ids[p // block_size] * block_size + p % block_size
+    position p  ->  slot = table[p // block_size] * block_size + p % block_size
 """
 
 from __future__ import annotations
@@ -22,20 +23,18 @@ class StepInputs:
     """[T] the step's new tokens."""
     positions: torch.Tensor
     """[T] their positions."""
-    attention: AttentionMetadata
+    attention: list[AttentionMetadata]
+    """Per KV cache group (kv_cache/groups.py): its slots, block tables and window."""
     sample_chunks: list[ScheduledChunk]
     """Chunks that draw a token, in the order of sample_indices."""
     sample_indices: torch.Tensor
     """[S] index into the step's tokens of each sampling chunk's last token."""
-    sliding_attention: AttentionMetadata | None = None
-    """The sliding layers' metadata when they sit among full layers (ForwardContext.sliding_attention)."""
 
 
-def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: int | None,
-                      device: torch.device, decode_backend: str = "torch",
-                      local_window: int | None = None) -> StepInputs:
-    """sliding_window: the window of every layer (Mistral); local_window: the window of a model's
-    sliding layers among full ones (Gemma 3), whose metadata goes to StepInputs.sliding_attention."""
+def build_step_inputs(output: SchedulerOutput, block_size: int, group_windows: tuple[int | None, ...],
+                      device: torch.device, decode_backend: str = "torch") -> StepInputs:
+    """group_windows: per KV cache group, its sliding window or None; a chunk's block_ids interleave
+    the groups' tables (entry row * num_groups + group)."""
     decodes = [c for c in output.chunks if c.num_new_tokens == 1]
     prefills = [c for c in output.chunks if c.num_new_tokens > 1]
     ordered = decodes + prefills
@@ -50,13 +49,15 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: 
             sample_chunks.append(chunk)
             sample_indices.append(len(token_ids) - 1)
     positions_t = torch.tensor(positions, dtype=torch.long)
-    tables = _block_table(ordered, block_size)  # [N, max_blocks]
     row_of_token = torch.repeat_interleave(
         torch.arange(len(ordered)), torch.tensor([c.num_new_tokens for c in ordered]))
-    slot_mapping = _slots(tables[row_of_token], positions_t.unsqueeze(1), block_size).squeeze(1).to(device)
+    all_tables = _block_table(ordered, block_size)  # [N, max_blocks * num_groups]
+    num_groups = len(group_windows)
 
-    def metadata(window: int | None) -> AttentionMetadata:
-        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes),
+    def metadata(group: int, window: int | None) -> AttentionMetadata:
+        tables = all_tables[:, group::num_groups]  # [N, max_blocks]
+        slot_mapping = _slots(tables[row_of_token], positions_t.unsqueeze(1), block_size).squeeze(1)
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode_tokens=len(decodes),
                                  block_size=block_size, decode_sliding_window=window or 0,
                                  decode_backend=decode_backend)
         if decodes:
@@ -72,10 +73,9 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, sliding_window: 
     return StepInputs(
         token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=positions_t.to(device),
-        attention=metadata(sliding_window),
+        attention=[metadata(group, window) for group, window in enumerate(group_windows)],
         sample_chunks=sample_chunks,
         sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
-        sliding_attention=metadata(local_window) if local_window else None,
     )
 
 

@@ -24,12 +24,17 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass
 class _RequestBlocks:
-    """What the manager holds for one admitted request."""
+    """What the manager holds for one admitted request (groups.py: one table per KV group,
+    interleaved, entry row * num_groups + group)."""
 
-    blocks: list[KVBlock] = field(default_factory=list)
+    blocks: list[KVBlock | None] = field(default_factory=list)
+    """None where a sliding group released the block."""
     block_ids: list[int] = field(default_factory=list)
+    """Append-only: a released block's id stays (its positions are never read again)."""
     num_registered_blocks: int = 0
     """Leading full blocks whose hash is registered (or that came from the cache)."""
+    num_released_rows: list[int] = field(default_factory=list)
+    """Per group, the leading rows whose blocks were released."""
 
 
 class KVCacheManager:
@@ -43,11 +48,16 @@ class KVCacheManager:
       3. when finished or preempted: `free(request)`.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 group_windows: tuple[int | None, ...] = (None,)) -> None:
+        """group_windows: per KV group (groups.py), its sliding window or None. Prefix caching
+        applies only to one group without a window."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.group_windows = tuple(group_windows)
+        self.num_groups = len(self.group_windows)
+        self.enable_prefix_caching = enable_prefix_caching and self.group_windows == (None,)
         self.block_pool = BlockPool(num_blocks)
         self._requests: dict[str, _RequestBlocks] = {}
         self._block_hashes: dict[str, list[int]] = {}
@@ -71,7 +81,8 @@ class KVCacheManager:
         return 1.0 - self.num_free_blocks / self.num_total_blocks
 
     def get_block_ids(self, request: Request) -> list[int]:
-        """A copy of the request's block table: block_ids[p // block_size] holds token position p."""
+        """A copy of the request's block tables: block_ids[(p // block_size) * num_groups + g] holds token
+        position p of group g's layers."""
         held = self._requests.get(request.request_id)
         return list(held.block_ids) if held is not None else []
 
@@ -108,16 +119,19 @@ class KVCacheManager:
         assert num_new_tokens >= 1
         held = self._requests.get(request.request_id)
         assert held is None or not new_computed_blocks, "cache hits are taken only at admission"
-        num_held_blocks = len(held.blocks) if held is not None else 0
+        num_held_rows = len(held.blocks) // self.num_groups if held is not None else 0
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
         assert num_total <= request.num_tokens, "scheduled past the known tokens"
-        num_new_blocks = max(0, cdiv(num_total, self.block_size) - num_held_blocks - len(new_computed_blocks))
+        num_new_rows = max(0, cdiv(num_total, self.block_size) - num_held_rows - len(new_computed_blocks))
+        num_new_blocks = num_new_rows * self.num_groups
         num_revived = sum(1 for block in new_computed_blocks if block.ref_count == 0)
-        if num_new_blocks + num_revived > self.block_pool.num_free_blocks:
+        outside = self._outside_windows(held, num_computed) if held is not None else []
+        if num_new_blocks + num_revived > self.block_pool.num_free_blocks + len(outside):
             return False
         if held is None:
             held = self._start_request(request, len(new_computed_blocks))
+        self._release(held, outside)
         self.block_pool.touch(new_computed_blocks)
         new_blocks = [*new_computed_blocks, *self.block_pool.allocate(num_new_blocks)]
         held.blocks.extend(new_blocks)
@@ -130,11 +144,58 @@ class KVCacheManager:
         self._block_hashes.pop(request.request_id, None)
         held = self._requests.pop(request.request_id, None)
         if held is not None:
-            self.block_pool.free_blocks(reversed(held.blocks))
+            self.block_pool.free_blocks(block for block in reversed(held.blocks) if block is not None)
+
+    def max_blocks_for(self, num_tokens: int, max_chunk_tokens: int) -> int:
+        """The most blocks one request of num_tokens ever holds when computed in chunks of at most
+        max_chunk_tokens: every row in a full group; in a sliding group, the rows that a chunk's
+        queries can see (window - 1 keys before the chunk) plus a partial row."""
+        num_rows = cdiv(num_tokens, self.block_size)
+        window_rows = [num_rows if w is None else min(num_rows, cdiv(w - 1 + max_chunk_tokens, self.block_size) + 1)
+                       for w in self.group_windows]
+        return sum(window_rows)
+
+    def max_tokens_per_request(self, max_chunk_tokens: int) -> int:
+        """The longest request the whole pool holds (None-windowed groups grow with its length)."""
+        num_blocks, size = self.num_total_blocks, self.block_size
+        num_full = sum(1 for w in self.group_windows if w is None)
+        if num_full == 0:
+            return 1 << 40 if self.max_blocks_for(1 << 40, max_chunk_tokens) <= num_blocks else 0
+        low, high = 0, num_blocks // num_full + 1  # rows; max_blocks_for is monotonic in them
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.max_blocks_for(mid * size, max_chunk_tokens) <= num_blocks:
+                low = mid
+            else:
+                high = mid - 1
+        return low * size
+
+    def _outside_windows(self, held: _RequestBlocks, num_computed: int) -> list[int]:
+        """Indexes into held.blocks of sliding groups' blocks that no query from position num_computed on
+        can see: a query at p reads keys (p - window, p], so rows ending at or before
+        num_computed - window + 1 are done."""
+        indexes = []
+        for group, window in enumerate(self.group_windows):
+            if window is None:
+                continue
+            num_done_rows = min(max(0, num_computed - window + 1) // self.block_size,
+                                len(held.blocks) // self.num_groups)
+            for row in range(held.num_released_rows[group], num_done_rows):
+                indexes.append(row * self.num_groups + group)
+        return indexes
+
+    def _release(self, held: _RequestBlocks, indexes: list[int]) -> None:
+        """Give back blocks that fell out of their group's window (their ids stay in the table)."""
+        self.block_pool.free_blocks(held.blocks[i] for i in reversed(indexes))
+        for i in indexes:
+            held.blocks[i] = None
+            row, group = divmod(i, self.num_groups)
+            held.num_released_rows[group] = max(held.num_released_rows[group], row + 1)
 
     def _start_request(self, request: Request, num_hit_blocks: int) -> _RequestBlocks:
         """The request is admitted: count the prefix-cache lookup it made."""
-        held = self._requests[request.request_id] = _RequestBlocks(num_registered_blocks=num_hit_blocks)
+        held = self._requests[request.request_id] = _RequestBlocks(num_registered_blocks=num_hit_blocks,
+                                                                   num_released_rows=[0] * self.num_groups)
         if self.enable_prefix_caching:
             self.prefix_cache_queried_tokens += request.num_tokens
             self.prefix_cache_hit_tokens += num_hit_blocks * self.block_size

@@ -10,8 +10,9 @@ Per layer, with RMSNorms that scale by (1 + weight):
 - MLP: down(gelu_tanh(gate(x)) * up(x));
 - the embedding is multiplied by sqrt(hidden) (in the embedding's dtype); the output head is tied.
 
-Which layers slide comes from ModelConfig.layer_types (gemma3_config.py); the model runner passes
-one AttentionMetadata for the global layers and one for the local ones (their KV blocks differ).
+Which layers slide comes from ModelConfig.layer_types (gemma3_config.py); each layer reads the
+attention metadata of its KV cache group (kv_cache/groups.py: local layers free blocks that fall
+out of their window, so their blocks differ from the global layers').
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ class Gemma3ForCausalLM(nn.Module):
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         ropes = {True: self.local_rotary.cos_sin(positions, x.dtype),
                  False: self.global_rotary.cos_sin(positions, x.dtype)}
-        for layer, kv_cache in zip(self.layers, ctx.kv_caches):
-            x = layer(ropes[layer.sliding], x, kv_cache, ctx.attention_for(layer.sliding))
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, ctx.kv_caches)):
+            x = layer(ropes[layer.sliding], x, kv_cache, ctx.attention_for(index))
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

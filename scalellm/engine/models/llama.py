@@ -33,12 +33,12 @@ class ForwardContext:
     attention: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     """Per layer: (k_cache, v_cache), each [num_slots, num_kv_heads on this rank, head_dim]."""
-    sliding_attention: AttentionMetadata | None = None
-    """For models whose sliding-window layers sit among full ones (Gemma 3): the sliding layers'
-    metadata (their window, their KV blocks); None: `attention` serves every layer."""
+    layer_attention: list[AttentionMetadata] | None = None
+    """Per layer, when the KV cache has several groups (kv_cache/groups.py: Gemma 3's sliding layers
+    among full ones); None: `attention` serves every layer."""
 
-    def attention_for(self, sliding: bool) -> AttentionMetadata:
-        return self.sliding_attention if sliding and self.sliding_attention is not None else self.attention
+    def attention_for(self, layer_index: int) -> AttentionMetadata:
+        return self.attention if self.layer_attention is None else self.layer_attention[layer_index]
 
 
 class LlamaAttention(nn.Module):
