@@ -68,6 +68,9 @@ class AsyncLLM(EngineClient):
         self.input_processor = InputProcessor.for_core(core, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._grammars = LazyGrammarCache.for_input_processor(self.input_processor)
+        # The tokenizer's grammar tables (about a second) are built in the background now, so the first
+        # structured request pays only its own compile.
+        self._grammar_warmup = loop.run_in_executor(None, self._grammars.warm_up)
 
     async def shutdown(self) -> None:
         for request_id in list(self._queues):

@@ -133,6 +133,13 @@ class LazyGrammarCache:
     def compile_blocking(self, structured: StructuredOutput):
         return self.get().compile_blocking(structured)
 
+    def warm_up(self) -> None:
+        """Build the cache ahead of the first structured request; a failure is left for that request."""
+        try:
+            self.get()
+        except Exception:  # noqa: BLE001 - reported to the first request that needs the cache
+            pass
+
     def get(self) -> GrammarCache:
         with self._lock:
             if self._cache is None:
