@@ -26,6 +26,8 @@ def load_gguf_tokenizer(path: str, chat_template: str | None):
     tokenizer = _load_cached(cache_dir)
     if tokenizer is None:
         tokenizer = _convert(path)
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = chat_template
         _save(tokenizer, cache_dir)
     if chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = chat_template
