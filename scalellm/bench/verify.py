@@ -51,7 +51,7 @@ def vllm_bench_argv(python: Path, tokenizer_dir: Path, base_url: str, model: str
             "--skip-chat-template", "--custom-output-len", str(plan.output_len),
             "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
             "--request-rate", "inf", "--ignore-eos", "--temperature", "0",
-            "--num-warmups", str(plan.num_warmup),
+            "--num-warmups", str(plan.num_warmup), "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--save-result", "--result-dir", str(result_dir), "--result-filename", result_name]
 
 

@@ -28,7 +28,7 @@ def test_vllm_bench_command_matches_the_plan(tmp_path):
     assert "vllm.benchmarks.serve" in argv[2]  # vllm bench serve's own code
     for part in ("--backend openai-chat", "--dataset-name custom", "--skip-chat-template",
                  "--custom-output-len 64", "--num-prompts 64", "--max-concurrency 16", "--request-rate inf",
-                 "--ignore-eos", "--temperature 0", "--num-warmups 2", "--base-url http://127.0.0.1:9"):
+                 "--ignore-eos", "--temperature 0", "--percentile-metrics ttft,tpot,itl,e2el", "--num-warmups 2", "--base-url http://127.0.0.1:9"):
         assert part in text, part
 
 
