@@ -25,6 +25,7 @@ from scalellm.config import EngineConfig
 from scalellm.engine.client import EngineClient
 from scalellm.engine.engine_core import EngineCore
 from scalellm.engine.input_processor import InputProcessor
+from scalellm.engine.loader import ModelFiles
 from scalellm.engine.output_processor import OutputProcessor
 from scalellm.engine.request import RequestStatus
 from scalellm.engine.structured import LazyGrammarCache, RequestGrammar
@@ -41,8 +42,10 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLM(EngineClient):
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, files: ModelFiles | None = None) -> None:
+        """files: the model to serve (default: opened from `config.model`; a FakeModelFiles for the mock)."""
         self.config = config
+        self._files = files
         self.model_name = ""
         self.max_model_len = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -152,7 +155,7 @@ class AsyncLLM(EngineClient):
 
     def _run(self, ready: asyncio.Future) -> None:
         try:
-            core = EngineCore(self.config, on_failure=self._wake.set)
+            core = EngineCore(self.config, self._files, on_failure=self._wake.set)
         except BaseException as exc:  # report load failures to start()
             self._loop.call_soon_threadsafe(_set_exception, ready, exc)
             return

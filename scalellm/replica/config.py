@@ -15,12 +15,13 @@ DEFAULT_PORT = 50051
 
 @dataclass(frozen=True)
 class MockEngineConfig:
-    """The mock engine: synthetic tokens on a fixed cadence, to measure and test everything around the model."""
+    """The mock engine: the real engine over a fake model (scalellm/engine/fake_model.py), whose steps
+    make up tokens on a fixed cadence, to measure and test everything around the model."""
 
     tpot_ms: float = 5.0
-    """Mock engine: milliseconds per output token (the engine steps on this cadence)."""
+    """Mock engine: milliseconds per engine step, so per output token (steps fall on a fixed cadence)."""
     ttft_ms: float = 0.0
-    """Mock engine: milliseconds before a request's first token."""
+    """Mock engine: extra milliseconds of a step that prefills a request."""
 
     def __post_init__(self) -> None:
         if self.tpot_ms < 0 or self.ttft_ms < 0:
@@ -32,7 +33,7 @@ class ReplicaConfig:
     """One replica: an engine behind the gRPC service on HOST:PORT."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
-    """The engine (with the mock engine, only its model name, max_model_len and max_num_seqs count)."""
+    """The engine; with the mock engine its model is only the name served (default "mock")."""
     mock: MockEngineConfig | None = None
     """Set: serve the mock engine instead of the model."""
     host: str = "127.0.0.1"

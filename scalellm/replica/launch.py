@@ -1,5 +1,5 @@
-"""`scalellm replica`: its flags (generated from the config dataclasses), building the engine (real or
-mock) and running the gRPC server.
+"""`scalellm replica`: its flags (generated from the config dataclasses), building the engine (over the
+model, or over a fake model: the mock engine) and running the gRPC server.
 
 A replica's whole configuration is a `ReplicaConfig` (replica/config.py). By hand it comes from flags;
 `scalellm serve` gives it as JSON on stdin (`--config-stdin`), the one way its replicas get theirs.
@@ -20,7 +20,6 @@ from scalellm.flags import add_config_flags, config_from_flags, from_json, to_fl
 from scalellm.replica.config import MockEngineConfig, ReplicaConfig
 
 ENGINES = ("real", "mock")
-MOCK_MAX_MODEL_LEN = 4096
 LENDING_FIELDS = ("core_board", "core_board_slot", "threads_when_alone")
 """EngineConfig fields set only by the launcher of a machine's replicas (scalellm/deploy/local.py)."""
 ENGINE_FLAGS = {
@@ -80,9 +79,10 @@ def build_engine(config: ReplicaConfig) -> EngineClient:
     if config.mock is not None:
         from scalellm.replica.mock_engine import MockEngine
 
+        fields = {name: value for name, value in dataclasses.asdict(engine).items()
+                  if name not in ("model", "max_model_len", "max_num_seqs", "enable_prefix_caching")}
         return MockEngine(engine.model or "mock", tpot_ms=config.mock.tpot_ms, ttft_ms=config.mock.ttft_ms,
-                          max_model_len=engine.max_model_len or MOCK_MAX_MODEL_LEN,
-                          max_num_seqs=engine.max_num_seqs)
+                          max_model_len=engine.max_model_len, max_num_seqs=engine.max_num_seqs, **fields)
     from scalellm.engine.async_llm import AsyncLLM
 
     return AsyncLLM(engine)

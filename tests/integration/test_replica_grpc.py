@@ -46,6 +46,13 @@ async def wait_idle(engine, timeout_s=2.0):
         await asyncio.sleep(0.01)
 
 
+async def wait_running(engine, num_running, timeout_s=2.0):
+    deadline = time.monotonic() + timeout_s
+    while engine.load().num_running != num_running:
+        assert time.monotonic() < deadline, f"expected {num_running} running: {engine.load()}"
+        await asyncio.sleep(0.01)
+
+
 def test_stream_text_prompt():
     async def scenario(engine, client, server):
         outputs = await collect(client.generate("r1", "hello there world", SamplingParams(max_tokens=5),
@@ -133,7 +140,7 @@ def test_health_load_info():
         assert load.num_free_blocks == load.num_total_blocks > 0
         await engine.shutdown()
         health = await client.health()
-        assert not health.healthy and "step loop" in health.detail
+        assert not health.healthy and "engine loop" in health.detail
     run_with_replica(scenario)
 
 
@@ -302,7 +309,7 @@ def test_session_reports_bad_requests_and_duplicate_ids_per_request():
             by_id = {request_id: (code, message) for request_id, code, message in errors}
             assert by_id["bad"][0] == by_id["twice"][0] == 3  # INVALID_ARGUMENT
             assert "empty" in by_id["bad"][1] and "already running" in by_id["twice"][1]
-            assert engine.load().num_running == 1  # the first "twice" runs on
+            await wait_running(engine, 1)  # the first "twice" runs on (the load is the engine's last step's)
         finally:
             call.cancel()
             await channel.close()

@@ -1,13 +1,17 @@
-"""The synthetic engine: tokenization, pacing-free stream contents, stops, aborts and load."""
+"""The mock engine: the real engine over the fake model. Its tokenizer, the contents of its streams,
+stops, aborts and load are the real engine's rules over made-up tokens."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from scalellm.protocol.types import ChatPrompt, SamplingParams
-from scalellm.replica.mock_engine import MockEngine, tokenize
+from scalellm.engine.fake_model import fake_tokenizer
+from scalellm.engine.input_processor import InputProcessor
+from scalellm.replica.mock_engine import MockEngine
 
 
 def run(scenario, **kwargs):
@@ -29,25 +33,44 @@ def texts(outputs, index=0):
     return "".join(c.text for o in outputs for c in o.outputs if c.index == index)
 
 
-def test_tokenize():
-    assert len(tokenize("a  b\nc")) == 3
-    assert tokenize([5, 6]) == [5, 6]
+async def wait_load(engine, running, waiting=0, timeout_s=2.0):
+    """Until the engine's load (its last step's) shows `running` and `waiting` requests."""
+    deadline = time.monotonic() + timeout_s
+    while (engine.load().num_running, engine.load().num_waiting) != (running, waiting):
+        assert time.monotonic() < deadline, engine.load()
+        await asyncio.sleep(0.01)
+
+
+def test_tokenizer_counts_words_and_renders_chats_like_a_template():
+    processor = InputProcessor(fake_tokenizer(), 32000, 64, ())
+    assert len(processor.tokenize("a  b\nc")) == 3
+    assert processor.tokenize([5, 6]) == [5, 6]
+    assert processor.tokenize("tok7 word") == [7, 31999]  # tokK is id K, other words <unk>
     chat = [{"role": "system", "content": "x y"}, {"role": "user", "content": "z"}]
-    assert len(tokenize(ChatPrompt(chat))) == 6  # 3 words, 2 role markers and the reply's
-    assert len(tokenize(ChatPrompt(chat, add_generation_prompt=False))) == 5
-    assert len(tokenize(ChatPrompt([{"role": "user", "content": ""}]))) == 2  # never empty, like a template
-    assert len(tokenize(" ")) == 1
+    assert len(processor.tokenize(ChatPrompt(chat))) == 6  # 3 words, 2 role markers and the reply's
+    assert len(processor.tokenize(ChatPrompt(chat, add_generation_prompt=False))) == 5
+    assert fake_tokenizer().decode([0, 1, 2]) == "tok0 tok1 tok2"
 
 
 def test_stream_and_metrics():
     async def scenario(engine):
         outputs = await collect(engine, "a b c", SamplingParams(max_tokens=3))
         assert texts(outputs) == "tok0 tok1 tok2"
-        assert [o.finished for o in outputs] == [False, False, True]
+        assert [o.finished for o in outputs] == [False, False, True]  # one output per step
         assert outputs[-1].outputs[0].finish_reason == "length"
         assert outputs[-1].metrics.first_token_time > 0 and outputs[0].metrics is None
         assert all(o.num_prompt_tokens == 3 for o in outputs)
-    run(scenario)
+    run(scenario, tpot_ms=20.0)
+
+
+def test_steps_fall_on_the_cadence():
+    async def scenario(engine):
+        started = time.monotonic()
+        outputs = await collect(engine, "a b c", SamplingParams(max_tokens=5))
+        elapsed = time.monotonic() - started
+        assert texts(outputs) == "tok0 tok1 tok2 tok3 tok4"
+        assert 5 * 0.04 - 0.045 <= elapsed < 5 * 0.04 + 0.5  # 5 steps 40 ms apart (the first on the next tick)
+    run(scenario, tpot_ms=40.0)
 
 
 def test_max_tokens_none_fills_the_context():
@@ -71,7 +94,7 @@ def test_stop_string(include, expected):
 def test_stop_token_id_respects_min_tokens():
     async def scenario(engine):
         outputs = await collect(engine, "a", SamplingParams(max_tokens=10, stop_token_ids=[1, 4], min_tokens=3))
-        assert texts(outputs) == "tok0 tok1 tok2 tok3"
+        assert texts(outputs) == "tok0 tok1 tok2 tok3 tok4"  # a stop token that is not special is text
         assert outputs[-1].outputs[-1].stop_reason == 4
     run(scenario)
 
@@ -95,10 +118,11 @@ def test_bad_prompt_is_a_value_error(prompt, message):
     run(scenario)
 
 
-def test_prompt_plus_max_tokens_over_context_is_a_value_error():
+def test_max_tokens_is_capped_to_the_context_left():
     async def scenario(engine):
-        with pytest.raises(ValueError, match="exceeds"):
-            await collect(engine, "a b", SamplingParams(max_tokens=31))
+        outputs = await collect(engine, "a b", SamplingParams(max_tokens=31))
+        assert sum(len(c.token_ids) for o in outputs for c in o.outputs) == 30
+        assert outputs[-1].outputs[0].finish_reason == "length"
     run(scenario)
 
 
@@ -106,12 +130,12 @@ def test_abort_ends_the_stream_and_frees_the_load():
     async def scenario(engine):
         stream = engine.generate("r", "a b", SamplingParams(max_tokens=20))
         await stream.__anext__()
-        assert engine.load().num_running == 1
+        await wait_load(engine, 1)
         await engine.abort("r")
         rest = [o async for o in stream]
         assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
-        load = engine.load()
-        assert (load.num_running, load.num_tokens_in_flight) == (0, 0)
+        await wait_load(engine, 0)
+        assert engine.load().num_tokens_in_flight == 0 and engine.load().num_free_blocks == 256
     run(scenario, tpot_ms=50.0)
 
 
@@ -120,7 +144,8 @@ def test_closing_the_iterator_aborts():
         stream = engine.generate("r", "a", SamplingParams(max_tokens=20))
         await stream.__anext__()
         await stream.aclose()
-        assert engine.load().num_running == 0 and engine.health().healthy
+        await wait_load(engine, 0)
+        assert engine.health().healthy
     run(scenario, tpot_ms=50.0)
 
 
@@ -128,14 +153,17 @@ def test_waiting_beyond_max_num_seqs():
     async def scenario(engine):
         tasks = [asyncio.create_task(collect(engine, "a", SamplingParams(max_tokens=2), f"r{i}"))
                  for i in range(3)]
-        await asyncio.sleep(0.02)
-        load = engine.load()
-        assert (load.num_running, load.num_waiting) == (1, 2)
-        # r0 has 1 output token to go; r1 and r2 their prompt token and 2 output tokens each.
-        assert load.num_tokens_in_flight == 1 + 2 * 3
+        seen = set()
+        while not all(task.done() for task in tasks):
+            load = engine.load()
+            seen.add((load.num_running, load.num_waiting, load.num_tokens_in_flight))
+            await asyncio.sleep(0.01)
+        assert max(running for running, _, _ in seen) == 1 and max(waiting for _, waiting, _ in seen) == 2
+        # Each waiting request has its prompt token and 2 output tokens to go.
+        assert all(tokens >= 3 * waiting for _, waiting, tokens in seen)
         results = await asyncio.gather(*tasks)
         assert all(texts(r) == "tok0 tok1" for r in results)
-    run(scenario, tpot_ms=100.0, max_num_seqs=1)
+    run(scenario, tpot_ms=50.0, max_num_seqs=1)
 
 
 def test_duplicate_request_id_is_a_value_error():

@@ -89,7 +89,12 @@ def threads_per_rank(config: EngineConfig, num_cores: int | None = None) -> int 
 def make_executor(config: EngineConfig, files: ModelFiles, max_model_len: int, device: torch.device,
                   dtype: torch.dtype, on_failure: Callable[[], None] | None = None) -> Executor:
     """LocalExecutor for one rank, MultiprocExecutor for several (on_failure: called from a watcher
-    thread when a worker dies, so an idle engine learns it at once)."""
+    thread when a worker dies, so an idle engine learns it at once). A fake model brings its own
+    (engine/fake_model.py)."""
+    from scalellm.engine.fake_model import FakeModelFiles
+
+    if isinstance(files, FakeModelFiles):
+        return files.make_executor(config, max_model_len)
     if config.tensor_parallel_size == 1:
         return LocalExecutor(ModelRunner(config, files, max_model_len, device, dtype))
     from scalellm.engine.parallel.multiproc import MultiprocExecutor
