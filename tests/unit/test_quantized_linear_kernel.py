@@ -79,7 +79,7 @@ def test_kernel_matches_its_contract(type_name, m):
 def test_mixed_shards_merge_to_one_layout():
     """A fused q | k | v of Q4_K, Q4_K, Q6_K (Qwen2.5's layout) and of Q5_0, Q8_0 computes each part."""
     op = kernel_op()
-    for types in (["Q4_K", "Q4_K", "Q6_K"], ["Q5_0", "Q8_0"], ["Q4_1", "Q8_0"]):
+    for types in (["Q4_K", "Q4_K", "Q6_K"], ["Q5_0", "Q8_0"], ["Q4_1", "Q8_0"], ["Q5_K", "Q6_K"], ["Q5_0", "Q4_0"]):
         parts = [make_tensor(t, 24, 256, seed=i).codes() for i, t in enumerate(types)]
         x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
         out = run_kernel(op, x, merge(parts))

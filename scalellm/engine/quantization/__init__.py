@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from scalellm.engine.quantization.base import QuantizationMethod
@@ -9,6 +11,8 @@ from scalellm.engine.quantization.gguf import GGUFQuantized, cpu_has_vnni
 from scalellm.engine.quantization.gguf_blocks import KERNEL_TYPES
 from scalellm.engine.quantization.int8 import Int8Dynamic
 from scalellm.engine.quantization.unquantized import Unquantized
+
+logger = logging.getLogger(__name__)
 
 QUANTIZATION_METHODS: dict[str, type[QuantizationMethod]] = {
     "none": Unquantized,
@@ -36,7 +40,9 @@ def resolve_quantization(name: str | None, files, device: torch.device, tensor_p
     if name not in (None, "auto"):
         return name
     if device.type == "cpu" and tensor_parallel_size == 1 and cpu_has_vnni() and _quantized_gguf(files):
+        logger.info("quantization auto: gguf (the file's quantized weights, AVX512-VNNI kernel)")
         return "gguf"
+    logger.info("quantization auto: none (weights in the model's dtype)")
     return "none"
 
 

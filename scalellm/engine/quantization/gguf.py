@@ -67,9 +67,12 @@ def pack(codes: GroupCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     else:
         low = (c & 0x0F).reshape(padded // 16, groups, steps // 2, 2, 64)
         planes = [(low[:, :, :, 0] | (low[:, :, :, 1] << 4)).reshape(padded // 16, groups, -1)]
-        for bit in range(4, codes.bits):
-            plane = np.packbits((c >> bit) & 1, axis=-1, bitorder="little")  # [NB, groups, steps, 8]
-            planes.append(plane.reshape(padded // 16, groups, -1))
+        if codes.bits > 4:  # the high bits of each step at its byte positions (see quantized_linear.cpp)
+            width = codes.bits - 4
+            per_byte = 8 // width  # steps per high-bit plane
+            high = (c >> 4).reshape(padded // 16, groups, steps // per_byte, per_byte, 64)
+            shifts = (np.arange(per_byte, dtype=np.uint8) * width).reshape(per_byte, 1)
+            planes.append(np.bitwise_or.reduce(high << shifts, axis=3).reshape(padded // 16, groups, -1))
     packed = np.ascontiguousarray(np.concatenate(planes, axis=-1))
     return (torch.from_numpy(packed), _group_halves(codes.scales, padded),
             None if codes.minimums is None else _group_halves(codes.minimums, padded))

@@ -148,8 +148,9 @@ def merge(parts: list[GroupCodes]) -> GroupCodes:
     Parts of different types meet at the widest codes, the finest group and, when any part has
     minimums, minimums for all (a symmetric part's minimum is -zero_point * scale).
     """
-    bits = max(p.bits for p in parts)
     group = min(p.group for p in parts)
+    bits = max(p.bits for p in parts)
+    bits = 6 if bits == 5 and group == 16 else bits  # the kernel's 5-bit layout needs groups of 32
     with_min = any(p.minimums is not None for p in parts)
     zero_point = 0 if with_min else 1 << (bits - 1)
     codes, scales, minimums = [], [], []

@@ -24,8 +24,9 @@
 //
 // A group holds group/4 "steps"; step s is the 16 x 4 codes code[16 nb + j, group * g + 4 s + i] at
 // byte 4 j + i of a 64-byte vector: one vpdpbusd operand. 8-bit codes are stored as such; 4..6-bit
-// codes as a low-nibble plane (steps 2p and 2p+1 in the low and high nibbles of 64 bytes), then for
-// 5 and 6 bits one 64-bit plane per step of bit 4, then one of bit 5 (bit 4 j + i of each plane).
+// codes as a low-nibble plane (steps 2p and 2p+1 in the low and high nibbles of 64 bytes), then the
+// high bits at the same byte positions: 5 bits, bit 4 of step s at bit s of one 64-byte plane (8 steps);
+// 6 bits, bits 4-5 of step s at bits 2 (s % 4) .. +1 of plane s / 4 (64 bytes per 4 steps).
 // The micro kernel holds up to 4 tokens x 4 channel blocks of accumulators; channel tiles are split
 // over the intra-op threads, so each weight byte is read once per 4 tokens.
 
@@ -124,22 +125,26 @@ inline void load_codes(const uint8_t* src, __m512i* codes) {
       codes[2 * p] = _mm512_and_si512(v, low);
       codes[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
     }
-    if constexpr (BITS >= 5) {
-      const uint8_t* plane = src + 32 * STEPS;
+    // Bit b (4 or 5) of step s sits at bit s' of the byte at the code's position in a high plane of 64
+    // bytes per 8 (bit 4) or 4 (bit 5, with bit 4 beside it) steps: shift it to bit 4 or 5 within each
+    // byte (16-bit shifts by <= 4 never carry a neighbour's bit into the kept one) and mask it.
+    if constexpr (BITS == 5) {
+      const __m512i plane = _mm512_loadu_si512(src + 32 * STEPS);
+      const __m512i bit4 = _mm512_set1_epi8(0x10);
 #pragma GCC unroll 8
       for (int s = 0; s < STEPS; ++s) {
-        uint64_t bits;
-        std::memcpy(&bits, plane + 8 * s, 8);
-        codes[s] = _mm512_mask_add_epi8(codes[s], _cvtu64_mask64(bits), codes[s], _mm512_set1_epi8(16));
+        const __m512i moved = s <= 4 ? _mm512_slli_epi16(plane, 4 - s) : _mm512_srli_epi16(plane, s - 4);
+        codes[s] = _mm512_or_si512(codes[s], _mm512_and_si512(moved, bit4));
       }
     }
     if constexpr (BITS == 6) {
-      const uint8_t* plane = src + 40 * STEPS;
+      const __m512i bits45 = _mm512_set1_epi8(0x30);
 #pragma GCC unroll 8
       for (int s = 0; s < STEPS; ++s) {
-        uint64_t bits;
-        std::memcpy(&bits, plane + 8 * s, 8);
-        codes[s] = _mm512_mask_add_epi8(codes[s], _cvtu64_mask64(bits), codes[s], _mm512_set1_epi8(32));
+        const __m512i plane = _mm512_loadu_si512(src + 32 * STEPS + 64 * (s / 4));
+        const int at = 2 * (s % 4);  // the step's two bits within each byte
+        const __m512i moved = at <= 4 ? _mm512_slli_epi16(plane, 4 - at) : _mm512_srli_epi16(plane, at - 4);
+        codes[s] = _mm512_or_si512(codes[s], _mm512_and_si512(moved, bits45));
       }
     }
   }
@@ -165,7 +170,9 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
 #pragma GCC unroll 4
       for (int t = 0; t < TOKENS; ++t) {
         const int8_t* x = a.q.data() + (m0 + t) * p.k + g * GROUP;
-        __m512i sum = _mm512_setzero_si512();
+        // symmetric codes: start from -zero_point * s so the sum is already sum (code - zero_point) * xq
+        __m512i sum = MINIMUMS ? _mm512_setzero_si512()
+                               : _mm512_set1_epi32(-p.zero_point * a.sums[(m0 + t) * p.groups + g]);
 #pragma GCC unroll 8
         for (int s = 0; s < kSteps; ++s) {
           int32_t four;
@@ -186,10 +193,7 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
       for (int t = 0; t < TOKENS; ++t) {
         const int64_t row = m0 + t;
         const float d = a.scales[row * act_blocks + g * GROUP / kActBlock];
-        __m512i sums = acc[t][b];
-        if constexpr (!MINIMUMS)
-          sums = _mm512_sub_epi32(sums, _mm512_set1_epi32(p.zero_point * a.sums[row * p.groups + g]));
-        out[t][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws, _mm512_set1_ps(d)), out[t][b]);
+        out[t][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][b]), _mm512_mul_ps(ws, _mm512_set1_ps(d)), out[t][b]);
         if constexpr (MINIMUMS)
           out[t][b] = _mm512_fmadd_ps(mins, _mm512_set1_ps(a.scaled_sums[row * p.groups + g]), out[t][b]);
       }
@@ -283,7 +287,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, const
 #if SCALELLM_VNNI
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
-  TORCH_CHECK(group == 16 || group == 32, "group must be 16 or 32");
+  TORCH_CHECK(group == 32 || (group == 16 && bits != 5), "group must be 32, or 16 for 4, 6 or 8 bits");
   const int64_t k = x.size(1), groups = k / group;
   TORCH_CHECK(k % 32 == 0 && k > 0, "K must be a positive multiple of 32");
   TORCH_CHECK(n > 0 && packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
