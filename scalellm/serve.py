@@ -12,7 +12,10 @@ lending between the replicas of one machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import logging
+import secrets
 import time
 
 from scalellm.shape.shape import Machine, Shape
@@ -33,6 +36,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds a replica may take to load its model (default %(default)s)")
     parser.add_argument("--no-gateway", action="store_true",
                         help="serve the HTTP API from one process holding the engine (no gRPC; --replicas 1)")
+    parser.add_argument("--replica-host", default="127.0.0.1", metavar="HOST",
+                        help="interface the replicas' gRPC servers listen on (default %(default)s: this machine "
+                             "only); on any other they refuse every call without a secret made for this "
+                             "deployment, which only the gateway is given")
     parser.add_argument("--no-lend-cores", action="store_false", dest="lend_cores",
                         help="keep each replica on its own thread share even while the others are idle "
                              "(default: a replica alone at work steps on every core)")
@@ -103,13 +110,27 @@ def _supervise(args: argparse.Namespace, machine: Machine, shape: Shape, num_thr
 
 
 def local_launcher(args: argparse.Namespace, machine: Machine, num_threads: int | None):
-    """The LocalLauncher of the serve flags: the engine flags' ReplicaConfig for every replica; the
-    replicas lend each other cores unless --no-lend-cores."""
+    """The LocalLauncher of the serve flags: the engine flags' ReplicaConfig for every replica, on
+    --replica-host (beyond loopback with a new secret); the replicas lend each other cores unless
+    --no-lend-cores."""
     from scalellm.deploy.local import LocalLauncher
     from scalellm.replica.launch import replica_config_from_args, with_threads
 
     replica = with_threads(replica_config_from_args(args), num_threads)
-    return LocalLauncher(replica, machine, lend_cores=args.lend_cores)
+    host = getattr(args, "replica_host", "127.0.0.1")
+    if not is_loopback(host):
+        replica = dataclasses.replace(replica, secret=secrets.token_urlsafe(32))
+    return LocalLauncher(replica, machine, host, lend_cores=args.lend_cores)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is an address only this machine reaches."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _autopilot(args: argparse.Namespace, advisor, launcher, supervisor, shape: Shape):

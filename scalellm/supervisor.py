@@ -105,7 +105,8 @@ class Supervisor:
         from scalellm.gateway.control import ReplicaSetUpdate
 
         addresses = tuple(self.replica_set.addresses)
-        config = dataclasses.replace(self.gateway_config, replica_addresses=addresses)
+        config = dataclasses.replace(self.gateway_config, replica_addresses=addresses,
+                                     replica_secret=self.launcher.secret)
         update = ReplicaSetUpdate(addresses, self.replica_set.shape, reason)
         return json.dumps(dataclasses.asdict(config)).encode() + b"\n" + update.encode()
 

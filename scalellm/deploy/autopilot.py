@@ -52,8 +52,9 @@ class ShapeHost(Protocol):
 class LoadPoller:
     """Sums the Load of a changing set of replicas into `LoadSample`s (arrivals from counter deltas)."""
 
-    def __init__(self, timeout_s: float = 1.0) -> None:
+    def __init__(self, timeout_s: float = 1.0, secret: str | None = None) -> None:
         self.timeout_s = timeout_s
+        self.secret = secret
         self._clients: dict = {}
         self._received: dict[str, int] = {}
 
@@ -66,7 +67,8 @@ class LoadPoller:
             self._received.pop(address, None)
         running = waiting = arrived = 0
         for address in addresses:
-            client = self._clients.get(address) or self._clients.setdefault(address, ReplicaClient(address))
+            client = self._clients.get(address) or self._clients.setdefault(
+                address, ReplicaClient(address, secret=self.secret))
             try:
                 load = await client.load(timeout_s=self.timeout_s)
             except ReplicaError:
@@ -98,7 +100,7 @@ class Autopilot:
         self.poll_interval_s = poll_interval_s
         self.startup_timeout_s = startup_timeout_s
         self.drain_timeout_s = drain_timeout_s
-        self.poller = LoadPoller()
+        self.poller = LoadPoller(secret=launcher.secret)
 
     async def run(self) -> None:
         """Observe and act until cancelled."""

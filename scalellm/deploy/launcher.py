@@ -36,12 +36,15 @@ DRAIN_POLL_S = 0.25
 class ReplicaSet(ABC):
     """The replicas of one shape, each serving the Replica gRPC service at one of `addresses`."""
 
-    def __init__(self, shape: Shape, addresses: Sequence[str], names: Sequence[str]) -> None:
+    def __init__(self, shape: Shape, addresses: Sequence[str], names: Sequence[str],
+                 secret: str | None = None) -> None:
+        """secret: what the replicas require of every call (scalellm/rpc/auth.py), None for nothing."""
         if len(addresses) != shape.replicas or len(names) != shape.replicas:
             raise ValueError(f"a replica set of shape {shape.label} needs {shape.replicas} addresses and names")
         self.shape = shape
         self.addresses = list(addresses)
         self.names = list(names)
+        self.secret = secret
 
     @abstractmethod
     def start(self) -> None:
@@ -71,7 +74,7 @@ class ReplicaSet(ABC):
         from scalellm.rpc.client import ReplicaClient, ReplicaError
 
         deadline = time.monotonic() + timeout_s
-        clients = [ReplicaClient(address) for address in self.addresses]
+        clients = [ReplicaClient(address, secret=self.secret) for address in self.addresses]
         try:
             for index, client in enumerate(clients):
                 while True:
@@ -107,7 +110,7 @@ class ReplicaSet(ABC):
         from scalellm.rpc.client import ReplicaClient, ReplicaError
 
         deadline = time.monotonic() + timeout_s
-        clients = [ReplicaClient(address) for address in self.addresses]
+        clients = [ReplicaClient(address, secret=self.secret) for address in self.addresses]
         idle_polls = [0] * len(clients)
         received: list[int | None] = [None] * len(clients)
         try:
@@ -133,6 +136,9 @@ class ReplicaSet(ABC):
 
 class ReplicaLauncher(ABC):
     """Builds the replica set of any shape; where and how its replicas run is the implementation's."""
+
+    secret: str | None = None
+    """The deployment's secret its replicas require of every call (None: they serve any caller)."""
 
     @abstractmethod
     def build(self, shape: Shape) -> ReplicaSet:

@@ -29,8 +29,8 @@ class LocalReplicaSet(ReplicaSet):
     """Replica processes of this machine; `core_board` is the lending board they share, if any."""
 
     def __init__(self, shape: Shape, children: Sequence[ChildProcess], addresses: Sequence[str],
-                 core_board: str | None = None) -> None:
-        super().__init__(shape, addresses, [child.name for child in children])
+                 core_board: str | None = None, secret: str | None = None) -> None:
+        super().__init__(shape, addresses, [child.name for child in children], secret)
         self.children = list(children)
         self.core_board = core_board
 
@@ -73,10 +73,13 @@ class LocalLauncher(ReplicaLauncher):
 
     def __init__(self, replica: ReplicaConfig, machine: Machine, host: str = "127.0.0.1", *,
                  lend_cores: bool = True) -> None:
+        """host: the interface the replicas listen on (and the gateway connects to); with any but
+        loopback, `replica` should carry the deployment's secret."""
         self.replica = replica
         self.machine = machine
         self.host = host
         self.lend_cores = lend_cores
+        self.secret = replica.secret
 
     def build(self, shape: Shape) -> LocalReplicaSet:
         ports = free_ports(shape.replicas, self.host)
@@ -88,7 +91,7 @@ class LocalLauncher(ReplicaLauncher):
                                          to_json(config).encode() + b"\n",
                                          extra_env=self.machine.replica_env(shape, index)))
             addresses.append(config.address)
-        return LocalReplicaSet(shape, children, addresses, board)
+        return LocalReplicaSet(shape, children, addresses, board, self.secret)
 
     def replica_config(self, shape: Shape, index: int, port: int, board: str | None = None) -> ReplicaConfig:
         """The config of replica `index` of `shape`, listening on `port`."""

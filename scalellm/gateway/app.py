@@ -49,7 +49,8 @@ def default_client_factory(config: GatewayConfig) -> Callable[[str], object]:
     """Build gRPC replica clients (imported here so tests can run with fake replicas only)."""
     from scalellm.rpc.client import ReplicaClient
 
-    return lambda address: ReplicaClient(address, connect_timeout_s=config.connect_timeout_s)
+    return lambda address: ReplicaClient(address, connect_timeout_s=config.connect_timeout_s,
+                                         secret=config.replica_secret)
 
 
 class GatewayApp:

@@ -34,7 +34,8 @@ FLAG_ALIASES = {"routing_policy": ("--routing",)}
 def add_gateway_args(parser: argparse.ArgumentParser) -> None:
     """Add the gateway's flags to `parser` (replica addresses are left to the caller)."""
     group = parser.add_argument_group("gateway")
-    add_config_flags(group, GatewayConfig, exclude=("replica_addresses",), names=FLAG_NAMES, aliases=FLAG_ALIASES,
+    add_config_flags(group, GatewayConfig, exclude=("replica_addresses", "replica_secret"), names=FLAG_NAMES,
+                     aliases=FLAG_ALIASES,
                      choices={"routing_policy": policy_names(), "tool_call_parser": sorted(TOOL_PARSERS)})
 
 

@@ -64,6 +64,9 @@ class GatewayConfig:
     """Add the non-standard "scalellm_timings" field (stage timestamps) to successful responses."""
     tool_call_parser: str | None = None
     """How replies' tool calls are read (scalellm/protocol/tool_parsers); None picks by the model's name."""
+    replica_secret: str | None = field(default=None, repr=False)
+    """The deployment's secret, sent with every call to a replica (scalellm/rpc/auth.py); None when the
+    replicas serve every call. Set by `scalellm serve`, never a flag."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replica_addresses", tuple(self.replica_addresses))

@@ -40,6 +40,9 @@ class ReplicaConfig:
     """Interface the gRPC server binds to."""
     port: int = DEFAULT_PORT
     """gRPC port (0 picks a free one)."""
+    secret: str | None = field(default=None, repr=False)
+    """The deployment's secret: calls without it are refused (scalellm/rpc/auth.py). None serves every
+    call; `scalellm serve` sets one when its replicas listen beyond loopback. Never a flag."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

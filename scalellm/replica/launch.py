@@ -60,7 +60,7 @@ def add_replica_args(parser: argparse.ArgumentParser) -> None:
     """All flags of `scalellm replica`."""
     add_engine_args(parser)
     server = parser.add_argument_group("server")
-    add_config_flags(server, ReplicaConfig, exclude=("engine", "mock"))
+    add_config_flags(server, ReplicaConfig, exclude=("engine", "mock", "secret"))
     server.add_argument("--config-stdin", action="store_true",
                         help="read the whole ReplicaConfig as one line of JSON from stdin, as `scalellm serve` "
                              "gives it; the other flags are then ignored")
@@ -121,7 +121,7 @@ async def _serve_until_signal_or_failure(engine: EngineClient, config: ReplicaCo
     """
     from scalellm.rpc.server import serve_until_signal
 
-    serving = asyncio.ensure_future(serve_until_signal(engine, config.host, config.port))
+    serving = asyncio.ensure_future(serve_until_signal(engine, config.host, config.port, secret=config.secret))
     if config.mock is not None:
         await serving
         return None

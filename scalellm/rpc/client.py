@@ -17,13 +17,14 @@ import grpc
 
 from scalellm.protocol.types import EngineHealth, EngineLoad, PromptInput, RequestOutput, SamplingParams
 from scalellm.rpc import convert
-from scalellm.rpc.channel import client_options
+from scalellm.rpc.channel import client_options, secret_metadata
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNAUTHENTICATED: 502,  # the gateway was not given the replicas' secret
     grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.CANCELLED: 503,
@@ -56,8 +57,10 @@ class ReplicaClient:
     so the replica can answer a whole engine step's chunks in one message.
     """
 
-    def __init__(self, address: str, *, connect_timeout_s: float = 2.0) -> None:
+    def __init__(self, address: str, *, connect_timeout_s: float = 2.0, secret: str | None = None) -> None:
+        """secret: the deployment's replica secret, sent with every call (see rpc/channel.py)."""
         self.address = address
+        self._metadata = secret_metadata(secret)
         self._channel = grpc.aio.insecure_channel(address, options=client_options(connect_timeout_s))
         self._open_call = self._channel.stream_stream(
             convert.SESSION.path, request_serializer=convert.SESSION.request_serializer,
@@ -132,7 +135,7 @@ class ReplicaClient:
 
     def _current_session(self) -> _Session:
         if self._session is None or self._session.ended:
-            self._session = _Session(self._open_call())
+            self._session = _Session(self._open_call(metadata=self._metadata))
         return self._session
 
     def _failure(self, item: object, received: bool) -> ReplicaError:
@@ -151,7 +154,7 @@ class ReplicaClient:
 
     async def _call(self, method: convert.RpcMethod, timeout_s: float):
         try:
-            return await self._unary[method.name](method.new_request(), timeout=timeout_s)
+            return await self._unary[method.name](method.new_request(), timeout=timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
             raise self._error(error, retriable=True) from None
 

@@ -21,6 +21,7 @@ import grpc
 from scalellm.engine.client import EngineClient
 from scalellm.protocol.types import EngineHealth, RequestMetrics
 from scalellm.rpc import convert
+from scalellm.rpc.auth import SecretCheck
 from scalellm.rpc.channel import SERVER_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -221,12 +222,15 @@ class ListenError(RuntimeError):
 class ReplicaServer:
     """A grpc.aio server serving one engine on HOST:PORT (port 0 picks a free one)."""
 
-    def __init__(self, engine: EngineClient, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, engine: EngineClient, host: str = "127.0.0.1", port: int = 0, *,
+                 secret: str | None = None) -> None:
+        """secret: serve only calls that carry it (rpc/auth.py); None serves every call."""
         self.engine = engine
         self.host = host
         self.port = port
         self._server: grpc.aio.Server | None = None
         self._service: ReplicaService | None = None
+        self.secret_check = SecretCheck(secret) if secret is not None else None
 
     @property
     def address(self) -> str:
@@ -236,7 +240,8 @@ class ReplicaServer:
 
     async def start(self) -> None:
         """Bind and start serving (the engine must already be started). Raises ListenError if the port is taken."""
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        interceptors = (self.secret_check,) if self.secret_check is not None else ()
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self._service = ReplicaService(self.engine)
         server.add_generic_rpc_handlers((self._service.rpc_handler(),))
         try:
@@ -254,10 +259,11 @@ class ReplicaServer:
             self._server = None
 
 
-async def serve_until_signal(engine: EngineClient, host: str, port: int, grace_s: float = 5.0) -> None:
+async def serve_until_signal(engine: EngineClient, host: str, port: int, grace_s: float = 5.0, *,
+                             secret: str | None = None) -> None:
     """Start the engine and the server, serve until SIGTERM or SIGINT, then stop both."""
     await engine.start()
-    server = ReplicaServer(engine, host, port)
+    server = ReplicaServer(engine, host, port, secret=secret)
     try:
         await server.start()
         logger.info("replica serving %s on %s (max_model_len %d)", engine.model_name, server.address,

@@ -349,3 +349,33 @@ def test_abort_in_flight_fails_requests_as_retriable_until_output_arrived():
         outputs = await collect(client.generate("c", "x", SamplingParams(max_tokens=2), 0.0))
         assert outputs[-1].finished  # a new session serves the next request
     run_with_replica(scenario, tpot_ms=20.0, max_num_seqs=1)
+
+
+def test_a_replica_with_a_secret_refuses_calls_without_it_and_counts_them():
+    async def main():
+        engine = MockEngine(tpot_ms=1.0, max_model_len=64)
+        await engine.start()
+        server = ReplicaServer(engine, "127.0.0.1", 0, secret="s3cret")
+        await server.start()
+        clients = {name: ReplicaClient(server.address, secret=secret)
+                   for name, secret in (("none", None), ("wrong", "s3cre"), ("right", "s3cret"))}
+        try:
+            for name in ("none", "wrong"):
+                with pytest.raises(ReplicaError) as refused:
+                    await clients[name].health()
+                assert "secret" in refused.value.message
+                with pytest.raises(ReplicaError) as refused:
+                    await collect(clients[name].generate("r", "a b", SamplingParams(max_tokens=2), 0.0))
+                assert refused.value.status_code == 502 and "secret" in refused.value.message
+            assert server.secret_check.num_refused == 4
+            assert (await clients["right"].health()).healthy
+            outputs = await collect(clients["right"].generate("r", "a b", SamplingParams(max_tokens=2), 0.0))
+            assert "".join(c.text for o in outputs for c in o.outputs) == "tok0 tok1"
+            assert server.secret_check.num_refused == 4
+        finally:
+            for client in clients.values():
+                await client.close()
+            await server.stop(0)
+            await engine.shutdown()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
