@@ -141,9 +141,14 @@ class LazyGrammarCache:
             pass
 
     def get(self) -> GrammarCache:
+        """The cache; GrammarCompileError (a 400) when xgrammar cannot read this model's tokenizer."""
         with self._lock:
             if self._cache is None:
-                self._cache = GrammarCache(*self._args)
+                try:
+                    self._cache = GrammarCache(*self._args)
+                except Exception as exc:  # noqa: BLE001 - xgrammar's errors for tokenizers it cannot read
+                    raise GrammarCompileError("structured outputs are not available for this model's tokenizer: "
+                                              f"{_first_line(exc)}") from None
             return self._cache
 
 
