@@ -98,11 +98,13 @@ def _serve_shape(args: argparse.Namespace) -> int:
 def _supervise(args: argparse.Namespace, machine: Machine, shape: Shape, num_threads: int | None,
                advisor=None) -> int:
     """Run the supervisor over a local launcher's replica set of `shape` (and the autopilot, with an advisor)."""
+    from scalellm.gateway.app import ssl_context
     from scalellm.gateway.cli_args import gateway_config_from_args
     from scalellm.supervisor import Supervisor
 
     launcher = local_launcher(args, machine, num_threads)
     config = gateway_config_from_args(args, ())
+    ssl_context(config)  # a certificate that does not load fails here, before any replica starts
     supervisor = Supervisor(launcher, shape, config, startup_timeout_s=args.startup_timeout)
     if advisor is not None:
         supervisor.autopilot = _autopilot(args, advisor, launcher, supervisor, shape)
@@ -167,7 +169,7 @@ def _serve_local(args: argparse.Namespace) -> int:
     engine = build_engine(with_threads(replica, num_threads))
 
     def banner(app) -> None:
-        print(f"ScaleLLM serving {engine.model_name} at http://{config.host}:{app.port} "
+        print(f"ScaleLLM serving {engine.model_name} at {config.scheme}://{config.host}:{app.port} "
               "(one process: engine in-process, no gRPC hop)", flush=True)
 
     run_local_server(engine, config, banner)

@@ -66,8 +66,9 @@ class Supervisor:
             model_name = await self.replica_set.wait_healthy(self.startup_timeout_s, self.stopping)
             self.gateway.start()
             await self._wait_for_gateway()
-            print(f"ScaleLLM serving {model_name} at http://{self.gateway_config.host}:"
-                  f"{self.gateway_config.port} ({self._describe()})", flush=True)
+            config = self.gateway_config
+            print(f"ScaleLLM serving {model_name} at {config.scheme}://{config.host}:{config.port} "
+                  f"({self._describe()})", flush=True)
             if self.autopilot is not None:
                 autopilot_task = asyncio.get_running_loop().create_task(self.autopilot.run())
             while not self._stop_requested:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 import urllib.parse
 from typing import Callable, Sequence
@@ -43,6 +44,19 @@ def render_error(status: int, message: str) -> bytes:
     """OpenAI's error JSON for errors raised below the application (malformed HTTP, 413)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     return OpenAIError(status, message, type=kind).body()
+
+
+def ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """The HTTPS listener's TLS context, None for plain HTTP. ValueError naming a file that does not load."""
+    if config.ssl_certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"cannot load the TLS certificate {config.ssl_certfile} with key {config.ssl_keyfile}: "
+                         f"{error}") from None
+    return context
 
 
 def default_client_factory(config: GatewayConfig) -> Callable[[str], object]:
@@ -91,9 +105,10 @@ class GatewayApp:
         config = self.config
         limits = HttpLimits(config.max_body_bytes, config.max_connections, config.header_timeout_s,
                             config.body_timeout_s, config.keep_alive_timeout_s)
-        self._server = await start_http_server(self.handle, config.host, config.port, limits, render_error)
+        self._server = await start_http_server(self.handle, config.host, config.port, limits, render_error,
+                                               ssl_context=ssl_context(config))
         self.monitor.start()
-        logger.info("gateway listening on http://%s:%d, replicas: %s", self.config.host, self.port,
+        logger.info("gateway listening on %s://%s:%d, replicas: %s", config.scheme, config.host, self.port,
                     ", ".join(r.address for r in self.router.replicas))
 
     async def shutdown(self) -> None:

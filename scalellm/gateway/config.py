@@ -67,6 +67,10 @@ class GatewayConfig:
     replica_secret: str | None = field(default=None, repr=False)
     """The deployment's secret, sent with every call to a replica (scalellm/rpc/auth.py); None when the
     replicas serve every call. Set by `scalellm serve`, never a flag."""
+    ssl_certfile: str | None = None
+    """PEM certificate (with its chain) of the HTTP listener; with ssl_keyfile the gateway serves HTTPS only."""
+    ssl_keyfile: str | None = None
+    """PEM private key of ssl_certfile."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replica_addresses", tuple(self.replica_addresses))
@@ -90,10 +94,17 @@ class GatewayConfig:
             raise ValueError("drain_timeout_s, breaker_cooldown_s and prefix_affinity_load_bound must be >= 0")
         for spec in self.api_keys:
             parse_key_spec(spec)
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("HTTPS needs both ssl_certfile and ssl_keyfile (--ssl-certfile and --ssl-keyfile)")
         if self.tool_call_parser is not None:
             from scalellm.protocol.tool_parsers import get_tool_parser
 
             get_tool_parser(self.tool_call_parser)  # ValueError naming the choices
+
+    @property
+    def scheme(self) -> str:
+        """"https" when the listener has a certificate, else "http"."""
+        return "https" if self.ssl_certfile is not None else "http"
 
     @property
     def auth_enabled(self) -> bool:

@@ -38,6 +38,7 @@ import asyncio
 import logging
 import math
 import resource
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -409,12 +410,14 @@ def raise_open_file_limit(wanted: int) -> None:
 
 
 async def start_http_server(handler: Handler, host: str, port: int, limits: HttpLimits,
-                            render_error: ErrorRenderer, backlog: int = 2048) -> HttpServer:
-    """Listen on host:port and serve every connection with `handler` within `limits`."""
+                            render_error: ErrorRenderer, backlog: int = 2048,
+                            ssl_context: ssl.SSLContext | None = None) -> HttpServer:
+    """Listen on host:port and serve every connection with `handler` within `limits` (over TLS with
+    `ssl_context`)."""
     raise_open_file_limit(limits.max_connections + 1024)  # replica channels, logs and spare room
     connections = ConnectionSet(limits)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: HttpConnection(handler, limits, render_error, connections),
-                                      host, port, backlog=backlog, reuse_address=True)
+                                      host, port, backlog=backlog, reuse_address=True, ssl=ssl_context)
     connections.start()
     return HttpServer(server, connections)
