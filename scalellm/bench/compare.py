@@ -76,7 +76,7 @@ def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig,
 
 
 LOG_NOTE_MARKERS = ("thread binding", "core ids", "reserved_cpus", "Torch threads", "system_info", "n_threads",
-                    "CPU KV cache size", "ScaleLLM serving")
+                    "CPU KV cache size", "ScaleLLM serving", "quantization auto")
 
 
 def log_notes(log_path: Path, max_lines: int = 20) -> list[str]:

@@ -211,8 +211,22 @@ def infer_weight_kind(system: str, argv: Sequence[str]) -> tuple[str, str]:
     if "--dtype" in args and args.index("--dtype") + 1 < len(args) and args[args.index("--dtype") + 1] in (
             "float32", "fp32"):
         return "fp32", "--dtype float32 on its command line"
-    return "bf16", ("assumed: no --quantization on its command line, so unquantized weights in bf16 "
-                    "(pass --weights NAME=FORMAT when the server's default differs)")
+    return "gguf", ("assumed: scalellm's default (quantization auto) keeps a GGUF's own quantization on "
+                    "AVX512-VNNI CPUs (pass --weights NAME=FORMAT when it picked otherwise)")
+
+
+LOGGED_QUANTIZATION = re.compile(r"quantization auto: (\w+)")
+LOGGED_KINDS = {"gguf": "gguf", "int8": "int8", "none": "bf16"}
+
+
+def weight_format_from_log(lines: Sequence[str]) -> str | None:
+    """The weight format a scalellm server says it picked ("quantization auto: gguf"); "none" is read
+    as bf16, the model dtype auto picks on AVX512-BF16 CPUs."""
+    for line in lines:
+        match = LOGGED_QUANTIZATION.search(line)
+        if match and match.group(1) in LOGGED_KINDS:
+            return LOGGED_KINDS[match.group(1)]
+    return None
 
 
 def apply_roofline(points: Sequence, systems: dict, facts: ModelFacts, probe: dict | None,
@@ -220,8 +234,9 @@ def apply_roofline(points: Sequence, systems: dict, facts: ModelFacts, probe: di
     """Add ``roofline_*`` figures to every point's summary; return the per-system assumptions.
 
     The served format of a system is ``overrides[name]``, else what the server reports as
-    ``weight_format`` in /v1/models (recorded in ``systems[name]["weight_format"]``), else
-    inferred from its name and command line (``infer_weight_kind``); the reason is recorded.
+    ``weight_format`` in /v1/models (recorded in ``systems[name]["weight_format"]``), else what
+    its start-up log says it picked, else inferred from its name and command line
+    (``infer_weight_kind``); the reason is recorded.
     """
     assumptions = {}
     for name, info in systems.items():
@@ -229,6 +244,9 @@ def apply_roofline(points: Sequence, systems: dict, facts: ModelFacts, probe: di
             assumptions[name] = {"weights": overrides[name], "why": "--weights on the bench's command line"}
         elif info.get("weight_format") in WEIGHT_KINDS:
             assumptions[name] = {"weights": info["weight_format"], "why": "reported by the server in /v1/models"}
+        elif weight_format_from_log(info.get("log_notes") or []):
+            assumptions[name] = {"weights": weight_format_from_log(info["log_notes"]),
+                                 "why": "the server's start-up log (quantization auto: ...)"}
         else:
             kind, why = infer_weight_kind(name, info.get("argv") or [])
             assumptions[name] = {"weights": kind, "why": why}

@@ -85,16 +85,22 @@ def test_served_format_from_flag_server_or_command_line():
     assert roofline.infer_weight_kind("s", ["scalellm", "serve", "--quantization", "int8"])[0] == "int8"
     assert roofline.infer_weight_kind("s", ["scalellm", "serve", "--dtype", "float32"])[0] == "fp32"
     kind, why = roofline.infer_weight_kind("scalellm", ["scalellm", "serve"])
-    assert kind == "bf16" and why.startswith("assumed")
+    assert kind == "gguf" and why.startswith("assumed")
+    log = ["2026 INFO quantization auto: none (weights in the model's dtype)"]
+    assert roofline.weight_format_from_log(log) == "bf16"
+    assert roofline.weight_format_from_log(["quantization auto: gguf (the file's ...)"]) == "gguf"
+    assert roofline.weight_format_from_log(["nothing"]) is None
 
     class Point:
         def __init__(self, system):
             self.system, self.requests, self.summary = system, lockstep_requests(1, 3, 0.01, 2), {"duration": 1.0}
 
-    points = [Point("a"), Point("b"), Point("c")]
-    systems = {"a": {"argv": ["x", "--quantization", "int8"]}, "b": {"weight_format": "gguf"}, "c": {}}
+    points = [Point("a"), Point("b"), Point("c"), Point("d")]
+    systems = {"a": {"argv": ["x", "--quantization", "int8"]}, "b": {"weight_format": "gguf"}, "c": {},
+               "d": {"log_notes": ["quantization auto: none (weights in the model's dtype)"]}}
     assumptions = roofline.apply_roofline(points, systems, FACTS, PROBE, {"c": "fp32"})
-    assert [assumptions[n]["weights"] for n in "abc"] == ["int8", "gguf", "fp32"]
+    assert [assumptions[n]["weights"] for n in "abcd"] == ["int8", "gguf", "fp32", "bf16"]
+    assert "log" in assumptions["d"]["why"]
     assert "server" in assumptions["b"]["why"] and "--weights" in assumptions["c"]["why"]
     assert points[1].summary["roofline_achieved_gb_s"] > 0 and "roofline_bandwidth_fraction" in points[0].summary
 
