@@ -55,6 +55,7 @@ def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig,
     if not allow_other_servers:
         isolation.check_alone(spec.name)
     others = isolation.leftover_servers()
+    info["memory_available_gib_at_start"] = isolation.memory_available_gib()
     info["other_servers_at_start"] = [f"{p.pid} {p.family}: {p.cmdline}" for p in others]
     log_path = output_dir / "logs" / f"{spec.name}.log"
     with RunningSystem(spec, options.gguf, log_path) as running:

@@ -142,6 +142,18 @@ def widen_affinity() -> None:
         pass  # a cgroup cpuset may forbid some; the recorded affinity shows what the child got
 
 
+def memory_available_gib(proc: Path = _PROC) -> float | None:
+    """``MemAvailable`` of /proc/meminfo in GiB (None if unreadable): a system that starts short of
+    memory, or swaps, is not measured on the same machine as the others."""
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class MachineCpu:
     """Machine-wide CPU seconds since boot, from the first line of /proc/stat."""

@@ -148,6 +148,8 @@ def systems_section(systems: dict) -> list[str]:
             lines.append(f"- CPUs allowed: {info['cpus_allowed']}; environment removed: "
                          f"{', '.join(info.get('env_removed') or []) or 'nothing'}; set: "
                          f"{', '.join(f'{k}={v}' for k, v in (info.get('env') or {}).items()) or 'nothing'}")
+        if info.get("memory_available_gib_at_start") is not None:
+            lines.append(f"- memory available at its start: {info['memory_available_gib_at_start']:.1f} GiB")
         if info.get("other_servers_at_start"):
             lines.append(f"- NOT ALONE: other servers alive at its start: {'; '.join(info['other_servers_at_start'])}")
         for note in info.get("log_notes") or []:

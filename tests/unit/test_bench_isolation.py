@@ -107,6 +107,13 @@ def test_proc_stat_parsing_and_other_cpu():
     assert isolation.machine_cpu().busy_s > 0
 
 
+def test_memory_available(tmp_path):
+    (tmp_path / "meminfo").write_text("MemTotal: 24000000 kB\nMemAvailable: 2097152 kB\n")
+    assert isolation.memory_available_gib(tmp_path) == 2.0
+    assert isolation.memory_available_gib(tmp_path / "none") is None
+    assert isolation.memory_available_gib() > 0
+
+
 def test_allowed_cpus_reads_the_status_file():
     assert isolation.allowed_cpus(os.getpid())  # e.g. "0-1"
     assert isolation.allowed_cpus(999_999_999) == ""
