@@ -56,7 +56,8 @@ def test_stream_and_metrics():
     async def scenario(engine):
         outputs = await collect(engine, "a b c", SamplingParams(max_tokens=3))
         assert texts(outputs) == "tok0 tok1 tok2"
-        assert [o.finished for o in outputs] == [False, False, True]  # one output per step
+        # One output per step, unless the reader fell behind and the engine merged some (never the last).
+        assert [o.finished for o in outputs] == [False] * (len(outputs) - 1) + [True] and len(outputs) >= 2
         assert outputs[-1].outputs[0].finish_reason == "length"
         assert outputs[-1].metrics.first_token_time > 0 and outputs[0].metrics is None
         assert all(o.num_prompt_tokens == 3 for o in outputs)
