@@ -161,6 +161,7 @@ def build_plan(args: argparse.Namespace, default_repeat: int) -> BenchPlan:
 
 
 def build_client(args: argparse.Namespace, base_url: str, model: str) -> ClientConfig:
+    roofline.parse_weight_kinds(args.weights)  # a bad --weights fails before anything is measured
     extra = structured.request_fields(args.response_format, args.schema, args.tools)
     if extra and args.endpoint != "chat":
         raise ValueError("--response-format and --tools apply to the chat endpoint")
@@ -270,7 +271,15 @@ def _probe_machine(args: argparse.Namespace) -> int:
 
 
 def _roofline(args: argparse.Namespace, points: list, systems: dict, single: bool) -> dict:
-    """Roofline figures into every point's summary (see roofline.py); the assumptions made."""
+    """Roofline figures into every point's summary (see roofline.py); the assumptions made.
+    Never fails the run it reports on: a problem becomes the reason it was skipped."""
+    try:
+        return _apply_roofline(args, points, systems, single)
+    except (ValueError, OSError, KeyError, IndexError) as error:
+        return {"skipped": f"{type(error).__name__}: {error}"}
+
+
+def _apply_roofline(args: argparse.Namespace, points: list, systems: dict, single: bool) -> dict:
     gguf = args.gguf
     if gguf is None and not single:
         gguf = peer_install.default_gguf_path()

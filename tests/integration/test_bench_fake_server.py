@@ -296,11 +296,38 @@ def test_cli_writes_json_markdown_and_plots(server, tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_cli_roofline_of_a_server_at_a_url(server, tmp_path):
+    from scalellm.bench.peer_install import default_gguf_path
+
+    probe = tmp_path / "machine.json"
+    probe.write_text('{"cores": 2, "cpu": {"model": "x"}, "memory_bandwidth": {"all_cores_gb_s": 20.0}, '
+                     '"matmul": {"fp32": {"peak_gflop_s": 100}, "bf16": {"peak_gflop_s": 200}, '
+                     '"int8": {"peak_gflop_s": 400}}}')
+    server.reset()
+    rc = bench_main(["--url", server.url, "--concurrency", "2", "--requests", "4", "--warmup", "0",
+                     "--gguf", str(default_gguf_path()), "--weights", "server=int8", "--machine-file", str(probe),
+                     "--output", str(tmp_path / "out")])
+    assert rc == 0
+    document = orjson.loads((tmp_path / "out" / "results.json").read_bytes())
+    assert document["roofline"]["systems"]["server"]["weights"] == "int8"
+    summary = document["runs"][0]["summary"]
+    assert summary["roofline_achieved_gb_s"] > 0
+    assert summary["roofline_bandwidth_fraction"] == pytest.approx(summary["roofline_achieved_gb_s"] / 20.0)
+    assert summary["roofline_compute_fraction"] == pytest.approx(summary["roofline_achieved_gflop_s"] / 400)
+    assert "of read BW" in (tmp_path / "out" / "results.md").read_text()
+    # Without --weights a server at a URL gets no roofline, and says why.
+    assert bench_main(["--url", server.url, "--concurrency", "1", "--requests", "1", "--warmup", "0",
+                       "--gguf", str(default_gguf_path()), "--output", str(tmp_path / "plain")]) == 0
+    assert "skipped" in orjson.loads((tmp_path / "plain" / "results.json").read_bytes())["roofline"]
+
+
 def test_cli_reports_user_errors(server, tmp_path, capsys):
     assert bench_main(["--output", str(tmp_path)]) == 2
     assert "--url is required" in capsys.readouterr().err
     assert bench_main(["--url", server.url, "--slo", "speed=3", "--output", str(tmp_path)]) == 2
     assert bench_main(["--url", server.url, "--server-pids", "999999999", "--output", str(tmp_path)]) == 2
+    assert bench_main(["--url", server.url, "--weights", "server=q4", "--output", str(tmp_path)]) == 2
+    assert not (tmp_path / "results.json").exists()  # refused before measuring
 
 
 def test_compare_mode_starts_measures_and_stops_systems(tmp_path):
