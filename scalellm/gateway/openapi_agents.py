@@ -2,7 +2,8 @@
 
 They state what scalellm/protocol/agent_fields.py and gateway/responses.py enforce, cross-field
 rules included, except two that JSON Schema cannot say: a named tool_choice must name one of
-`tools`, and tool names must differ.
+`tools`, and tool names must differ. (The rule that response_format and structured_outputs exclude
+each other is stated, but the fuzzer's generator does not always honour `not`.)
 """
 
 from __future__ import annotations

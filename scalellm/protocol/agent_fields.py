@@ -198,9 +198,10 @@ def message_tool_fields(message: dict, index: int) -> dict:
         for call in calls:
             function = call.get("function") if isinstance(call, dict) else None
             if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
-                    or not isinstance(function.get("arguments", ""), str)):
-                raise _invalid(f"messages[{index}].tool_calls entries need function.name and function.arguments "
-                               "(a JSON string)", "messages")
+                    or not isinstance(function.get("arguments"), str) or not isinstance(call.get("id"), str)
+                    or call.get("type") != "function"):
+                raise _invalid(f"messages[{index}].tool_calls entries need an id, type 'function', function.name "
+                               "and function.arguments (a JSON string)", "messages")
         if calls:
             fields["tool_calls"] = calls
     if message.get("role") == "tool":

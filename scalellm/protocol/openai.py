@@ -260,7 +260,7 @@ def _chat_messages(body: dict) -> list[dict]:
         if not isinstance(message, dict):
             raise _invalid(f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise _invalid(f"messages[{i}].role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
                            param="messages")
         text = _message_text(message, i)
