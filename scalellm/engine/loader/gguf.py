@@ -140,13 +140,13 @@ class GGUFFiles(ModelFiles):
                 yield name, self._quantized(tensor, name)
                 continue
             weight = torch.from_numpy(_dequantize(tensor))
+            if self.config.architecture == "gemma3" and name.endswith("norm.weight"):
+                weight = weight - 1
             if self.config.architecture in ("llama", "mistral"):
                 if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
                     weight = _unpermute(weight, self.config.num_heads)
                 elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
                     weight = _unpermute(weight, self.config.num_kv_heads)
-            if self.config.architecture == "gemma3" and name.endswith("norm.weight"):
-                weight = weight - 1
             yield name, weight
 
     def _quantized(self, tensor, name: str):
@@ -190,6 +190,18 @@ def _positive(name: str, value) -> int:
     return int(value)
 
 
+def _gemma3_fields(field, arch: str, num_layers: int) -> dict:
+    """What Gemma 3 adds to ModelConfig (gemma3_config.py: the layer pattern llama.cpp assumes)."""
+    from scalellm.engine.loader.gemma3_config import LOCAL_ROPE_THETA, default_layer_types
+
+    head_dim = field(f"{arch}.attention.key_length", 256)
+    if num_layers == 62:  # the 27B model scales by hidden / heads, as llama.cpp assumes
+        head_dim = field(f"{arch}.embedding_length") // field(f"{arch}.attention.head_count")
+    return dict(sliding_window=_positive("sliding_window", field(f"{arch}.attention.sliding_window", 4096)),
+                layer_types=default_layer_types(num_layers), local_rope_theta=LOCAL_ROPE_THETA,
+                query_pre_attn_scalar=float(head_dim), final_logit_softcapping=field(f"{arch}.final_logit_softcapping"))
+
+
 def _dequantize(tensor) -> np.ndarray:
     from gguf import quants
     from gguf.constants import GGML_QUANT_SIZES
@@ -213,15 +225,3 @@ def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     rest = weight.shape[1:]
     return (weight.reshape(num_heads, rows // num_heads // 2, 2, *rest)
             .transpose(1, 2).reshape(weight.shape).contiguous())
-def _gemma3_fields(field, arch: str, num_layers: int) -> dict:
-    """What Gemma 3 adds to ModelConfig (gemma3_config.py: the layer pattern llama.cpp assumes)."""
-    from scalellm.engine.loader.gemma3_config import LOCAL_ROPE_THETA, default_layer_types
-
-    head_dim = field(f"{arch}.attention.key_length", 256)
-    if num_layers == 62:  # the 27B model scales by hidden / heads, as llama.cpp assumes
-        head_dim = field(f"{arch}.embedding_length") // field(f"{arch}.attention.head_count")
-    return dict(sliding_window=_positive("sliding_window", field(f"{arch}.attention.sliding_window", 4096)),
-                layer_types=default_layer_types(num_layers), local_rope_theta=LOCAL_ROPE_THETA,
-                query_pre_attn_scalar=float(head_dim), final_logit_softcapping=field(f"{arch}.final_logit_softcapping"))
-
-
