@@ -119,14 +119,16 @@ def _random_request(rng: random.Random, index: int) -> Request:
 
 
 def _assert_same_step_inputs(original, mirrored, block_size: int) -> None:
-    a = build_step_inputs(original, block_size, None, torch.device("cpu"))
-    b = build_step_inputs(mirrored, block_size, None, torch.device("cpu"))
+    a = build_step_inputs(original, block_size, (None,), torch.device("cpu"))
+    b = build_step_inputs(mirrored, block_size, (None,), torch.device("cpu"))
     for name in ("token_ids", "positions", "sample_indices"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert torch.equal(a.attention.slot_mapping, b.attention.slot_mapping)
-    assert [s.kv_slots.tolist() for s in a.attention.prefills] == [s.kv_slots.tolist() for s in b.attention.prefills]
-    if a.attention.decode_block_table is not None:
-        assert torch.equal(a.attention.decode_block_table, b.attention.decode_block_table)
+    assert len(a.attention) == len(b.attention) == 1  # one KV cache group: every layer attends in full
+    for x, y in zip(a.attention, b.attention):
+        assert torch.equal(x.slot_mapping, y.slot_mapping)
+        assert [s.kv_slots.tolist() for s in x.prefills] == [s.kv_slots.tolist() for s in y.prefills]
+        if x.decode_block_table is not None:
+            assert torch.equal(x.decode_block_table, y.decode_block_table)
 
 
 @pytest.mark.parametrize("seed", range(6))
