@@ -25,9 +25,10 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 
 
 @pytest.fixture(scope="module")
 def serve():
+    # quantization none: the parity test compares with transformers on the dequantized fp32 weights
     port = free_ports(1)[0]
     process = subprocess.Popen(
-        [sys.executable, "-m", "scalellm.cli", "serve", "--replicas", "2", "--dtype", "float32",
+        [sys.executable, "-m", "scalellm.cli", "serve", "--replicas", "2", "--dtype", "float32", "--quantization", "none",
          "--kv-cache-gib", "0.25", "--port", str(port), "--health-interval", "0.5", "--no-request-log"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     banner = process.stdout.readline()
