@@ -33,7 +33,7 @@ MAX_TRACED_BYTES = 16 * 2**20
 MAX_SECONDS = 5.0
 LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": HIDDEN,
                 "intermediate_size": INTER, "num_hidden_layers": 1, "num_attention_heads": 2}
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def write_tiny_gguf(path: Path) -> None:
