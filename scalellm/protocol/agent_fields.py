@@ -209,6 +209,9 @@ def message_tool_fields(message: dict, index: int) -> dict:
         if not isinstance(call_id, str):
             raise _invalid(f"messages[{index}].tool_call_id is required for role 'tool'", "messages")
         fields["tool_call_id"] = call_id
-    if isinstance(message.get("name"), str):
-        fields["name"] = message["name"]
+    name = message.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise _invalid(f"messages[{index}].name must be a string", "messages")
+        fields["name"] = name
     return fields

@@ -40,6 +40,7 @@ def chat(**fields) -> bytes:
     ({"store": True}, "store"),
     ({"logit_bias": {"5": 1}}, "logit_bias"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x", "name": {"a": 1}}]}, "messages"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 5}}]}]}, "messages"),
 ])
 def test_bad_agent_fields_are_400_naming_the_field(fields, param):
