@@ -36,12 +36,13 @@ class Supervisor:
 
     def __init__(self, launcher: ReplicaLauncher, shape: Shape, gateway_config: GatewayConfig, *,
                  startup_timeout_s: float = 600.0) -> None:
-        """The replica set of `shape` is built at once (its addresses go into the gateway's config)."""
+        """The replica set of `shape` is built at once; its addresses reach the gateway once its replicas
+        reported them (a replica's address may be known only after it started)."""
         self.launcher = launcher
         self.replica_set = launcher.build(shape)
         self.gateway_config = gateway_config
         self.gateway = ChildProcess("gateway", [sys.executable, "-m", "scalellm.supervisor", "gateway"],
-                                    self._gateway_input(""), keep_stdin_open=True)
+                                    None, keep_stdin_open=True)
         self.startup_timeout_s = startup_timeout_s
         self.autopilot = None
         """An `Autopilot` (scalellm.deploy) that changes the shape with the load, or None for a fixed shape."""
@@ -64,6 +65,7 @@ class Supervisor:
             check_port_free(self.gateway_config.host, self.gateway_config.port)
             self.replica_set.start()
             model_name = await self.replica_set.wait_healthy(self.startup_timeout_s, self.stopping)
+            self.gateway.stdin_data = self._gateway_input("")
             self.gateway.start()
             await self._wait_for_gateway()
             config = self.gateway_config
@@ -73,7 +75,8 @@ class Supervisor:
                 autopilot_task = asyncio.get_running_loop().create_task(self.autopilot.run())
             while not self._stop_requested:
                 now = time.monotonic()
-                self.replica_set.check_restart(now)
+                if self.replica_set.check_restart(now):
+                    self._publish(self.replica_set, "a replica restarted at a new address")
                 self.gateway.check_restart(now)
                 await asyncio.sleep(POLL_INTERVAL_S)
             return 0
@@ -117,13 +120,17 @@ class Supervisor:
 
     def switch_to(self, replica_set: ReplicaSet, reason: str) -> ReplicaSet:
         """Serve from `replica_set` (adopted, healthy) from now on; returns the previous set, now unsupervised."""
-        from scalellm.gateway.control import ReplicaSetUpdate
-
         previous, self.replica_set = self.replica_set, replica_set
         self._other_sets = [s for s in self._other_sets if s is not replica_set] + [previous]
+        self._publish(replica_set, reason)
+        return previous
+
+    def _publish(self, replica_set: ReplicaSet, reason: str) -> None:
+        """Tell the gateway to route to `replica_set`'s addresses as they are now (and a restarted gateway too)."""
+        from scalellm.gateway.control import ReplicaSetUpdate
+
         self.gateway.stdin_data = self._gateway_input(reason)
         self.gateway.send(ReplicaSetUpdate(tuple(replica_set.addresses), replica_set.shape, reason).encode())
-        return previous
 
     def release(self, replica_set: ReplicaSet) -> None:
         """Forget a replica set that was stopped."""
@@ -150,6 +157,7 @@ class Supervisor:
             replica_set.request_stop()
         for replica_set in sets:
             replica_set.stop(REPLICA_STOP_TIMEOUT_S)
+        self.launcher.close()
 
 
 def _gateway_child_main() -> None:

@@ -1,16 +1,22 @@
 """The ReplicaLauncher interface: how `scalellm serve` gets the replicas of a shape, wherever they run.
 
-    replica_set = launcher.build(shape)     not started yet; its addresses are known
+    replica_set = launcher.build(shape)     not started yet
     replica_set.start()                     start every replica
-    await replica_set.wait_healthy(...)     until each answers Health; returns the model's name
-    replica_set.addresses                   the replicas' gRPC HOST:PORT, what the gateway routes to
-    replica_set.check_restart(now)          start again the replicas that died (with backoff)
+    await replica_set.wait_healthy(...)     until each reports its address and answers Health;
+                                            returns the model's name
+    replica_set.addresses                   the replicas' gRPC HOST:PORT as they are now, what the
+                                            gateway routes to
+    replica_set.check_restart(now)          start again the replicas that died (with backoff); True
+                                            when that changed `addresses` (the gateway must be told)
     await replica_set.drain(timeout_s)      until no replica has a request running or waiting
     replica_set.stop(timeout_s)             stop them all (request_stop() only asks, without waiting)
 
 Waiting for health and draining talk to the replicas over gRPC, so they are the same for every
-launcher; starting, restarting and stopping are the launcher's own. Implementations: LocalLauncher
-(processes on this machine, deploy/local.py).
+launcher; starting, restarting and stopping are the launcher's own. A replica's address may be
+known only once it started (a Ray actor picks a port on whatever node it was placed on) and may
+change when it is restarted elsewhere: `wait_addresses` waits for them, `check_restart` says when
+they changed. Implementations: LocalLauncher (processes on this machine, deploy/local.py) and
+RayLauncher (Ray actors on a cluster's nodes, deploy/ray.py).
 """
 
 from __future__ import annotations
@@ -36,15 +42,24 @@ DRAIN_POLL_S = 0.25
 class ReplicaSet(ABC):
     """The replicas of one shape, each serving the Replica gRPC service at one of `addresses`."""
 
-    def __init__(self, shape: Shape, addresses: Sequence[str], names: Sequence[str],
-                 secret: str | None = None) -> None:
+    def __init__(self, shape: Shape, names: Sequence[str], secret: str | None = None) -> None:
         """secret: what the replicas require of every call (scalellm/rpc/auth.py), None for nothing."""
-        if len(addresses) != shape.replicas or len(names) != shape.replicas:
-            raise ValueError(f"a replica set of shape {shape.label} needs {shape.replicas} addresses and names")
+        if len(names) != shape.replicas:
+            raise ValueError(f"a replica set of shape {shape.label} needs {shape.replicas} names")
         self.shape = shape
-        self.addresses = list(addresses)
         self.names = list(names)
         self.secret = secret
+
+    @property
+    @abstractmethod
+    def addresses(self) -> list[str]:
+        """Every replica's gRPC HOST:PORT as it is now; complete once `wait_addresses` returned."""
+
+    async def wait_addresses(self, deadline: float, should_stop: Callable[[], bool]) -> None:
+        """Until every started replica has reported its address (at once where they are known at build).
+
+        Raises StartupError when a replica fails first, `deadline` (monotonic) passes or `should_stop()`.
+        """
 
     @abstractmethod
     def start(self) -> None:
@@ -55,8 +70,8 @@ class ReplicaSet(ABC):
         """Why replica `index` can no longer come up (it exited), or None while it may."""
 
     @abstractmethod
-    def check_restart(self, now: float) -> None:
-        """Start again (with backoff) the replicas that died."""
+    def check_restart(self, now: float) -> bool:
+        """Start again (with backoff) the replicas that died; True when a replica's address changed."""
 
     @abstractmethod
     def request_stop(self) -> None:
@@ -74,6 +89,7 @@ class ReplicaSet(ABC):
         from scalellm.rpc.client import ReplicaClient, ReplicaError
 
         deadline = time.monotonic() + timeout_s
+        await self.wait_addresses(deadline, should_stop)
         clients = [ReplicaClient(address, secret=self.secret) for address in self.addresses]
         try:
             for index, client in enumerate(clients):
@@ -143,3 +159,6 @@ class ReplicaLauncher(ABC):
     @abstractmethod
     def build(self, shape: Shape) -> ReplicaSet:
         """The (not yet started) replica set of `shape`. ValueError when this launcher cannot run it."""
+
+    def close(self) -> None:
+        """Free what the launcher holds beyond its sets (a cluster connection), after they stopped."""

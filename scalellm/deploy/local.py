@@ -30,9 +30,17 @@ class LocalReplicaSet(ReplicaSet):
 
     def __init__(self, shape: Shape, children: Sequence[ChildProcess], addresses: Sequence[str],
                  core_board: str | None = None, secret: str | None = None) -> None:
-        super().__init__(shape, addresses, [child.name for child in children], secret)
+        super().__init__(shape, [child.name for child in children], secret)
+        if len(addresses) != shape.replicas:
+            raise ValueError(f"a replica set of shape {shape.label} needs {shape.replicas} addresses")
+        self._addresses = list(addresses)
         self.children = list(children)
         self.core_board = core_board
+
+    @property
+    def addresses(self) -> list[str]:
+        """Fixed at build: a replica restarts on its own port."""
+        return list(self._addresses)
 
     def start(self) -> None:
         for child in self.children:
@@ -42,9 +50,10 @@ class LocalReplicaSet(ReplicaSet):
         code = self.children[index].poll()
         return None if code is None else f"exited with code {code}"
 
-    def check_restart(self, now: float) -> None:
+    def check_restart(self, now: float) -> bool:
         for child in self.children:
             child.check_restart(now)
+        return False
 
     def request_stop(self) -> None:
         for child in self.children:

@@ -64,7 +64,8 @@ def test_switch_tells_the_gateway_and_a_restarted_gateway_learns_the_latest_set(
     config = GatewayConfig(replica_addresses=("127.0.0.1:1",), port=0)
     supervisor = Supervisor(LocalLauncher(ReplicaConfig(), Machine("cpu", 2)), Shape(1, 2), config)
     (address,) = supervisor.replica_set.addresses
-    first_line, update_line = supervisor.gateway.stdin_data.splitlines()
+    assert supervisor.gateway.stdin_data is None  # written once the replicas answered
+    first_line, update_line = supervisor._gateway_input("").splitlines()
     assert json.loads(first_line)["replica_addresses"] == [address]
     assert ReplicaSetUpdate.decode(update_line) == ReplicaSetUpdate((address,), Shape(1, 2))
     new_set = LocalReplicaSet(Shape(2, 1), [ChildProcess("r", ["true"]), ChildProcess("s", ["true"])],
