@@ -19,7 +19,7 @@ import asyncio
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from scalellm.config import EngineConfig
 from scalellm.engine.client import EngineClient
@@ -28,7 +28,7 @@ from scalellm.engine.input_processor import InputProcessor
 from scalellm.engine.loader import ModelFiles
 from scalellm.engine.output_processor import OutputProcessor
 from scalellm.engine.request import RequestStatus
-from scalellm.engine.structured import LazyGrammarCache, RequestGrammar
+from scalellm.engine.structured import LazyGrammarCache, attach_grammars
 from scalellm.protocol.types import (EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput,
                                      SamplingParams)
 from scalellm.protocol.deltas import merge_delta
@@ -84,7 +84,8 @@ class AsyncLLM(EngineClient):
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
-                       metrics: RequestMetrics | None = None) -> AsyncIterator[RequestOutput]:
+                       metrics: RequestMetrics | None = None,
+                       resume_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
         if self._error is not None:
             raise EngineDeadError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
@@ -92,15 +93,15 @@ class AsyncLLM(EngineClient):
         metrics = metrics or RequestMetrics()
         metrics.replica_receive_time = metrics.replica_receive_time or time.time()
         prompt_token_ids = self.input_processor.tokenize(prompt)
-        samples = self.input_processor.make_requests(request_id, prompt_token_ids, params)
+        samples = self.input_processor.make_requests(request_id, prompt_token_ids, params,
+                                                     resume_token_ids=resume_token_ids)
         if params.structured is not None:  # compiled off this thread and the engine's, with a deadline
-            compiled = await self._grammars.compile(params.structured)
-            for sample in samples:
-                sample.grammar = RequestGrammar(compiled)
+            attach_grammars(samples, await self._grammars.compile(params.structured))
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = outputs
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None,
                                           samples, metrics, delta=True)
+        metrics.queued_time = time.time()
         self._send(("add", samples))
         finished = False
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from scalellm.protocol.types import EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput, SamplingParams
 
@@ -30,7 +30,8 @@ class EngineClient(ABC):
 
     @abstractmethod
     def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
-                 metrics: RequestMetrics | None = None) -> AsyncIterator[RequestOutput]:
+                 metrics: RequestMetrics | None = None,
+                 resume_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs in delta mode.
 
         Each yielded `RequestOutput` holds only what is new since the previous one (text, token ids,
@@ -39,6 +40,12 @@ class EngineClient(ABC):
         input that cannot be served: an empty prompt, a prompt longer than the context, a chat that the
         template rejects. Closing the iterator early (the caller cancelled) aborts the request and frees
         its KV blocks. `metrics`, when given, carries timestamps taken before the engine saw the request.
+
+        `resume_token_ids` (failover, n = 1): output tokens another replica already generated and
+        delivered. The request continues after them as if it had generated them itself: they count
+        toward max_tokens and the penalties, a grammar is advanced past them, and the outputs
+        start with the first new token (no text of theirs is repeated); num_prompt_tokens stays
+        the prompt's. With a seed or greedy sampling the continuation equals an uninterrupted run.
         """
 
     @abstractmethod

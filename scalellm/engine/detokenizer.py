@@ -51,6 +51,19 @@ class IncrementalDetokenizer:
         with include_stop_str_in_output)."""
         return self._text
 
+    def resume(self, delivered_token_ids: list[int]) -> None:
+        """Start after output that was already generated and delivered elsewhere (failover).
+
+        The tokens are decoded as `update` would have (so the decode state across the seam is the
+        same), nothing is searched for stop strings (the delivered text held none, or it would have
+        ended), and the text counts as released except the tail an uninterrupted run would still
+        hold back as a possible stop string: `get_next_delta` then releases exactly what the
+        client has not seen. (Released text only grows: len(text) - held never decreases.)
+        """
+        pieces = [self._step(token_id) for token_id in delivered_token_ids]
+        self._text += "".join(piece for piece in pieces if piece)
+        self._num_released = len(self._text) - self._stops.num_chars_to_hold(self._text)
+
     def update(self, new_token_ids: list[int]) -> str | None:
         """Append tokens; return the stop string they complete, else None.
 

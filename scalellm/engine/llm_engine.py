@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from scalellm.config import EngineConfig
 from scalellm.engine.engine_core import EngineCore
 from scalellm.engine.input_processor import InputProcessor
 from scalellm.engine.output_processor import OutputProcessor
 from scalellm.engine.request import RequestStatus
-from scalellm.engine.structured import LazyGrammarCache, RequestGrammar
+from scalellm.engine.structured import LazyGrammarCache, attach_grammars
 from scalellm.protocol.types import PromptInput, RequestMetrics, RequestOutput, SamplingParams
 
 
@@ -25,19 +27,21 @@ class LLMEngine:
         self.grammars = LazyGrammarCache.for_input_processor(self.input_processor)
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
-                    metrics: RequestMetrics | None = None, delta: bool = False) -> int:
+                    metrics: RequestMetrics | None = None, delta: bool = False,
+                    resume_token_ids: Sequence[int] = ()) -> int:
         """Validate, tokenize and queue a request; returns its number of prompt tokens.
 
         delta=True reports only what is new at each step; False reports the whole result once finished.
+        resume_token_ids: output already generated elsewhere (see InputProcessor.make_requests); the
+        outputs then continue after it without repeating it.
         """
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in flight")
         prompt_token_ids = self.input_processor.tokenize(prompt)
-        samples = self.input_processor.make_requests(request_id, prompt_token_ids, params)
+        samples = self.input_processor.make_requests(request_id, prompt_token_ids, params,
+                                                     resume_token_ids=resume_token_ids)
         if params.structured is not None:
-            compiled = self.grammars.compile_blocking(params.structured)
-            for sample in samples:
-                sample.grammar = RequestGrammar(compiled)
+            attach_grammars(samples, self.grammars.compile_blocking(params.structured))
         text = prompt if isinstance(prompt, str) else None
         self.output_processor.add_request(request_id, text, samples, metrics, delta)
         self.core.add_requests(samples)

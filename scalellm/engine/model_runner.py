@@ -20,6 +20,7 @@ from scalellm.engine.parallel.group import ParallelGroup, SingleRank
 from scalellm.engine.quantization import get_quantization_method, resolve_quantization
 from scalellm.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from scalellm.engine.sampler import Sampler, SamplingRow, make_generator
+from scalellm.engine.sampling.random_draw import position_seed
 from scalellm.engine.step_inputs import build_step_inputs
 from scalellm.engine.outputs import ScheduledChunk
 from scalellm.engine.kv_cache.groups import block_bytes, kv_groups, layer_slots
@@ -105,11 +106,11 @@ class ModelRunner:
     def _sampling_row(self, request) -> SamplingRow:
         params = request.sampling_params
         generator = None
-        if params.seed is not None and not params.greedy:
+        if params.seed is not None and not params.greedy:  # re-seeded per position: see random_draw.py
             generator = self._generators.get(request.request_id)
             if generator is None:
-                generator = make_generator(params.seed + request.sample_index, self.device)
-                self._generators[request.request_id] = generator
+                generator = self._generators[request.request_id] = make_generator(0, self.device)
+            generator.manual_seed(position_seed(params.seed, request.sample_index, request.num_output_tokens))
         return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, generator, request.grammar)
 
     @torch.inference_mode()

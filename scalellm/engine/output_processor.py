@@ -64,8 +64,10 @@ class OutputProcessor:
                               metrics or RequestMetrics(), delta)
         for sample in samples:
             detokenizer = IncrementalDetokenizer(self.tokenizer, sample.prompt_token_ids, params)
+            if sample.output_token_ids:  # resumed: its delivered output is not reported again
+                detokenizer.resume(sample.output_token_ids)
             state.samples[sample.request_id] = _Sample(
-                sample.sample_index, sample, detokenizer,
+                sample.sample_index, sample, detokenizer, token_ids=list(sample.output_token_ids),
                 logprobs=[] if params.logprobs is not None else None,
                 cumulative_logprob=0.0 if params.logprobs is not None else None)
             self._sample_owner[sample.request_id] = state
@@ -163,6 +165,7 @@ class OutputProcessor:
         metrics.first_token_time = min((r.first_token_time for r in requests if r.first_token_time), default=0.0)
         metrics.last_token_time = max((r.last_token_time for r in requests), default=0.0)
         metrics.num_cached_tokens = max((r.num_cached_tokens for r in requests), default=0)
+        metrics.prefill_chunks = requests[0].prefill_chunks if requests else None
         return metrics
 
     def _forget(self, state: _RequestState) -> None:

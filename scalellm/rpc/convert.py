@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 from scalellm.protocol.types import (
     ChatPrompt,
@@ -84,15 +84,17 @@ class GenerateArgs(NamedTuple):
     prompt: PromptInput
     params: SamplingParams
     gateway_receive_time: float
+    resume_token_ids: list[int]
+    """Output already delivered by a failed replica (see GenerateRequest.resume_token_ids); [] if new."""
 
 
 # --- GenerateRequest ---------------------------------------------------------------------------
 
 def encode_request(request_id: str, prompt: PromptInput, params: SamplingParams,
-                   gateway_receive_time: float) -> Any:
+                   gateway_receive_time: float, resume_token_ids: Sequence[int] = ()) -> Any:
     """Build a GenerateRequest. Raises ValueError for chat content that is not text."""
     request = pb.GenerateRequest(request_id=request_id, params=_encode_params(params),
-                                 gateway_receive_time=gateway_receive_time)
+                                 gateway_receive_time=gateway_receive_time, resume_token_ids=resume_token_ids)
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, ChatPrompt):
@@ -122,7 +124,17 @@ def decode_request(request: Any) -> GenerateArgs:
     else:
         raise ValueError("the request has no prompt: send text, token ids or chat messages")
     return GenerateArgs(request.request_id, prompt, _decode_params(request.params),
-                        request.gateway_receive_time)
+                        request.gateway_receive_time, list(request.resume_token_ids))
+
+
+def set_trace_context(request: Any, carrier: dict[str, str]) -> None:
+    """Put the W3C trace context `carrier` ({"traceparent": ...}) in a GenerateRequest."""
+    request.trace_context.update(carrier)
+
+
+def trace_context(request: Any) -> dict[str, str]:
+    """A GenerateRequest's W3C trace context; {} when the gateway does not trace it."""
+    return dict(request.trace_context) if request.trace_context else {}
 
 
 def _encode_message(message: dict) -> Any:
@@ -196,7 +208,7 @@ def encode_output(output: RequestOutput, num_generated_tokens: int, *, first: bo
         m = output.metrics
         chunk.metrics.CopyFrom(pb.RequestTimings(
             gateway_receive_time=m.gateway_receive_time, replica_receive_time=m.replica_receive_time,
-            scheduled_time=m.scheduled_time, first_token_time=m.first_token_time,
+            queued_time=m.queued_time, scheduled_time=m.scheduled_time, first_token_time=m.first_token_time,
             last_token_time=m.last_token_time, num_cached_tokens=m.num_cached_tokens))
     if first:
         if output.prompt is not None:
@@ -233,7 +245,7 @@ def decode_output(request_id: str, chunk: Any) -> RequestOutput:
         m = chunk.metrics
         metrics = RequestMetrics(
             gateway_receive_time=m.gateway_receive_time, replica_receive_time=m.replica_receive_time,
-            scheduled_time=m.scheduled_time, first_token_time=m.first_token_time,
+            queued_time=m.queued_time, scheduled_time=m.scheduled_time, first_token_time=m.first_token_time,
             last_token_time=m.last_token_time, num_cached_tokens=m.num_cached_tokens)
     return RequestOutput(
         request_id=request_id, outputs=[_decode_completion(d) for d in chunk.outputs],

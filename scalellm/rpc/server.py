@@ -40,8 +40,14 @@ class _RequestFailed(Exception):
 class ReplicaService:
     """The Replica service's handlers; they see protobuf messages only as values from `convert`."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: EngineClient, tracing=None) -> None:
+        """tracing: the process's `scalellm.tracing` Tracing, None when tracing is off."""
         self._engine = engine
+        self._tracing = tracing
+        if tracing is not None:
+            from scalellm.tracing.replica import ReplicaRequestTrace
+
+            self._request_trace = ReplicaRequestTrace
         self._num_requests_received = 0
         self._stopping = False
         self._session_outboxes: set[_Outbox] = set()
@@ -118,7 +124,12 @@ class ReplicaService:
             raise _RequestFailed(grpc.StatusCode.UNAVAILABLE, "the replica is shutting down")
         metrics = RequestMetrics(gateway_receive_time=args.gateway_receive_time,
                                  replica_receive_time=receive_time)
-        stream = self._engine.generate(args.request_id, args.prompt, args.params, metrics)
+        trace = None
+        if self._tracing is not None:
+            trace = self._request_trace(self._tracing, convert.trace_context(request), args.request_id,
+                                        self._engine.model_name, args.params, metrics)
+        resume = {"resume_token_ids": args.resume_token_ids} if args.resume_token_ids else {}
+        stream = self._engine.generate(args.request_id, args.prompt, args.params, metrics, **resume)
         num_generated = 0
         first = True
         finished = False
@@ -127,6 +138,8 @@ class ReplicaService:
                 for completion in output.outputs:
                     num_generated += len(completion.token_ids)
                 finished = output.finished
+                if trace is not None:
+                    trace.observe(output)
                 yield convert.encode_output(output, num_generated, first=first)
                 first = False
         except ValueError as error:
@@ -140,6 +153,8 @@ class ReplicaService:
             await _close(stream)
             if not finished:
                 await self._engine.abort(args.request_id)
+            if trace is not None:
+                trace.end(time.time(), None if finished else "the request ended unfinished")
 
     async def health(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """SERVING or NOT_SERVING, from the engine's own health check."""
@@ -223,9 +238,11 @@ class ReplicaServer:
     """A grpc.aio server serving one engine on HOST:PORT (port 0 picks a free one)."""
 
     def __init__(self, engine: EngineClient, host: str = "127.0.0.1", port: int = 0, *,
-                 secret: str | None = None) -> None:
-        """secret: serve only calls that carry it (rpc/auth.py); None serves every call."""
+                 secret: str | None = None, tracing=None) -> None:
+        """secret: serve only calls that carry it (rpc/auth.py); None serves every call.
+        tracing: a `scalellm.tracing` Tracing to record each request's spans with; None: off."""
         self.engine = engine
+        self.tracing = tracing
         self.host = host
         self.port = port
         self._server: grpc.aio.Server | None = None
@@ -242,7 +259,7 @@ class ReplicaServer:
         """Bind and start serving (the engine must already be started). Raises ListenError if the port is taken."""
         interceptors = (self.secret_check,) if self.secret_check is not None else ()
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-        self._service = ReplicaService(self.engine)
+        self._service = ReplicaService(self.engine, self.tracing)
         server.add_generic_rpc_handlers((self._service.rpc_handler(),))
         try:
             self.port = server.add_insecure_port(self.address)
@@ -260,10 +277,11 @@ class ReplicaServer:
 
 
 async def serve_until_signal(engine: EngineClient, host: str, port: int, grace_s: float = 5.0, *,
-                             secret: str | None = None) -> None:
-    """Start the engine and the server, serve until SIGTERM or SIGINT, then stop both."""
+                             secret: str | None = None, tracing=None) -> None:
+    """Start the engine and the server, serve until SIGTERM or SIGINT, then stop both (and `tracing`,
+    exporting its last spans)."""
     await engine.start()
-    server = ReplicaServer(engine, host, port, secret=secret)
+    server = ReplicaServer(engine, host, port, secret=secret, tracing=tracing)
     try:
         await server.start()
         logger.info("replica serving %s on %s (max_model_len %d)", engine.model_name, server.address,
@@ -277,3 +295,5 @@ async def serve_until_signal(engine: EngineClient, host: str, port: int, grace_s
     finally:
         await server.stop(grace_s)
         await engine.shutdown()
+        if tracing is not None:
+            await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)

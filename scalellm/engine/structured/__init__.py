@@ -8,6 +8,7 @@
 """
 
 from scalellm.engine.structured.compiler import GrammarCache, GrammarCompileError, LazyGrammarCache
-from scalellm.engine.structured.matcher import GrammarMasker, RequestGrammar
+from scalellm.engine.structured.matcher import GrammarMasker, RequestGrammar, attach_grammars
 
-__all__ = ["GrammarCache", "GrammarCompileError", "LazyGrammarCache", "GrammarMasker", "RequestGrammar"]
+__all__ = ["GrammarCache", "GrammarCompileError", "LazyGrammarCache", "GrammarMasker", "RequestGrammar",
+           "attach_grammars"]

@@ -33,6 +33,16 @@ class RequestGrammar:
         return self._matcher.is_terminated()
 
 
+def attach_grammars(samples, compiled) -> None:
+    """Give each sample (an engine Request) its own RequestGrammar of `compiled`, advanced past the
+    output tokens it starts with (a resumed request). Raises ValueError when they break the grammar."""
+    for sample in samples:
+        grammar = RequestGrammar(compiled)
+        if not all(grammar.accept(token_id) for token_id in sample.output_token_ids):
+            raise ValueError("the resumed output tokens do not follow the request's structured-output grammar")
+        sample.grammar = grammar
+
+
 class GrammarMasker:
     """Applies the grammars of a batch's rows to its logits, reusing one bitmask buffer."""
 

@@ -103,7 +103,14 @@ class SamplingParameters(_message.Message):
     def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., include_stop_str_in_output: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., logprobs: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ..., structured: _Optional[_Union[StructuredOutput, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "chat", "infill", "add_generation_prompt", "params", "gateway_receive_time")
+    __slots__ = ("request_id", "text", "token_ids", "chat", "infill", "add_generation_prompt", "params", "gateway_receive_time", "trace_context", "resume_token_ids")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +119,8 @@ class GenerateRequest(_message.Message):
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_RECEIVE_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
@@ -120,7 +129,9 @@ class GenerateRequest(_message.Message):
     add_generation_prompt: bool
     params: SamplingParameters
     gateway_receive_time: float
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., add_generation_prompt: _Optional[bool] = ..., params: _Optional[_Union[SamplingParameters, _Mapping]] = ..., gateway_receive_time: _Optional[float] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., add_generation_prompt: _Optional[bool] = ..., params: _Optional[_Union[SamplingParameters, _Mapping]] = ..., gateway_receive_time: _Optional[float] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "rank", "decoded_token")
@@ -167,20 +178,22 @@ class CompletionDelta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Union[DeltaLogprobs, _Mapping]] = ..., cumulative_logprob: _Optional[float] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., stop_string: _Optional[str] = ...) -> None: ...
 
 class RequestTimings(_message.Message):
-    __slots__ = ("gateway_receive_time", "replica_receive_time", "scheduled_time", "first_token_time", "last_token_time", "num_cached_tokens")
+    __slots__ = ("gateway_receive_time", "replica_receive_time", "queued_time", "scheduled_time", "first_token_time", "last_token_time", "num_cached_tokens")
     GATEWAY_RECEIVE_TIME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_RECEIVE_TIME_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TIME_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_TIME_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_TOKEN_TIME_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     gateway_receive_time: float
     replica_receive_time: float
+    queued_time: float
     scheduled_time: float
     first_token_time: float
     last_token_time: float
     num_cached_tokens: int
-    def __init__(self, gateway_receive_time: _Optional[float] = ..., replica_receive_time: _Optional[float] = ..., scheduled_time: _Optional[float] = ..., first_token_time: _Optional[float] = ..., last_token_time: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, gateway_receive_time: _Optional[float] = ..., replica_receive_time: _Optional[float] = ..., queued_time: _Optional[float] = ..., scheduled_time: _Optional[float] = ..., first_token_time: _Optional[float] = ..., last_token_time: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("outputs", "finished", "num_prompt_tokens", "num_generated_tokens", "metrics", "prompt", "prompt_token_ids")

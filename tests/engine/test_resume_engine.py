@@ -1,0 +1,105 @@
+"""Resuming a request with output tokens already delivered (failover): the continuation equals an
+uninterrupted run, token for token and character for character, on the tiny model (greedy, seeded,
+penalties) and on the mock engine (stop strings held across the seam)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scalellm.config import EngineConfig
+from scalellm.engine.llm_engine import LLMEngine
+from scalellm.engine.sampling.random_draw import position_seed
+from scalellm.protocol.types import SamplingParams
+from scalellm.replica.mock_engine import MockEngine
+from tests.engine.tiny_models import make_tiny_model
+
+PROMPT = [5, 100, 2000, 300, 41, 7777, 12, 9, 8]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tokenizer_dir):
+    directory = str(tmp_path_factory.mktemp("llama-resume"))
+    make_tiny_model("llama", directory, tokenizer_dir, seed=0)
+    return LLMEngine(EngineConfig(model=directory, dtype="float32", kv_cache_gib=0.01, block_size=4))
+
+
+def steps(engine: LLMEngine, request_id: str, params: SamplingParams, resume: list[int] = ()):
+    """The request's delta outputs, one (token ids, text, finish reason) per step."""
+    engine.add_request(request_id, PROMPT, params, delta=True, resume_token_ids=resume)
+    result = []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            sample = output.outputs[0]
+            result.append((sample.token_ids, sample.text, sample.finish_reason, output.num_prompt_tokens))
+    return result
+
+
+PARAMS = {
+    "greedy": SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    "seeded": SamplingParams(temperature=1.0, top_p=0.9, seed=77, max_tokens=12, ignore_eos=True),
+    "seeded with penalties": SamplingParams(temperature=0.8, seed=-5, max_tokens=12, ignore_eos=True,
+                                            frequency_penalty=1.5, repetition_penalty=1.3, top_k=50),
+}
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_continuation_equals_an_uninterrupted_run(engine, name):
+    params = PARAMS[name]
+    reference = steps(engine, f"ref-{name}", params)
+    assert len(reference) == 12 and all(len(ids) == 1 for ids, *_ in reference)
+    for cut in (1, 5, 11):
+        delivered = [ids[0] for ids, *_ in reference[:cut]]
+        resumed = steps(engine, f"resume-{name}-{cut}", params, delivered)
+        assert resumed == reference[cut:], cut  # same tokens, same text deltas, prompt counted as before
+    # a replica that drew other requests' samples before still draws the same tokens
+    steps(engine, "noise", SamplingParams(temperature=1.0, seed=3, max_tokens=5, ignore_eos=True))
+    assert steps(engine, f"again-{name}", params) == reference
+
+
+def test_resume_checks_what_it_is_given(engine):
+    params = SamplingParams(temperature=0, max_tokens=3)
+    with pytest.raises(ValueError, match="nothing is left"):
+        engine.add_request("full", PROMPT, params, resume_token_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match="n is 1"):
+        engine.add_request("n2", PROMPT, SamplingParams(n=2, max_tokens=3), resume_token_ids=[1])
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("bad", PROMPT, params, resume_token_ids=[10**9])
+
+
+def test_position_seed_separates_seed_sample_and_position():
+    seeds = {position_seed(seed, sample, position) for seed in (0, 1, -1) for sample in (0, 1)
+             for position in range(50)}
+    assert len(seeds) == 3 * 2 * 50
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def _mock_run(params: SamplingParams, resume: list[int] = ()) -> list[tuple[list[int], str, str | None]]:
+    async def main():
+        engine = MockEngine(tpot_ms=5.0, max_model_len=64)
+        await engine.start()
+        try:
+            outputs = [o async for o in engine.generate("r", "a b c", params, resume_token_ids=resume)]
+        finally:
+            await engine.shutdown()
+        return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+                for o in outputs if o.outputs]
+    return asyncio.run(main())
+
+
+def test_mock_engine_resume_holds_a_possible_stop_string_across_the_seam():
+    # "tok3 tok4" could start the stop string "tok4 tok5 tok9": its text is held until tok5 ends the
+    # match's chance; a resume after tok4 must release it then, exactly once.
+    params = SamplingParams(max_tokens=8, stop=["tok4 tok5 tok9"])
+    reference = _mock_run(params)
+    text = "".join(t for _, t, _ in reference)
+    assert text == " ".join(f"tok{i}" for i in range(8)) and reference[-1][2] == "length"
+    for cut in range(1, len(reference)):  # at every chunk boundary (chunks may merge several steps)
+        delivered = [i for ids, _, _ in reference[:cut] for i in ids]
+        seen = "".join(t for _, t, _ in reference[:cut])
+        resumed = _mock_run(params, delivered)
+        assert [i for ids, _, _ in resumed for i in ids] == list(range(len(delivered), 8))
+        assert seen + "".join(t for _, t, _ in resumed) == text, cut
+        assert resumed[-1][2] == "length"
+    assert any(ids[-1] in (4, 5) for ids, _, _ in reference[:-1])  # a seam fell where text is held
