@@ -40,6 +40,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="interface the replicas' gRPC servers listen on (default %(default)s: this machine "
                              "only); on any other they refuse every call without a secret made for this "
                              "deployment, which only the gateway is given")
+    parser.add_argument("--launcher", choices=("local", "ray"), default="local",
+                        help="where the replicas run: local (processes on this machine, the default) or ray "
+                             "(Ray actors on the nodes of a Ray cluster; needs `pip install 'scalellm[ray]'`)")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="with --launcher ray: the cluster's GCS address (default: the cluster `ray start` "
+                             "runs on this machine)")
     parser.add_argument("--no-lend-cores", action="store_false", dest="lend_cores",
                         help="keep each replica on its own thread share even while the others are idle "
                              "(default: a replica alone at work steps on every core)")
@@ -51,6 +57,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code. ValueError for flags that do not fit together."""
     if args.replicas is not None and args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
+    if getattr(args, "launcher", "local") == "ray" and args.no_gateway:
+        raise ValueError("--no-gateway serves from this process alone: leave out --launcher ray")
     if args.no_gateway:
         return _serve_local(args)
     if args.shape is not None:
@@ -62,10 +70,14 @@ def _serve_replicas(args: argparse.Namespace) -> int:
     """`--replicas N` (or the default count): the fixed shape N x threads-per-replica."""
     from scalellm.deploy.local import default_replica_count, threads_per_replica
 
+    machine = deployment_machine(args)
+    if _on_ray(args):  # one thread each unless told, as many replicas as the cluster's CPUs hold (up to 4)
+        args.num_threads = args.num_threads or 1
+        units = machine.num_units // (args.num_threads * args.tensor_parallel_size)
+        args.replicas = args.replicas or max(1, min(4, units))
     if args.replicas is None:  # each replica runs tensor_parallel_size processes
         args.replicas = max(1, default_replica_count() // args.tensor_parallel_size)
     num_threads = args.num_threads or threads_per_replica(args.replicas * args.tensor_parallel_size)
-    machine = Machine.detect()
     parallel = args.tensor_parallel_size if machine.device == "cuda" else num_threads
     shape = Shape(args.replicas, parallel)
     if machine.device == "cuda" and not machine.fits(shape):
@@ -86,7 +98,7 @@ def _serve_shape(args: argparse.Namespace) -> int:
     auto = args.shape == "auto"
     if args.profile is not None and not auto:
         raise ValueError("--profile goes with --shape auto")
-    machine = Machine.detect()
+    machine = deployment_machine(args)
     advisor = build_advisor(args, machine) if auto else None
     try:
         shape = advisor.initial_shape() if advisor else Shape.parse(args.shape)
@@ -102,7 +114,8 @@ def _supervise(args: argparse.Namespace, machine: Machine, shape: Shape, num_thr
     from scalellm.gateway.cli_args import gateway_config_from_args
     from scalellm.supervisor import Supervisor
 
-    launcher = local_launcher(args, machine, num_threads)
+    launcher = ray_launcher(args, machine, num_threads, shape) if _on_ray(args) else \
+        local_launcher(args, machine, num_threads)
     config = gateway_config_from_args(args, ())
     ssl_context(config)  # a certificate that does not load fails here, before any replica starts
     supervisor = Supervisor(launcher, shape, config, startup_timeout_s=args.startup_timeout)
@@ -123,6 +136,35 @@ def local_launcher(args: argparse.Namespace, machine: Machine, num_threads: int 
     if not is_loopback(host):
         replica = dataclasses.replace(replica, secret=secrets.token_urlsafe(32))
     return LocalLauncher(replica, machine, host, lend_cores=args.lend_cores)
+
+
+def _on_ray(args: argparse.Namespace) -> bool:
+    return getattr(args, "launcher", "local") == "ray"
+
+
+def deployment_machine(args: argparse.Namespace) -> Machine:
+    """What shapes are cut from: this machine, or with --launcher ray the cluster joined now (its CPUs,
+    or its GPUs). ValueError naming what to do when ray is missing or the cluster cannot be reached."""
+    if not _on_ray(args):
+        return Machine.detect()
+    from scalellm.deploy.ray import RayLauncher
+
+    return RayLauncher.connect(args.ray_address)
+
+
+def ray_launcher(args: argparse.Namespace, machine: Machine, num_threads: int | None, shape: Shape):
+    """The RayLauncher of the serve flags (replicas on node addresses, always with a new secret);
+    ValueError when the cluster's free CPUs cannot hold `shape` now."""
+    from scalellm.deploy.ray import RayLauncher
+    from scalellm.replica.launch import replica_config_from_args, with_threads
+
+    if getattr(args, "replica_host", "127.0.0.1") != "127.0.0.1":
+        raise ValueError("--replica-host is for local replicas: on Ray each listens on its node's address")
+    replica = dataclasses.replace(with_threads(replica_config_from_args(args), num_threads),
+                                  secret=secrets.token_urlsafe(32))
+    launcher = RayLauncher(replica, machine, listen_timeout_s=args.startup_timeout)
+    launcher.check_fits(shape)
+    return launcher
 
 
 def is_loopback(host: str) -> bool:
