@@ -4,6 +4,8 @@ One path for every request:
 
     admit (auth, draining, rate limit, in-flight cap) → parse → dispatch to a replica → first output
       └─ ReplicaUnavailable before the first output: count the failure, try another replica
+      └─ a replica failure after some output: resume on another replica after the delivered tokens
+         (failover.py; single-sample requests)
     → stream events or build the body → release the replica's load and the admission slot (always)
 
 Successful responses carry the request's stage timestamps as the non-standard ``scalellm_timings``
@@ -22,6 +24,7 @@ import orjson
 
 from scalellm.gateway.auth import INFERENCE, ApiKeyAuth
 from scalellm.gateway.config import GatewayConfig
+from scalellm.gateway.failover import ResumingStream
 from scalellm.gateway.http import HttpConnection, Request
 from scalellm.gateway.limits import AdmissionGate, RateLimiter
 from scalellm.gateway.metrics import GatewayMetrics
@@ -145,7 +148,8 @@ class InferenceService:
             if parsed.extra_prompts:
                 dispatch, stream, first = await self._start_many(parsed, record)
             else:
-                dispatch, stream, first = await self._start(parsed, record, tried)
+                dispatch, stream, first = self._resumable(parsed, record, tried,
+                                                          await self._start(parsed, record, tried))
             ok: bool | None = None
             try:
                 if parsed.stream:
@@ -185,10 +189,28 @@ class InferenceService:
         merged = MergedStreams(started, parsed.params.n)
         return merged, merged, merged.first
 
-    async def _start(self, parsed: ParsedRequest, record: RequestRecord, tried: set[int]):
+    def _resumable(self, parsed: ParsedRequest, record: RequestRecord, tried: set[int], attempt: tuple):
+        """The attempt as a ResumingStream (failover.py) when the request can resume: one sample."""
+        if parsed.params.n != 1:
+            return attempt
+
+        async def resume(delivered: list[int], failed: Dispatch):
+            tried.add(failed.replica.index)
+            return await self._start(parsed, record, tried, delivered)
+
+        max_tokens, first = parsed.params.max_tokens, attempt[2]
+        if self.model.max_model_len and first.num_prompt_tokens:
+            room = self.model.max_model_len - first.num_prompt_tokens
+            max_tokens = room if max_tokens is None else min(max_tokens, room)
+        stream = ResumingStream(resume, attempt, max_tokens)
+        return stream, stream, stream.first
+
+    async def _start(self, parsed: ParsedRequest, record: RequestRecord, tried: set[int],
+                     resume_token_ids: list[int] | None = None):
         """Dispatch and wait for the first output, failing over while no byte reached the client.
 
         `tried` holds the replicas that already failed this request; it grows with each failure.
+        resume_token_ids: the output already delivered, when resuming after a failure (failover.py).
         """
         route = RouteRequest(parsed.affinity_key, parsed.num_prompt_tokens_estimate
                              + parsed.params.n * (parsed.params.max_tokens or 256))
@@ -201,8 +223,10 @@ class InferenceService:
             record.routed_time = time.time()
             record.replica = dispatch.replica.address
             record.attempts += 1
+            resume = {"resume_token_ids": resume_token_ids} if resume_token_ids else {}
             stream = dispatch.replica.client.generate(record.request_id, parsed.prompt, parsed.params,
-                                                      record.receive_time, self.config.request_timeout_s)
+                                                      record.receive_time, self.config.request_timeout_s,
+                                                      **resume)
             try:
                 return dispatch, stream, await stream.__anext__()
             except ReplicaUnavailable:
