@@ -64,6 +64,9 @@ class Request:
     scheduled_time: float = 0.0
     first_token_time: float = 0.0
     last_token_time: float = 0.0
+    prefill_chunks: list[tuple[float, int]] | None = None
+    """(time scheduled, tokens) of each chunk of the prompt computed, in order (recomputation after a
+    preemption included); the replica's trace spans read them."""
     grammar: object | None = None
     """A RequestGrammar (engine/structured) when the output must follow one; advanced by each token."""
 

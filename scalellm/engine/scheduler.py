@@ -210,6 +210,10 @@ class Scheduler:
             num_new_tokens=num_new_tokens,
             block_ids=self.kv_cache_manager.get_block_ids(request),
         )
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            if request.prefill_chunks is None:
+                request.prefill_chunks = []
+            request.prefill_chunks.append((time.time(), num_new_tokens))
         request.num_computed_tokens += num_new_tokens
         return chunk
 

@@ -165,6 +165,8 @@ class RequestMetrics:
     """When the gateway received the HTTP request (sent over the wire by the gateway)."""
     replica_receive_time: float = 0.0
     """When the replica received the request, before tokenization."""
+    queued_time: float = 0.0
+    """When the tokenized request was handed to the engine's waiting queue."""
     scheduled_time: float = 0.0
     """When the scheduler first put the request in a batch."""
     first_token_time: float = 0.0
@@ -173,6 +175,9 @@ class RequestMetrics:
     """When the last output token was sampled."""
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache."""
+    prefill_chunks: list[tuple[float, int]] | None = None
+    """(scheduled time, tokens) of each prefill chunk of the first sample; the replica's own record
+    (its trace spans), not sent to the gateway."""
 
 
 @dataclass

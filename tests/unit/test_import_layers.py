@@ -90,7 +90,8 @@ def test_no_part_of_the_package_imports_in_a_cycle():
 
 def test_lower_layers_do_not_reach_up():
     graph = import_graph()
-    assert graph["rpc"] <= {"protocol", "engine"}, graph["rpc"]
+    assert graph["rpc"] <= {"protocol", "engine", "tracing"}, graph["rpc"]
+    assert graph["tracing"] <= {"protocol"}, graph["tracing"]  # a leaf: both processes' spans use it
     assert not graph["gateway"] & {"supervisor", "deploy", "replica", "bench", "serve", "cli"}
     assert not graph["bench"] & {"supervisor", "deploy", "shape", "gateway", "serve", "cli"}
     assert "supervisor" not in graph["deploy"]
