@@ -11,15 +11,18 @@ from __future__ import annotations
 from scalellm.protocol.agent_fields import FUNCTION_NAME, IGNORED_FIELDS
 from scalellm.protocol.openai import CHAT_ROLES, SAMPLING_FIELDS, STOP_SCHEMA
 
+
+def _nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
 _STRING, _OBJECT, _BOOLEAN = {"type": "string"}, {"type": "object"}, {"type": "boolean"}
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": _STRING}}
 _CONTENT = [_STRING, {"type": "array", "items": _TEXT_PART}]
-_NAME = {"type": "string", "pattern": FUNCTION_NAME.pattern}
-
-
-def _nullable(schema: dict) -> dict:
-    return {"anyOf": [schema, {"type": "null"}]}
+_NAME = {"type": "string", "pattern": FUNCTION_NAME.pattern, "not": {"pattern": "\n"}}
+"""A function name (the `not` refuses a trailing newline, which `$` lets through in Python's regexes)."""
+_TOOL_FIELDS = {"description": _nullable(_STRING), "parameters": _nullable(_OBJECT), "strict": _nullable(_BOOLEAN)}
 
 
 def _present(field: str, schema: dict) -> dict:
@@ -35,26 +38,28 @@ def ignored_properties() -> dict:
 def structured_properties() -> dict:
     """response_format, structured_outputs, store and logit_bias (both routes)."""
     json_schema = {"type": "object", "required": ["name"], "properties": {
-        "name": _STRING, "schema": _OBJECT, "strict": _nullable(_BOOLEAN), "description": _STRING}}
+        "name": _STRING, "schema": _nullable(_OBJECT), "strict": _nullable(_BOOLEAN),
+        "description": _nullable(_STRING)}}
     response_format = {"oneOf": [
         {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}},
         {"type": "object", "required": ["type"], "properties": {"type": {"const": "json_object"}}},
         {"type": "object", "required": ["type", "json_schema"],
          "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema}}]}
-    one_of = {"json": _OBJECT, "regex": {"type": "string", "minLength": 1},
+    one_of = {"json": {"anyOf": [_OBJECT, {**_STRING, "description": "a JSON Schema object's JSON text"}]},
+              "regex": {"type": "string", "minLength": 1},
               "choice": {"type": "array", "minItems": 1, "items": _STRING},
               "grammar": {"type": "string", "minLength": 1}, "json_object": {"const": True}}
-    structured = {"oneOf": [{"type": "object", "required": [key], "properties": {key: schema},
-                             "additionalProperties": False} for key, schema in one_of.items()],
-                  "description": "vLLM's structured outputs: exactly one constraint"}
+    null = {"type": "null"}
+    structured = {"oneOf": [{"type": "object", "required": [key], "additionalProperties": False, "properties": {
+                      other: schema if other == key else null for other in one_of}} for key, schema in one_of.items()],
+                  "description": "vLLM's structured outputs: exactly one non-null constraint"}
     return {"response_format": _nullable(response_format), "structured_outputs": _nullable(structured),
             "store": _nullable({"const": False, "description": "nothing is stored"}),
             "logit_bias": _nullable({"type": "object", "maxProperties": 0})}
 
 
 def _function_tool() -> dict:
-    function = {"type": "object", "required": ["name"], "properties": {
-        "name": _NAME, "description": _STRING, "parameters": _OBJECT, "strict": _BOOLEAN}}
+    function = {"type": "object", "required": ["name"], "properties": {"name": _NAME, **_TOOL_FIELDS}}
     return {"type": "object", "required": ["type", "function"],
             "properties": {"type": {"const": "function"}, "function": function}}
 
@@ -106,11 +111,13 @@ def chat_message_schema() -> dict:
     return {"oneOf": [
         {"type": "object", "required": ["role"], "properties": {
             "role": {"const": "assistant"}, "content": {"anyOf": [*_CONTENT, {"type": "null"}]},
-            "tool_calls": _nullable({"type": "array", "items": call}), "name": _STRING}},
+            "tool_calls": _nullable({"type": "array", "items": call}), "name": _nullable(_STRING)}},
         {"type": "object", "required": ["role", "content", "tool_call_id"], "properties": {
-            "role": {"const": "tool"}, "content": {"anyOf": _CONTENT}, "tool_call_id": _STRING, "name": _STRING}},
+            "role": {"const": "tool"}, "content": {"anyOf": _CONTENT}, "tool_call_id": _STRING,
+            "name": _nullable(_STRING)}},
         {"type": "object", "required": ["role", "content"], "properties": {
-            "role": {"type": "string", "enum": plain_roles}, "content": {"anyOf": _CONTENT}, "name": _STRING}}]}
+            "role": {"type": "string", "enum": plain_roles}, "content": {"anyOf": _CONTENT},
+            "name": _nullable(_STRING)}}]}
 
 
 def chat_message_response() -> dict:
@@ -125,6 +132,7 @@ def chat_message_response() -> dict:
 def _responses_request(max_tokens: int, model: str | None) -> dict:
     part = {"type": "object", "required": ["type", "text"],
             "properties": {"type": {"enum": ["input_text", "output_text"]}, "text": _STRING}}
+    reasoning = {"type": "object", "required": ["type"], "properties": {"type": {"const": "reasoning"}}}
     items = {"oneOf": [
         {"type": "object", "required": ["role", "content"], "properties": {
             "type": {"const": "message"}, "role": {"enum": ["user", "system", "developer", "assistant"]},
@@ -132,20 +140,22 @@ def _responses_request(max_tokens: int, model: str | None) -> dict:
         {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
             "type": {"const": "function_call"}, "call_id": _STRING, "name": _STRING, "arguments": _STRING}},
         {"type": "object", "required": ["type", "call_id", "output"], "properties": {
-            "type": {"const": "function_call_output"}, "call_id": _STRING, "output": _STRING}}]}
+            "type": {"const": "function_call_output"}, "call_id": _STRING, "output": _STRING}},
+        {**reasoning, "description": "an earlier reply's reasoning: accepted and not replayed to the model"}]}
     tool = {"type": "object", "required": ["type", "name"], "properties": {
-        "type": {"const": "function"}, "name": _NAME, "description": _STRING, "parameters": _OBJECT,
-        "strict": _BOOLEAN}}
+        "type": {"const": "function"}, "name": _NAME, **_TOOL_FIELDS}}
     text_format = {"oneOf": [
         {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
         {"type": "object", "required": ["type", "name"], "properties": {
-            "type": {"const": "json_schema"}, "name": _STRING, "schema": _OBJECT, "strict": _nullable(_BOOLEAN)}}]}
+            "type": {"const": "json_schema"}, "name": _STRING, "schema": _nullable(_OBJECT),
+            "strict": _nullable(_BOOLEAN), "description": _nullable(_STRING)}}]}
     named = {"type": "object", "required": ["type", "name"],
              "properties": {"type": {"const": "function"}, "name": _STRING}}
     sampling = {name: _nullable(SAMPLING_FIELDS[name][0]) for name in ("temperature", "top_p", "top_k", "seed")}
     properties = {
         "model": _nullable({"type": "string", "enum": [model]} if model else _STRING),
-        "input": {"anyOf": [_STRING, {"type": "array", "minItems": 1, "items": items}]},
+        "input": {"anyOf": [_STRING, {"type": "array", "items": items, "contains": {"not": reasoning},
+                                      "description": "at least one item that is not reasoning"}]},
         "instructions": _nullable(_STRING),
         "max_output_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": max_tokens}),
         "stop": _nullable(STOP_SCHEMA), **sampling,

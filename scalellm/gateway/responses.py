@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from scalellm.protocol.agent_fields import IGNORED_FIELDS, check_type
+from scalellm.protocol.agent_fields import IGNORED_FIELDS, expect
 from scalellm.protocol.choice_stream import ChoiceDelta, ChoiceStream
-from scalellm.protocol.openai import (OpenAIError, ParsedRequest, chat_request_from_body,
-                                      check_not_aborted, load_json_object)
+from scalellm.protocol.openai import (MAX_TOKENS_WITHOUT_CONTEXT, OpenAIError, ParsedRequest,
+                                      chat_request_from_body, check_not_aborted, load_json_object)
 from scalellm.protocol.types import FINISH_LENGTH, RequestOutput
 
 RESPONSES_FIELDS = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
@@ -57,27 +57,24 @@ def parse_responses_request(raw: bytes, max_model_len: int | None, affinity_char
     if body.get("previous_response_id") is not None:
         raise _invalid("'previous_response_id' is not supported: this server stores no responses; send the "
                        "whole conversation as 'input' items", "previous_response_id")
-    for name, kinds, what in (("store", (bool,), "a boolean"), ("text", (dict,), "an object"),
-                              ("tools", (list,), "a list"), ("include", (list,), "a list"),
-                              ("stream", (bool,), "a boolean")):
-        check_type(body, name, kinds, what)
+    for name, kind in (("store", "boolean"), ("text", "object"), ("tools", "array"), ("include", "array"),
+                       ("stream", "boolean")):
+        expect(body.get(name), kind, name, name)
     if body.get("truncation") not in (None, "disabled"):
         raise _invalid("'truncation' must be 'disabled': prompts are never cut", "truncation")
     if body.get("include"):
         raise _invalid("'include' is not supported", "include")
     chat = {"model": body.get("model"), "messages": _messages(body), "stream": body.get("stream")}
     chat.update({name: body[name] for name in _SAMPLING if name in body})
-    if body.get("max_output_tokens") is not None:
-        chat["max_tokens"] = body["max_output_tokens"]
+    chat["max_tokens"] = _max_output_tokens(body, max_model_len)
     tools = [_chat_tool(tool, i) for i, tool in enumerate(body.get("tools") or [])]
     if tools:
         chat["tools"] = tools
-        chat["tool_choice"] = _chat_tool_choice(body.get("tool_choice"))
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
     if body.get("parallel_tool_calls") is not None:
         chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     text = body.get("text") or {}
-    if text.get("format") is not None and not isinstance(text["format"], dict):
-        raise _invalid("'text.format' must be an object", "text")
     response_format = _response_format(text)
     if response_format is not None:
         chat["response_format"] = response_format
@@ -88,6 +85,15 @@ def parse_responses_request(raw: bytes, max_model_len: int | None, affinity_char
                                        {"format": text.get("format") or {"type": "text"}},
                                        body.get("temperature"), body.get("top_p"))
     return parsed
+
+
+def _max_output_tokens(body: dict, max_model_len: int | None) -> int | None:
+    value = expect(body.get("max_output_tokens"), "integer", "max_output_tokens", "max_output_tokens")
+    limit = max_model_len or MAX_TOKENS_WITHOUT_CONTEXT
+    if value is not None and not 1 <= value <= limit:
+        raise _invalid(f"'max_output_tokens' must be between 1 and {limit} (the model's context length), "
+                       f"got {value}", "max_output_tokens")
+    return value
 
 
 def _messages(body: dict) -> list[dict]:
@@ -104,25 +110,36 @@ def _messages(body: dict) -> list[dict]:
         raise _invalid("'input' must be a string or a non-empty list of items", "input")
     for i, item in enumerate(items):
         _add_item(messages, item, i)
+    if all(isinstance(item, dict) and item.get("type") == "reasoning" for item in items):
+        raise _invalid("'input' needs an item other than reasoning (a message or a function call)", "input")
     return messages
+
+
+_ITEM_ROLES = ("user", "system", "developer", "assistant")
+
+
+def _item_string(item: dict, field: str, index: int) -> str:
+    return expect(item.get(field), "string", f"input[{index}].{field}", "input", nullable=False)
 
 
 def _add_item(messages: list[dict], item, index: int) -> None:
     kind = item.get("type", "message") if isinstance(item, dict) else None
     if kind == "message":
-        messages.append({"role": item.get("role"), "content": _item_text(item.get("content"), index)})
+        if item.get("role") not in _ITEM_ROLES:
+            raise _invalid(f"input[{index}].role must be one of {', '.join(_ITEM_ROLES)}", "input")
+        messages.append({"role": item["role"], "content": _item_text(item.get("content"), index)})
     elif kind == "function_call":
-        call = {"id": item.get("call_id"), "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
+        call = {"id": _item_string(item, "call_id", index), "type": "function",
+                "function": {"name": _item_string(item, "name", index),
+                             "arguments": _item_string(item, "arguments", index)}}
         last = messages[-1] if messages else None
         if last is not None and last["role"] == "assistant" and "tool_calls" in last:
             last["tool_calls"].append(call)
         else:
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
     elif kind == "function_call_output":
-        output = item.get("output")
-        messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                         "content": output if isinstance(output, str) else orjson.dumps(output).decode()})
+        messages.append({"role": "tool", "tool_call_id": _item_string(item, "call_id", index),
+                         "content": _item_string(item, "output", index)})
     elif kind == "reasoning":
         return  # earlier reasoning is not replayed to the model
     else:
@@ -135,9 +152,11 @@ def _item_text(content, index: int) -> str:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-                raise _invalid(f"input[{index}].content supports only text parts", "input")
-            texts.append(part.get("text", ""))
+            if (not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text")
+                    or not isinstance(part.get("text"), str)):
+                raise _invalid(f"input[{index}].content supports only text parts "
+                               '({"type": "input_text" or "output_text", "text": "..."})', "input")
+            texts.append(part["text"])
         return "".join(texts)
     raise _invalid(f"input[{index}].content must be a string or a list of text parts", "input")
 
@@ -155,14 +174,21 @@ def _chat_tool_choice(choice):
     return choice
 
 
-def _response_format(text: dict):
-    format_ = text.get("format") if isinstance(text, dict) else None
-    if format_ is None or format_.get("type") == "text":
+def _response_format(text: dict) -> dict | None:
+    """text.format as chat's response_format (None for plain text), checked against the document."""
+    format_ = expect(text.get("format"), "object", "text.format", "text")
+    kind = format_.get("type") if format_ is not None else "text"
+    if kind == "text":
         return None
-    if format_.get("type") == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": format_.get("name"), "schema": format_.get("schema"),
-                                                       "strict": format_.get("strict")}}
-    return {"type": format_.get("type")}
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise _invalid("'text.format.type' must be 'text', 'json_object' or 'json_schema'", "text")
+    expect(format_.get("name"), "string", "text.format.name", "text", nullable=False)
+    for field, kind in (("schema", "object"), ("strict", "boolean"), ("description", "string")):
+        expect(format_.get(field), kind, f"text.format.{field}", "text")
+    spec = {key: format_[key] for key in ("name", "schema", "strict", "description") if format_.get(key) is not None}
+    return {"type": "json_schema", "json_schema": spec}
 
 
 class ResponsesRenderer:

@@ -23,6 +23,8 @@ IGNORED_FIELDS = {
 }
 """Fields accepted and ignored, with the reason (the README lists them)."""
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+"""A function's name (the document publishes the pattern; match it with `fullmatch`: Python's `$` also
+matches before a trailing newline)."""
 TOOL_CHOICES = ("none", "auto", "required")
 STRUCTURED_OUTPUT_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                           "json_object": "json_object"}
@@ -47,21 +49,38 @@ def check_known_fields(body: dict, known: frozenset[str], route: str) -> None:
                        "logit_bias")
 
 
-def check_type(body: dict, name: str, kinds: tuple[type, ...], what: str) -> None:
-    """400 unless body[name] is null/absent or one of `kinds` (a bool is not a number)."""
-    value = body.get(name)
-    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
-        raise _invalid(f"'{name}' must be {what}", name)
+_JSON_TYPES = {"string": ((str,), "a string"), "integer": ((int,), "an integer"),
+               "number": ((int, float), "a number"), "boolean": ((bool,), "a boolean"),
+               "array": ((list,), "a list"), "object": ((dict,), "an object")}
 
 
-def _schema_text(schema, param: str) -> str:
-    if isinstance(schema, str):
+def expect(value, kind: str, where: str, param: str, nullable: bool = True):
+    """`value` when it has the JSON type `kind` ("string", "integer", "number", "boolean", "array",
+    "object"), or null when `nullable`; else a 400 naming `param` (`where` locates the value in the body).
+    As in JSON Schema, a bool is not a number and a float without a fraction is an integer (returned as int)."""
+    if value is None and nullable:
+        return None
+    if kind == "integer" and type(value) is float and value.is_integer():
+        return int(value)
+    types, what = _JSON_TYPES[kind]
+    if not isinstance(value, types) or isinstance(value, bool) and kind != "boolean":
+        got = "null" if value is None else type(value).__name__
+        raise _invalid(f"'{where}' must be {what}{' or null' if nullable else ''}, got {got}", param)
+    return value
+
+
+def _schema_text(schema, where: str, param: str, text: bool = False) -> str:
+    """A JSON Schema object as text; `text`: a JSON string holding one is taken too (vLLM's
+    structured_outputs.json)."""
+    if text and isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
-            raise _invalid(f"'{param}' is not valid JSON: {exc}", param) from None
-    if not isinstance(schema, (dict, bool)):
-        raise _invalid(f"'{param}' must be a JSON Schema object", param)
+            raise _invalid(f"invalid json_schema: '{where}' is not valid JSON: {exc}", param) from None
+        if not isinstance(schema, dict):
+            raise _invalid(f"invalid json_schema: '{where}' must hold a JSON Schema object", param)
+    if not isinstance(schema, dict):
+        raise _invalid(f"'{where}' must be a JSON Schema object{' (or its JSON text)' if text else ''}", param)
     return json.dumps(schema)
 
 
@@ -81,7 +100,12 @@ def parse_response_format(body: dict) -> StructuredOutput | None:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise _invalid("'response_format.json_schema' must be an object with a 'name' and a 'schema'",
                        "response_format")
-    return StructuredOutput("json_schema", _schema_text(spec.get("schema", {}), "response_format.json_schema.schema"))
+    expect(spec.get("description"), "string", "response_format.json_schema.description", "response_format")
+    expect(spec.get("strict"), "boolean", "response_format.json_schema.strict", "response_format")
+    schema = spec.get("schema")
+    schema = {} if schema is None else schema
+    return StructuredOutput("json_schema", _schema_text(schema, "response_format.json_schema.schema",
+                                                        "response_format.json_schema.schema"))
 
 
 def parse_structured_outputs(body: dict) -> StructuredOutput | None:
@@ -95,15 +119,18 @@ def parse_structured_outputs(body: dict) -> StructuredOutput | None:
     if unknown:
         raise _invalid(f"'structured_outputs.{unknown[0]}' is not supported; use one of "
                        f"{', '.join(STRUCTURED_OUTPUT_KEYS)}", "structured_outputs")
-    given = [key for key in STRUCTURED_OUTPUT_KEYS if value.get(key) not in (None, False)]
+    given = [key for key in STRUCTURED_OUTPUT_KEYS if value.get(key) is not None]
     if len(given) != 1:
-        raise _invalid("'structured_outputs' takes exactly one of " + ", ".join(STRUCTURED_OUTPUT_KEYS),
+        raise _invalid("'structured_outputs' takes exactly one non-null of " + ", ".join(STRUCTURED_OUTPUT_KEYS),
                        "structured_outputs")
     key = given[0]
     spec = value[key]
     if key == "json":
-        return StructuredOutput("json_schema", _schema_text(spec, "structured_outputs.json"))
+        return StructuredOutput("json_schema", _schema_text(spec, "structured_outputs.json", "structured_outputs",
+                                                            text=True))
     if key == "json_object":
+        if spec is not True:
+            raise _invalid("'structured_outputs.json_object' must be true", "structured_outputs")
         return StructuredOutput("json_object")
     if key == "choice":
         if not isinstance(spec, list) or not spec or not all(isinstance(c, str) for c in spec):
@@ -143,13 +170,10 @@ def _tool(tool, index: int) -> dict:
                        "are supported)", "tools")
     function = tool["function"]
     name = function.get("name")
-    if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+    if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
         raise _invalid(f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'", "tools")
-    parameters = function.get("parameters")
-    if parameters is not None and not isinstance(parameters, dict):
-        raise _invalid(f"{where}.function.parameters must be a JSON Schema object", "tools")
-    if function.get("description") is not None and not isinstance(function["description"], str):
-        raise _invalid(f"{where}.function.description must be a string", "tools")
+    for field, kind in (("parameters", "object"), ("description", "string"), ("strict", "boolean")):
+        expect(function.get(field), kind, f"{where}.function.{field}", "tools")
     return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
 
 

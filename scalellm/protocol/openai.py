@@ -119,9 +119,9 @@ COMPLETION_FIELDS = frozenset({*SAMPLING_FIELDS, *_STREAM_FIELDS, "prompt", "ech
 
 
 def structured_output(body: dict) -> StructuredOutput | None:
-    """response_format or structured_outputs (not both)."""
+    """response_format or structured_outputs (not both, even a text response_format)."""
     response_format, structured = parse_response_format(body), parse_structured_outputs(body)
-    if response_format is not None and structured is not None:
+    if body.get("response_format") is not None and body.get("structured_outputs") is not None:
         raise _invalid("send either 'response_format' or 'structured_outputs', not both", param="structured_outputs")
     return response_format or structured
 
@@ -147,11 +147,11 @@ def _as_int(value):
 
 
 def _token_ids(value) -> list[int] | None:
-    """A list of non-negative integers (token ids) as ints, else None."""
+    """A list of token ids (integers in [0, MAX_TOKEN_ID]) as ints, else None."""
     if not isinstance(value, list):
         return None
     ids = [_as_int(v) for v in value]
-    return ids if all(i is not None and i >= 0 for i in ids) else None
+    return ids if all(i is not None and 0 <= i <= MAX_TOKEN_ID for i in ids) else None
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default=None, what: str = ""):
@@ -167,13 +167,16 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default=None, what: str
 
 
 def _max_tokens(body: dict, default: int | None, max_model_len: int | None) -> int | None:
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    value = _get(body, name, (int,), default, "an integer")
+    """max_completion_tokens, else max_tokens, else `default` (both are checked when both are sent)."""
     limit = max_model_len or MAX_TOKENS_WITHOUT_CONTEXT
-    if value is not None and not 1 <= value <= limit:
-        raise _invalid(f"'{name}' must be between 1 and {limit} (the model's context length), got {value}",
-                       param=name)
-    return value
+    values = {}
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = values[name] = _get(body, name, (int,), None, "an integer")
+        if value is not None and not 1 <= value <= limit:
+            raise _invalid(f"'{name}' must be between 1 and {limit} (the model's context length), got {value}",
+                           param=name)
+    chosen = values["max_completion_tokens"]
+    return chosen if chosen is not None else values["max_tokens"] if values["max_tokens"] is not None else default
 
 
 def _stop(body: dict) -> list[str]:
@@ -191,18 +194,20 @@ def _stop(body: dict) -> list[str]:
 
 
 def _bounded(name: str, value, schema: dict):
-    """`value` after checking the schema's numeric bounds (and list length) that SamplingParams leaves
-    open; token-id lists come back as ints."""
+    """`value` after checking the schema's bounds (minimum, exclusiveMinimum, maximum; a list's length
+    and items), so that every bad value is refused naming its field; token-id lists come back as ints."""
     if schema.get("type") == "array":
         ids = _token_ids(value)
         if ids is None or len(ids) > schema["maxItems"]:
-            raise _invalid(f"'{name}' must be a list of at most {schema['maxItems']} integers", param=name)
-        for item in ids:
-            _bounded(name, item, schema["items"])
+            raise _invalid(f"'{name}' must be a list of at most {schema['maxItems']} token ids "
+                           f"(integers from 0 to {MAX_TOKEN_ID})", param=name)
         return ids
-    if "maximum" in schema and not schema.get("minimum", -math.inf) <= value <= schema["maximum"]:
-        raise _invalid(f"'{name}' must be between {schema.get('minimum')} and {schema['maximum']}, "
-                       f"got {value}", param=name)
+    low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
+    above = schema.get("exclusiveMinimum", -math.inf)
+    if not (low <= value <= high and value > above):
+        low_text = f"> {above}" if "exclusiveMinimum" in schema else f">= {low}"
+        bounds = low_text + (f" and <= {high}" if "maximum" in schema else "")
+        raise _invalid(f"'{name}' must be {bounds}, got {value}", param=name)
     return value
 
 
@@ -225,6 +230,12 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
                               structured=structured)
     except ValueError as exc:
         raise _invalid(str(exc)) from None
+
+
+def _logprobs(body: dict, name: str) -> int | None:
+    """A logprobs count (chat's top_logprobs, completions' logprobs): null or 0..MAX_LOGPROBS."""
+    value = _get(body, name, (int,), None, "an integer")
+    return None if value is None else _bounded(name, value, {"minimum": 0, "maximum": SamplingParams.MAX_LOGPROBS})
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -290,7 +301,7 @@ def chat_request_from_body(body: dict, max_model_len: int | None, affinity_chars
         raise _invalid("'tool_choice' forces a tool call, which cannot also follow 'response_format'",
                        param="tool_choice")
     wants_logprobs = _get(body, "logprobs", (bool,), False, "a boolean")
-    top_logprobs = _get(body, "top_logprobs", (int,), None, "an integer")
+    top_logprobs = _logprobs(body, "top_logprobs")
     if top_logprobs is not None and not wants_logprobs:
         raise _invalid("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     logprobs = (top_logprobs or 0) if wants_logprobs else None
@@ -346,13 +357,13 @@ def parse_completion_request(raw: bytes, max_model_len: int | None, affinity_cha
     check_known_fields(body, COMPLETION_FIELDS, "/v1/completions")
     prompts = _completion_prompts(body)
     echo = _get(body, "echo", (bool,), False, "a boolean")
-    logprobs = _get(body, "logprobs", (int,), None, "an integer")
+    logprobs = _logprobs(body, "logprobs")
     if echo and (logprobs is not None or not all(isinstance(p, str) for p in prompts) or body.get("suffix")):
         raise _invalid("'echo' is supported for text prompts without 'logprobs' or 'suffix'", param="echo")
     params = _sampling_params(body, _max_tokens(body, 16, max_model_len), logprobs, structured_output(body))
     best_of = _get(body, "best_of", (int,), None, "an integer")
-    if best_of is not None and best_of != params.n:
-        raise _invalid("'best_of' other than 'n' is not supported", param="best_of")
+    if best_of is not None and (best_of != 1 or params.n != 1):
+        raise _invalid("'best_of' is supported only as 1, with 'n' 1 (no reranking)", param="best_of")
     stream, include_usage = _stream_options(body)
     prompts = _infill(prompts, body.get("suffix"))
     first = prompts[0]
