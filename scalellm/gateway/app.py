@@ -86,8 +86,19 @@ class GatewayApp:
                                         ApiKeyAuth(config.api_keys, config.api_key_file), self.model)
         self.monitor = HealthMonitor(self.router, self.metrics, config.health_interval_s,
                                      config.health_timeout_s, on_info=self._learn_model)
+        self._start_tracing()
         self._server: asyncio.base_events.Server | None = None
         self._created = int(time.time())
+
+    def _start_tracing(self) -> None:
+        """Trace requests when an OTLP endpoint is configured (flag or OTEL_* variables)."""
+        from scalellm.tracing import start_tracing, tracing_config
+
+        tracing = start_tracing(tracing_config(self.config.otlp_traces_endpoint, "scalellm-gateway"))
+        if tracing is not None:
+            from scalellm.gateway.tracing import GatewayTracing
+
+            self.service.tracing = GatewayTracing(tracing, self.metrics.spans_dropped.inc)
 
     @property
     def port(self) -> int:
@@ -121,6 +132,8 @@ class GatewayApp:
             logger.warning("drain timeout: %d requests still in flight", self.service.gate.num_in_flight)
         self._server.close()
         await self.monitor.stop()
+        if self.service.tracing is not None:  # the last spans, with a bounded wait for the collector
+            await asyncio.get_running_loop().run_in_executor(None, self.service.tracing.shutdown)
         for state in self.router.replicas:
             await state.client.close()
 

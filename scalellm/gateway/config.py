@@ -67,6 +67,11 @@ class GatewayConfig:
     replica_secret: str | None = field(default=None, repr=False)
     """The deployment's secret, sent with every call to a replica (scalellm/rpc/auth.py); None when the
     replicas serve every call. Set by `scalellm serve`, never a flag."""
+    otlp_traces_endpoint: str | None = None
+    """OTLP endpoint to export OpenTelemetry traces to: http://HOST:4318/v1/traces (OTLP/HTTP, protobuf),
+    grpc://HOST:4317 or HOST:4317 (OTLP/gRPC). None: tracing off, unless the standard
+    OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT variables name one (scalellm/tracing/config.py).
+    `scalellm serve` gives the same endpoint to its replicas."""
     ssl_certfile: str | None = None
     """PEM certificate (with its chain) of the HTTP listener; with ssl_keyfile the gateway serves HTTPS only."""
     ssl_keyfile: str | None = None
@@ -94,6 +99,10 @@ class GatewayConfig:
             raise ValueError("drain_timeout_s, breaker_cooldown_s and prefix_affinity_load_bound must be >= 0")
         for spec in self.api_keys:
             parse_key_spec(spec)
+        if self.otlp_traces_endpoint is not None:
+            from scalellm.tracing import tracing_config
+
+            tracing_config(self.otlp_traces_endpoint, "scalellm-gateway")  # ValueError for a bad endpoint
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("HTTPS needs both ssl_certfile and ssl_keyfile (--ssl-certfile and --ssl-keyfile)")
         if self.tool_call_parser is not None:

@@ -41,13 +41,15 @@ class LocalReplicaClient:
         await self.engine.start()
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
-                       gateway_receive_time: float, timeout_s: float | None = None
+                       gateway_receive_time: float, timeout_s: float | None = None,
+                       trace_context: dict[str, str] | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Stream the engine's delta RequestOutputs; the last has finished=True and carries the timings.
 
         Raises ReplicaError(400) for input the engine rejects, ReplicaUnavailable when the engine fails
         before the first output and ReplicaError(500) after it. `timeout_s` is accepted for interface
-        parity only: the gateway enforces the same deadline around the whole request. Closing the
+        parity only: the gateway enforces the same deadline around the whole request, and
+        `trace_context` too (in one process the gateway's spans are the whole trace). Closing the
         iterator early aborts the request in the engine.
         """
         metrics = RequestMetrics(gateway_receive_time=gateway_receive_time, replica_receive_time=time.time())

@@ -51,6 +51,8 @@ class _Accounting:
         self.top_logprobs = parsed.top_logprobs
         self.num_prompt_tokens = 0
         self.num_output_tokens = 0
+        self.last_finish_reason: str | None = None
+        """The finish reason of the sample that finished last (metrics and traces)."""
         self._completion_logprobs: dict[int, CompletionLogprobs] = {}
         self.choices = [ChoiceStream(parsed.tool_parser) for _ in range(num_choices(parsed))] if parsed.chat else []
 
@@ -90,6 +92,8 @@ class _Accounting:
         self.num_prompt_tokens = output.num_prompt_tokens or self.num_prompt_tokens
         for sample in output.outputs:
             self.num_output_tokens += len(sample.token_ids)
+            if sample.finish_reason is not None:
+                self.last_finish_reason = sample.finish_reason
 
 
 class StreamRenderer(_Accounting):

@@ -212,6 +212,11 @@ class ResponsesRenderer:
     def add(self, output: RequestOutput) -> None:
         self._consume(output)
 
+    @property
+    def last_finish_reason(self) -> str | None:
+        """The engine's finish reason, once the response finished (metrics and traces)."""
+        return self._finish_reason
+
     def render(self, output: RequestOutput | dict | None = None) -> bytes:
         """Streaming: the events for one delta output. Non-streamed: the response body (timings ignored)."""
         if isinstance(output, RequestOutput):

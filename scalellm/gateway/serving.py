@@ -56,7 +56,8 @@ class RequestRecord:
     """Timings and counts of one request, for metrics and the access log."""
 
     __slots__ = ("request_id", "route", "receive_time", "routed_time", "first_send_time", "replica",
-                 "num_prompt_tokens", "num_output_tokens", "replica_metrics", "attempts")
+                 "num_prompt_tokens", "num_output_tokens", "replica_metrics", "attempts", "admitted_time",
+                 "parsed_time", "first_output_time", "key_id", "finish_reason", "parsed", "trace")
 
     def __init__(self, request_id: str, route: str, receive_time: float) -> None:
         self.request_id = request_id
@@ -69,10 +70,20 @@ class RequestRecord:
         self.num_output_tokens = 0
         self.replica_metrics = None
         self.attempts = 0
+        self.admitted_time = self.parsed_time = self.first_output_time = 0.0
+        self.key_id: str | None = None
+        """The API key's short digest id (auth.py), None before admission."""
+        self.finish_reason: str | None = None
+        self.parsed: ParsedRequest | None = None
+        self.trace = None
+        """The root span when the gateway traces requests (gateway/tracing.py), else None."""
 
 
 class InferenceService:
     """Serves the two generation routes over the router's replicas."""
+
+    tracing = None
+    """A GatewayTracing (gateway/tracing.py) when requests are traced; set by GatewayApp."""
 
     def __init__(self, config: GatewayConfig, router: Router, metrics: GatewayMetrics, auth: ApiKeyAuth,
                  model: ModelInfo) -> None:
@@ -85,8 +96,9 @@ class InferenceService:
         self.rate_limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
         self.draining = False
 
-    def admit(self, request: Request) -> None:
-        """Raise `OpenAIError` unless the request may start; on success the caller owns a gate slot."""
+    def admit(self, request: Request) -> str:
+        """The caller's identity, or `OpenAIError` when the request may not start; on success the caller
+        owns a gate slot."""
         identity = self.auth.authorize(request.headers.get(b"authorization"), INFERENCE)
         if self.draining:
             raise OpenAIError(503, "the gateway is shutting down; retry on another instance",
@@ -101,14 +113,19 @@ class InferenceService:
             raise OpenAIError(429, f"the gateway is at capacity ({self.gate.max_in_flight} requests in "
                               "flight); retry shortly", type="rate_limit_exceeded", code="queue_full",
                               headers=((b"retry-after", b"1"),))
+        return identity
 
     async def handle(self, request: Request, conn: HttpConnection, route: str) -> int:
         """Serve one generation request on `route` (one of ROUTES); returns the HTTP status sent."""
         record = RequestRecord(_request_id(route), route, request.receive_time)
+        if self.tracing is not None:
+            headers = request.headers
+            self.tracing.begin(headers.get(b"traceparent"), headers.get(b"tracestate"), record)
         try:
-            self.admit(request)
+            record.key_id = self.admit(request)
         except OpenAIError as error:
             return self._send_error(conn, error, record)
+        record.admitted_time = time.time()
         self.metrics.in_flight.inc()
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
@@ -142,6 +159,7 @@ class InferenceService:
 
     async def _serve(self, request: Request, conn: HttpConnection, route: str, record: RequestRecord) -> int:
         parsed = self._parse(request, route)
+        record.parsed, record.parsed_time = parsed, time.time()
         model = self.model.name or parsed.model or "unknown"
         tried: set[int] = set()
         while True:
@@ -180,12 +198,14 @@ class InferenceService:
             for i, prompt in enumerate(prompts):
                 one = dataclasses.replace(parsed, prompt=prompt, extra_prompts=None)
                 sub_record = RequestRecord(f"{record.request_id}-{i}", record.route, record.receive_time)
+                sub_record.trace = record.trace  # each prompt's replica span joins the request's trace
                 started.append(await self._start(one, sub_record, set()))
         except BaseException:
             for dispatch, stream, _ in started:
                 await self._abandon(dispatch, stream, ok=None)
             raise
         record.routed_time, record.replica, record.attempts = time.time(), started[0][0].replica.address, 1
+        record.first_output_time = record.routed_time
         merged = MergedStreams(started, parsed.params.n)
         return merged, merged, merged.first
 
@@ -223,12 +243,11 @@ class InferenceService:
             record.routed_time = time.time()
             record.replica = dispatch.replica.address
             record.attempts += 1
-            resume = {"resume_token_ids": resume_token_ids} if resume_token_ids else {}
-            stream = dispatch.replica.client.generate(record.request_id, parsed.prompt, parsed.params,
-                                                      record.receive_time, self.config.request_timeout_s,
-                                                      **resume)
+            stream = self._generate(dispatch, parsed, record, resume_token_ids)
             try:
-                return dispatch, stream, await stream.__anext__()
+                first = await stream.__anext__()
+                record.first_output_time = time.time()
+                return dispatch, stream, first
             except ReplicaUnavailable:
                 tried.add(dispatch.replica.index)
                 await self._abandon(dispatch, stream, ok=False)
@@ -242,6 +261,17 @@ class InferenceService:
             except BaseException:
                 await self._abandon(dispatch, stream, ok=None)
                 raise
+
+    def _generate(self, dispatch: Dispatch, parsed: ParsedRequest, record: RequestRecord,
+                  resume_token_ids: list[int] | None = None):
+        """The replica's output stream for the request (with its trace context when traced, and
+        after the delivered output when resuming)."""
+        client, args = dispatch.replica.client, (record.request_id, parsed.prompt, parsed.params,
+                                                 record.receive_time, self.config.request_timeout_s)
+        extra = {"resume_token_ids": resume_token_ids} if resume_token_ids else {}
+        if record.trace is not None:
+            extra["trace_context"] = self.tracing.carrier(record)
+        return client.generate(*args, **extra)
 
     @staticmethod
     async def _abandon(dispatch: Dispatch, stream, ok: bool | None) -> None:
@@ -296,6 +326,7 @@ class InferenceService:
         record.num_prompt_tokens = counts.num_prompt_tokens
         record.num_output_tokens = counts.num_output_tokens
         record.replica_metrics = last.metrics
+        record.finish_reason = getattr(counts, "last_finish_reason", None)
 
     def _send_error(self, conn: HttpConnection, error: OpenAIError, record: RequestRecord) -> int:
         if not conn.response_started:
@@ -307,10 +338,14 @@ class InferenceService:
         """Count the request in the metrics and write its access-log line."""
         end = time.time()
         self.metrics.count_request(record.route, status)
+        self.metrics.count_key(record.key_id, record.num_prompt_tokens, record.num_output_tokens)
         if status == 200:
             ttft = record.first_send_time - record.receive_time if record.first_send_time else None
             self.metrics.observe_finished(ttft, end - record.receive_time, record.num_prompt_tokens,
                                           record.num_output_tokens)
+            self.metrics.observe_stages(record, end)
+        if record.trace is not None:
+            self.tracing.end(record, status, end, error, record.parsed, self.model.name)
         if self.config.log_requests and access_log.isEnabledFor(logging.INFO):
             access_log.info(orjson.dumps(_log_fields(record, status, end, error)).decode())
 

@@ -43,10 +43,18 @@ class ReplicaConfig:
     secret: str | None = field(default=None, repr=False)
     """The deployment's secret: calls without it are refused (scalellm/rpc/auth.py). None serves every
     call; `scalellm serve` sets one when its replicas listen beyond loopback. Never a flag."""
+    otlp_traces_endpoint: str | None = None
+    """OTLP endpoint to export OpenTelemetry traces to: http://HOST:4318/v1/traces (OTLP/HTTP, protobuf),
+    grpc://HOST:4317 or HOST:4317 (OTLP/gRPC). None: tracing off, unless the standard
+    OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT variables name one (scalellm/tracing/config.py)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.otlp_traces_endpoint is not None:
+            from scalellm.tracing import tracing_config
+
+            tracing_config(self.otlp_traces_endpoint, "scalellm-replica")  # ValueError for a bad endpoint
 
     @property
     def address(self) -> str:

@@ -45,6 +45,7 @@ def replica_config_from_args(args: argparse.Namespace, **overrides) -> ReplicaCo
     """The ReplicaConfig of the engine flags (`overrides`: other ReplicaConfig fields). ValueError on bad values."""
     engine = config_from_flags(EngineConfig, args)
     mock = config_from_flags(MockEngineConfig, args) if args.engine == "mock" else None
+    overrides.setdefault("otlp_traces_endpoint", getattr(args, "otlp_traces_endpoint", None))
     return ReplicaConfig(engine=engine, mock=mock, **overrides)
 
 
@@ -121,7 +122,11 @@ async def _serve_until_signal_or_failure(engine: EngineClient, config: ReplicaCo
     """
     from scalellm.rpc.server import serve_until_signal
 
-    serving = asyncio.ensure_future(serve_until_signal(engine, config.host, config.port, secret=config.secret))
+    from scalellm.tracing import start_tracing, tracing_config
+
+    tracing = start_tracing(tracing_config(config.otlp_traces_endpoint, "scalellm-replica"))
+    serving = asyncio.ensure_future(serve_until_signal(engine, config.host, config.port, secret=config.secret,
+                                                       tracing=tracing))
     if config.mock is not None:
         await serving
         return None
