@@ -1,7 +1,8 @@
 """A replica killed (kill -9) or hung (SIGSTOP) under load, against `scalellm serve --engine mock`.
 
 What must hold: non-streamed requests are retried elsewhere and none fails; streams already started
-end with an OpenAI error event, then [DONE] and the end of the chunked body, within a deadline;
+resume on the other replica (gateway/failover.py) and end with [DONE] and the end of the chunked
+body, within a deadline;
 new traffic avoids the replica; the replica comes back (restarted, or SIGCONT) and gets traffic again.
 """
 
@@ -100,7 +101,7 @@ def test_kill_9_under_load_loses_no_request():
         for future in wholes:
             check_whole(*future.result(timeout=30))
         pool.shutdown()
-        assert outcomes.count("error") >= 1 and outcomes.count("complete") >= 1, outcomes
+        assert outcomes == ["complete"] * len(outcomes), outcomes  # streams resumed on the other replica
         # The supervisor restarts it; the gateway finds it again and routes to it.
         wait_until(lambda: (r := serve.children("replica").get(victim_port)) and r.pid != victim.pid
                    and healthy(serve.port, victim_port) == 1, 30, "restart")
@@ -133,8 +134,9 @@ def test_sigstop_replica_is_avoided_nothing_hangs_and_sigcont_brings_it_back():
             outcomes = [check_stream(f.result(timeout=ABORT_WITHIN_S + 15)) for f in streams]
             for future in wholes:
                 check_whole(*future.result(timeout=ABORT_WITHIN_S + 15))
-            released_s = max(done_at) - stopped_at  # retried requests run again from the start
-            assert "error" in outcomes and released_s < ABORT_WITHIN_S + WHOLE_TOKENS * TPOT_MS / 1000 + SLACK_S
+            released_s = max(done_at) - stopped_at  # retried requests run again, streams resume
+            assert outcomes == ["complete"] * len(outcomes), outcomes
+            assert released_s < ABORT_WITHIN_S + max(WHOLE_TOKENS, STREAM_TOKENS) * TPOT_MS / 1000 + SLACK_S
         finally:
             os.kill(hung.pid, signal.SIGCONT)
         pool.shutdown()
