@@ -99,6 +99,10 @@ def _serve_shape(args: argparse.Namespace) -> int:
     if args.profile is not None and not auto:
         raise ValueError("--profile goes with --shape auto")
     machine = deployment_machine(args)
+    if auto and _on_ray(args):  # a change places the new set before the old one drains: half is headroom
+        machine = dataclasses.replace(machine, num_units=max(1, machine.num_units // 2))
+        logger.info("shape auto on Ray: shapes of %d %s units, half the cluster's, so that a change fits "
+                    "beside the set it replaces", machine.num_units, machine.device)
     advisor = build_advisor(args, machine) if auto else None
     try:
         shape = advisor.initial_shape() if advisor else Shape.parse(args.shape)

@@ -8,6 +8,7 @@ the head, as `serve` does; the tests reach it, and try to reach the replicas, fr
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -115,6 +116,37 @@ def _host(address: str) -> str:
     return address.rsplit(":", 1)[0]
 
 
+def test_too_few_free_cpus_is_refused_naming_what_to_do(cluster):
+    refused = RayServe(cluster, "--replicas", "5")
+    assert refused.process.wait(60) == 2
+    refused._reader.join(5)
+    assert any("cannot place 5 replicas" in line and "add nodes" in line for line in refused.lines), refused.lines
+
+
+def test_a_shape_change_on_ray_drops_no_request(cluster, tmp_path):
+    """--shape auto on the cluster's 4 worker CPUs cuts shapes from 2 (the rest is the change's headroom):
+    a profile that makes 2x1 better from 4 requests in flight moves 1x2 to 2x1 under load."""
+    from tests.integration.test_shape_change import tiny_profile
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(tiny_profile()))
+    auto = RayServe(cluster, "--shape", "auto", "--profile", str(profile), "--shape-sustain", "1", "--shape-dwell",
+                    "3", "--shape-smoothing", "0.5", "--shape-poll", "0.25", "--health-interval", "0.5")
+    try:
+        auto.wait_for("ScaleLLM serving", 120.0)
+        assert len(auto.addresses()) == 1
+        load = Load(auto.client(), unary_threads=4, stream_threads=4)
+        try:
+            auto.wait_for(r"shape 2x1 serving; 1x2 stopped", 60.0)
+        finally:
+            load.finish()
+        assert load.unary_failed == [] and load.streams_broken == [] and load.stream_errors == []
+        assert load.unary_ok > 0 and load.streams_complete > 0
+        assert len(auto.addresses()) == 2
+    finally:
+        assert auto.stop() == 0
+
+
 def test_replicas_spread_over_both_workers_serve_through_the_openai_client(cluster, serve):
     addresses = serve.addresses()
     assert len(addresses) == 2, serve.lines[-20:]
@@ -139,13 +171,6 @@ def test_a_replica_called_without_the_secret_refuses(serve):
         with pytest.raises(ReplicaError) as refused:
             asyncio.run(call(address))
         assert refused.value.status_code == 502 and "secret" in refused.value.message
-
-
-def test_too_few_free_cpus_is_refused_naming_what_to_do(cluster):
-    refused = RayServe(cluster, "--replicas", "5")
-    assert refused.process.wait(60) == 2
-    refused._reader.join(5)
-    assert any("cannot place 5 replicas" in line and "add nodes" in line for line in refused.lines), refused.lines
 
 
 class Load:
