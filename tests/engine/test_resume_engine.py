@@ -11,7 +11,7 @@ import pytest
 from scalellm.config import EngineConfig
 from scalellm.engine.llm_engine import LLMEngine
 from scalellm.engine.sampling.random_draw import position_seed
-from scalellm.protocol.types import SamplingParams
+from scalellm.protocol.types import SamplingParams, StructuredOutput
 from scalellm.replica.mock_engine import MockEngine
 from tests.engine.tiny_models import make_tiny_model
 
@@ -56,6 +56,19 @@ def test_continuation_equals_an_uninterrupted_run(engine, name):
     # a replica that drew other requests' samples before still draws the same tokens
     steps(engine, "noise", SamplingParams(temperature=1.0, seed=3, max_tokens=5, ignore_eos=True))
     assert steps(engine, f"again-{name}", params) == reference
+
+
+def test_structured_output_resumes_from_the_delivered_tokens(engine):
+    regex = StructuredOutput("regex", r"[a-c]{3,8}-\d{2,6}")
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=40, structured=regex)
+    reference = steps(engine, "ref-regex", params)
+    assert len(reference) >= 3 and reference[-1][2] == "stop"
+    for cut in (1, len(reference) // 2, len(reference) - 1):
+        delivered = [i for ids, *_ in reference[:cut] for i in ids]
+        assert steps(engine, f"resume-regex-{cut}", params, delivered) == reference[cut:]
+    digits = engine.tokenizer.encode("99", add_special_tokens=False)
+    with pytest.raises(ValueError, match="grammar"):  # a regex output cannot start with digits
+        engine.add_request("off-grammar", PROMPT, params, resume_token_ids=digits)
 
 
 def test_resume_checks_what_it_is_given(engine):
