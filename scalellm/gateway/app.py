@@ -23,6 +23,7 @@ import orjson
 
 from scalellm.gateway.auth import INFERENCE, METRICS, ApiKeyAuth
 from scalellm.gateway.config import GatewayConfig
+from scalellm.gateway.guards import GuardPolicy
 from scalellm.gateway.health import HealthMonitor
 from scalellm.gateway.http import HttpConnection, HttpLimits, Request, start_http_server
 from scalellm.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -82,8 +83,9 @@ class GatewayApp:
         self.router = Router(clients, policy, self.metrics, config.breaker_failure_threshold,
                              config.breaker_cooldown_s)
         self.model = ModelInfo(config.served_model_name)
-        self.service = InferenceService(config, self.router, self.metrics,
-                                        ApiKeyAuth(config.api_keys, config.api_key_file), self.model)
+        auth = ApiKeyAuth(config.api_keys, config.api_key_file)
+        guards = GuardPolicy(config.guards, auth.key_guards(), self.metrics.count_guard)
+        self.service = InferenceService(config, self.router, self.metrics, auth, self.model, guards)
         self.monitor = HealthMonitor(self.router, self.metrics, config.health_interval_s,
                                      config.health_timeout_s, on_info=self._learn_model)
         self._start_tracing()
@@ -136,6 +138,7 @@ class GatewayApp:
             await asyncio.get_running_loop().run_in_executor(None, self.service.tracing.shutdown)
         for state in self.router.replicas:
             await state.client.close()
+        await self.service.guards.close()
 
     async def handle(self, request: Request, conn: HttpConnection) -> None:
         """Route one HTTP request."""

@@ -1,7 +1,15 @@
 """API-key authentication with scopes: keys are held only as sha256 digests and compared in constant time.
 
-A key is written `KEY` or `KEY SCOPE[,SCOPE...]` (the same syntax on the command line and in a key
-file, one key per line); a bare key has the `inference` scope. Scopes and the routes they open:
+A key is written `KEY`, `KEY SCOPE[,SCOPE...]`, then optionally per-key settings `NAME=VALUE` (the
+same syntax on the command line and in a key file, one key per line); a bare key has the
+`inference` scope. Settings (`KeyOptions`):
+
+    guard=SPEC      a guard for this key's requests, besides those of --guard (repeatable; guards/)
+    priority=N      the default priority of its requests (lower is more urgent, as vLLM's)
+    weight=W        its share of tokens per second when the replicas are saturated (default 1)
+    tpm=N           its own limit of generated tokens per minute (429 with Retry-After beyond it)
+
+Scopes and the routes they open:
 
     inference   /v1/chat/completions, /v1/completions, /v1/models
     metrics     /metrics
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from pathlib import Path
 
 from scalellm.protocol.openai import OpenAIError
@@ -32,11 +41,68 @@ def hash_key(key: str | bytes) -> bytes:
     return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
 
 
+@dataclass(frozen=True)
+class KeyOptions:
+    """Per-key settings from a key's `NAME=VALUE` words."""
+
+    guards: tuple[str, ...] = ()
+    """Guard specs applied to this key's requests after the --guard ones."""
+    priority: int | None = None
+    """Default priority of its requests when they send none (lower is more urgent)."""
+    weight: float = 1.0
+    """Its share of tokens per second against other keys when the replicas are saturated."""
+    tokens_per_minute: float | None = None
+    """Its own limit of generated tokens per minute; None for no limit."""
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+        if self.tokens_per_minute is not None and not self.tokens_per_minute > 0:
+            raise ValueError(f"tpm must be > 0, got {self.tokens_per_minute}")
+
+
+_OPTION_NAMES = ("guard", "priority", "weight", "tpm")
+
+
+def parse_key_options(words: list[str]) -> KeyOptions:
+    """KeyOptions from `NAME=VALUE` words; ValueError naming the word at fault."""
+    values: dict = {"guards": []}
+    for word in words:
+        name, equals, value = word.partition("=")
+        if not equals or name not in _OPTION_NAMES or not value:
+            raise ValueError(f"unknown key setting {word!r}; settings: guard=SPEC, priority=N, weight=W, tpm=N")
+        try:
+            if name == "guard":
+                values["guards"].append(value)
+            elif name == "priority":
+                values["priority"] = int(value)
+            elif name == "weight":
+                values["weight"] = float(value)
+            else:
+                values["tokens_per_minute"] = float(value)
+        except ValueError:
+            raise ValueError(f"key setting {word!r}: {name} must be a number") from None
+    return KeyOptions(guards=tuple(values.pop("guards")), **values)
+
+
+def parse_key_line(spec: str) -> tuple[str, frozenset[str], KeyOptions]:
+    """`KEY [SCOPE[,SCOPE...]] [NAME=VALUE ...]` -> (key, scopes, options); errors never show the key."""
+    parts = spec.split()
+    if len(parts) > 1 and "=" not in parts[1]:
+        key, scopes = parse_key_spec(" ".join(parts[:2]))
+        words = parts[2:]
+    else:
+        key, scopes = parse_key_spec(parts[0] if parts else "")
+        words = parts[1:]
+    return key, scopes, parse_key_options(words)
+
+
 def parse_key_spec(spec: str) -> tuple[str, frozenset[str]]:
     """`KEY` or `KEY SCOPE[,SCOPE...]` -> (key, scopes); ValueError naming the problem, never the key."""
     parts = spec.split()
     if not parts or len(parts) > 2:
-        raise ValueError("an API key is written 'KEY' or 'KEY SCOPE[,SCOPE...]' (no spaces in the key)")
+        raise ValueError("an API key is written 'KEY' or 'KEY SCOPE[,SCOPE...]' (no spaces in the key), then "
+                         "optional NAME=VALUE settings")
     names = parts[1].split(",") if len(parts) == 2 else [INFERENCE]
     unknown = sorted({name for name in names if name not in SCOPES})
     if unknown:
@@ -55,23 +121,46 @@ def describe_key(key: str) -> str:
 
 def read_key_file(path: str) -> list[str]:
     """Key specs from a file, one per line; blank lines and lines starting with # are skipped."""
+    return [spec for _, spec in read_key_file_lines(path)]
+
+
+def read_key_file_lines(path: str) -> list[tuple[str, str]]:
+    """(where, spec) of each key line of a file, where = "API key file PATH line N"."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as error:
         raise ValueError(f"cannot read the API key file {path}: {error.strerror}") from None
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [(f"API key file {path} line {number}", line.strip()) for number, line in enumerate(lines, start=1)
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 class ApiKeyAuth:
-    """Checks bearer tokens against key digests and the scopes each key holds."""
+    """Checks bearer tokens against key digests and the scopes each key holds; keeps each key's options."""
 
     def __init__(self, keys: list[str] | tuple[str, ...] = (), key_file: str | None = None) -> None:
-        specs = list(keys) + (read_key_file(key_file) if key_file else [])
-        if key_file and not specs:
+        specs = [(f"--api-key #{i + 1}", spec) for i, spec in enumerate(keys)]
+        specs += read_key_file_lines(key_file) if key_file else []
+        if key_file and len(specs) == len(keys):
             raise ValueError(f"API key file {key_file} holds no keys")
-        parsed = [parse_key_spec(spec) for spec in specs]
-        self._digests = [hash_key(key) for key, _ in parsed]
-        self._scopes = [scopes for _, scopes in parsed]
+        parsed = []
+        for where, spec in specs:
+            try:
+                parsed.append(parse_key_line(spec))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        self._digests = [hash_key(key) for key, _, _ in parsed]
+        self._scopes = [scopes for _, scopes, _ in parsed]
+        self._options = {digest.hex()[:16]: options for digest, (_, _, options) in zip(self._digests, parsed)}
+        self._where = {digest.hex()[:16]: where for digest, (where, _) in zip(self._digests, specs)}
+
+    def options(self, identity: str) -> KeyOptions:
+        """The settings of the key with this identity (defaults for ANONYMOUS or an unknown identity)."""
+        return self._options.get(identity, _DEFAULT_OPTIONS)
+
+    def key_guards(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """identity -> ((guard spec, where it was written), ...) for every key with guards of its own."""
+        return {identity: tuple((spec, self._where[identity]) for spec in options.guards)
+                for identity, options in self._options.items() if options.guards}
 
     @property
     def enabled(self) -> bool:
@@ -112,3 +201,6 @@ class ApiKeyAuth:
             raise OpenAIError(403, f"this API key does not have the '{scope}' scope needed for this route",
                               type="permission_error", code="insufficient_scope")
         return self._digests[index].hex()[:16]
+
+
+_DEFAULT_OPTIONS = KeyOptions()

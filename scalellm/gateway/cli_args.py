@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 
 from scalellm.flags import add_config_flags, config_from_flags
+from scalellm.gateway.auth import ApiKeyAuth
 from scalellm.gateway.config import GatewayConfig
+from scalellm.gateway.guards import GuardPolicy
 from scalellm.gateway.policies import policy_names
 from scalellm.protocol.tool_parsers import TOOL_PARSERS
 
 FLAG_NAMES = {
     "api_keys": "--api-key",
+    "guards": "--guard",
     "header_timeout_s": "--header-timeout",
     "body_timeout_s": "--body-timeout",
     "keep_alive_timeout_s": "--keep-alive-timeout",
@@ -41,5 +44,14 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
 
 def gateway_config_from_args(args: argparse.Namespace, replica_addresses: list[str] | tuple[str, ...]
                              ) -> GatewayConfig:
-    """Build the `GatewayConfig` from parsed flags; raises `ValueError` on invalid values."""
-    return config_from_flags(GatewayConfig, args, replica_addresses=tuple(replica_addresses))
+    """Build the `GatewayConfig` from parsed flags; raises `ValueError` on invalid values, a key file or
+    guard that does not load included (naming the line), so nothing starts with a bad one."""
+    config = config_from_flags(GatewayConfig, args, replica_addresses=tuple(replica_addresses))
+    check_guards(config)
+    return config
+
+
+def check_guards(config: GatewayConfig) -> None:
+    """Read the key file and build every guard once: ValueError naming the flag or key-file line at fault."""
+    auth = ApiKeyAuth(config.api_keys, config.api_key_file)
+    GuardPolicy(config.guards, auth.key_guards())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scalellm.gateway.auth import parse_key_spec
+from scalellm.gateway.auth import parse_key_line
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ class GatewayConfig:
     """PEM certificate (with its chain) of the HTTP listener; with ssl_keyfile the gateway serves HTTPS only."""
     ssl_keyfile: str | None = None
     """PEM private key of ssl_certfile."""
+    guards: tuple[str, ...] = ()
+    """Guards for every key's requests: pii, pii:redact, deny:FILE, moderation:URL[,timeout=S][,fail=open|closed]
+    or moderation:served[,template=FILE][,timeout=S][,fail=open|closed]; a key file adds guard=SPEC per key."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replica_addresses", tuple(self.replica_addresses))
@@ -98,7 +101,8 @@ class GatewayConfig:
         if self.drain_timeout_s < 0 or self.breaker_cooldown_s < 0 or self.prefix_affinity_load_bound < 0:
             raise ValueError("drain_timeout_s, breaker_cooldown_s and prefix_affinity_load_bound must be >= 0")
         for spec in self.api_keys:
-            parse_key_spec(spec)
+            parse_key_line(spec)
+        object.__setattr__(self, "guards", tuple(self.guards))
         if self.otlp_traces_endpoint is not None:
             from scalellm.tracing import tracing_config
 

@@ -53,6 +53,9 @@ class GatewayMetrics:
                                      registry=registry)
         self.generation_tokens = Counter("scalellm:generation_tokens", "Generated tokens of finished requests",
                                          registry=registry)
+        self._guard_actions = Counter("scalellm:gateway_guard_actions", "Guard actions (blocked_input, "
+                                      "redacted_input, masked_output, blocked_output, error_open, error_closed) "
+                                      "by guard and API key id", ["guard", "key", "action"], registry=registry)
         self._replica_loads = ReplicaLoads()
         registry.register(self._replica_loads)
         self._stages = Histogram("scalellm:request_stage_seconds", "Seconds a finished request spent in each "
@@ -96,6 +99,10 @@ class GatewayMetrics:
         """One HTTP request answered with `status`."""
         self._child(self._requests, route, str(status)).inc()
 
+    def count_guard(self, guard: str, key_id: str, action: str) -> None:
+        """One guard action on a request of the key `key_id` (a short digest id, never the key)."""
+        self._child(self._guard_actions, guard, key_id, action).inc()
+
     def replica_dispatched(self, address: str) -> None:
         self._child(self._dispatched, address).inc()
 
@@ -104,6 +111,8 @@ class GatewayMetrics:
 
     def set_replica_healthy(self, address: str, healthy: bool) -> None:
         self._child(self._healthy, address).set(1 if healthy else 0)
+        self._child(self._dispatched, address)  # a replica's counters exist, at 0, from its first probe
+        self._child(self._failed, address)
 
     def forget_replica(self, address: str) -> None:
         """Drop the series of a replica taken out of the deployment (no stale gauges)."""

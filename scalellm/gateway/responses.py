@@ -28,6 +28,9 @@ RESPONSES_FIELDS = frozenset({"model", "input", "instructions", "max_output_toke
                               "previous_response_id", "truncation", "include", "top_k", "seed", "stop"})
 _SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop")
 
+_INCOMPLETE = {FINISH_LENGTH: "max_output_tokens", "content_filter": "content_filter"}
+"""Finish reasons that leave a response incomplete, with the reason OpenAI gives."""
+
 
 def _invalid(message: str, param: str) -> OpenAIError:
     return OpenAIError(400, message, param=param)
@@ -222,10 +225,13 @@ class ResponsesRenderer:
         if isinstance(output, RequestOutput):
             events = self._start_events() if self._sequence == 0 else []
             return b"".join(events + self._consume(output))
-        return orjson.dumps(self._response("completed" if self._finish_reason != FINISH_LENGTH else "incomplete"))
+        return orjson.dumps(self._response(self._status()))
+
+    def _status(self) -> str:
+        return "incomplete" if self._finish_reason in _INCOMPLETE else "completed"
 
     def finish(self, timings: dict | None = None) -> bytes:
-        status = "completed" if self._finish_reason != FINISH_LENGTH else "incomplete"
+        status = self._status()
         return self._event("response." + status, response=self._response(status))
 
     # -- folding the reply in --------------------------------------------------------------------
@@ -321,7 +327,8 @@ class ResponsesRenderer:
         return {
             "id": self._id, "object": "response", "created_at": self._created, "model": self._model,
             "status": status, "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "incomplete_details": ({"reason": _INCOMPLETE[self._finish_reason]} if status == "incomplete"
+                                   else None),
             "instructions": f.instructions, "max_output_tokens": f.max_output_tokens,
             "output": [_copy(item) for item in self._items] if status != "in_progress" else [],
             "parallel_tool_calls": f.parallel_tool_calls, "tool_choice": f.tool_choice, "tools": f.tools,

@@ -25,17 +25,18 @@ import orjson
 from scalellm.gateway.auth import INFERENCE, ApiKeyAuth
 from scalellm.gateway.config import GatewayConfig
 from scalellm.gateway.failover import ResumingStream
+from scalellm.gateway.guards import GuardedStream, GuardError, GuardPolicy
 from scalellm.gateway.http import HttpConnection, Request
 from scalellm.gateway.limits import AdmissionGate, RateLimiter
 from scalellm.gateway.metrics import GatewayMetrics
 from scalellm.gateway.policies import RouteRequest
-from scalellm.gateway.rendering import ResponseBuilder, StreamRenderer, error_event
+from scalellm.gateway.rendering import ResponseBuilder, StreamRenderer, error_event, num_choices
 from scalellm.gateway.responses import ResponsesRenderer, parse_responses_request
 from scalellm.gateway.router import Dispatch, NoReplicaAvailable, Router
 from scalellm.protocol.openai import (OpenAIError, ParsedRequest, created_now, new_request_id,
                                       parse_chat_request, parse_completion_request)
 from scalellm.protocol.tool_parsers import tool_parser_for_model
-from scalellm.protocol.types import RequestMetrics, RequestOutput
+from scalellm.protocol.types import RequestMetrics, RequestOutput, SamplingParams
 
 CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 ROUTES = (CHAT, COMPLETIONS, RESPONSES)
@@ -86,12 +87,13 @@ class InferenceService:
     """A GatewayTracing (gateway/tracing.py) when requests are traced; set by GatewayApp."""
 
     def __init__(self, config: GatewayConfig, router: Router, metrics: GatewayMetrics, auth: ApiKeyAuth,
-                 model: ModelInfo) -> None:
+                 model: ModelInfo, guards: GuardPolicy | None = None) -> None:
         self.config = config
         self.router = router
         self.metrics = metrics
         self.auth = auth
         self.model = model
+        self.guards = guards or GuardPolicy()
         self.gate = AdmissionGate(config.max_queue)
         self.rate_limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
         self.draining = False
@@ -158,7 +160,8 @@ class InferenceService:
         return parsed
 
     async def _serve(self, request: Request, conn: HttpConnection, route: str, record: RequestRecord) -> int:
-        parsed = self._parse(request, route)
+        identity = record.key_id
+        parsed = await self.guards.check_request(self._parse(request, route), identity, self._complete)
         record.parsed, record.parsed_time = parsed, time.time()
         model = self.model.name or parsed.model or "unknown"
         tried: set[int] = set()
@@ -168,6 +171,9 @@ class InferenceService:
             else:
                 dispatch, stream, first = self._resumable(parsed, record, tried,
                                                           await self._start(parsed, record, tried))
+            stream = self.guards.guard_stream(identity, stream, num_choices(parsed))
+            if isinstance(stream, GuardedStream):
+                first = stream.first(first)
             ok: bool | None = None
             try:
                 if parsed.stream:
@@ -261,6 +267,28 @@ class InferenceService:
             except BaseException:
                 await self._abandon(dispatch, stream, ok=None)
                 raise
+
+    async def _complete(self, prompt: str, max_tokens: int) -> str:
+        """The served model's greedy completion of a text prompt (the moderation guard's classifier)."""
+        route = RouteRequest(prompt[:self.config.prefix_affinity_chars], len(prompt) // 4 + max_tokens)
+        try:
+            dispatch = self.router.dispatch(route, frozenset())
+        except NoReplicaAvailable:
+            raise GuardError("no healthy replica to ask for moderation") from None
+        stream = dispatch.replica.client.generate(new_request_id(False) + "-guard", prompt,
+                                                  SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                                                  time.time(), self.config.request_timeout_s)
+        texts, ok = [], None
+        try:
+            async for output in stream:
+                texts += [sample.text for sample in output.outputs]
+            ok = True
+        except ReplicaError:
+            ok = False
+            raise
+        finally:
+            await self._abandon(dispatch, stream, ok)
+        return "".join(texts)
 
     def _generate(self, dispatch: Dispatch, parsed: ParsedRequest, record: RequestRecord,
                   resume_token_ids: list[int] | None = None):

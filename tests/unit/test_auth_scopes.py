@@ -66,9 +66,11 @@ def test_every_stored_digest_is_compared_whichever_matches(monkeypatch):
 def test_keys_from_flags_and_file_reach_the_config(tmp_path):
     parser = argparse.ArgumentParser()
     add_gateway_args(parser)
-    args = parser.parse_args(["--api-key", "a-key", "--api-key", "m-key metrics", "--api-key-file", str(tmp_path)])
+    (tmp_path / "keys").write_text("f-key\n")
+    args = parser.parse_args(["--api-key", "a-key", "--api-key", "m-key metrics",
+                              "--api-key-file", str(tmp_path / "keys")])
     config = gateway_config_from_args(args, ["127.0.0.1:1"])
-    assert config.api_keys == ("a-key", "m-key metrics") and config.api_key_file == str(tmp_path)
+    assert config.api_keys == ("a-key", "m-key metrics") and config.api_key_file == str(tmp_path / "keys")
     assert config.host == "127.0.0.1"
     assert "a-key" not in repr(config) and "m-key" not in repr(config)
     with pytest.raises(ValueError):
