@@ -34,6 +34,8 @@ START_TIMEOUT_S = 60.0
 
 def namespaces_unavailable() -> str | None:
     """Why network namespaces cannot be used here, or None when they can."""
+    if os.environ.get("SCALELLM_TEST_NO_NETNS"):
+        return "SCALELLM_TEST_NO_NETNS is set"
     if os.geteuid() != 0:
         return "network namespaces need root"
     if shutil.which("ip") is None:
@@ -166,7 +168,8 @@ class OneHostCluster:
     """Ray's multi-node cluster on one host: a head and two workers, all on this machine's address."""
 
     def __init__(self) -> None:
-        os.environ.update(RAY_ENV)
+        self.tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        os.environ.update(RAY_ENV, SCALELLM_TEST_CLUSTER=self.tag)  # inherited by every node and serve
         from ray.cluster_utils import Cluster
 
         node = {"object_store_memory": OBJECT_STORE_BYTES}
@@ -181,8 +184,22 @@ class OneHostCluster:
     def exec_argv(self, node: str, *argv: str) -> list[str]:
         return list(argv)
 
+    def processes(self) -> list:
+        """Every process started by this cluster or by serve against it (they carry its tag)."""
+        import psutil
+
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.pid != os.getpid() and process.environ().get("SCALELLM_TEST_CLUSTER") == self.tag:
+                    found.append(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return found
+
     def kill_worker(self, node: str) -> None:
         self.cluster.remove_node(self.workers[node], allow_graceful=False)
 
     def close(self) -> None:
         self.cluster.shutdown()
+        os.environ.pop("SCALELLM_TEST_CLUSTER", None)
