@@ -4,19 +4,24 @@ Every request has num_computed_tokens (KV already in the cache, or being compute
 num_tokens (prompt plus outputs so far). Each step fills a token budget:
 
     budget = max_num_batched_tokens
-    1. running requests, oldest first: min(num_tokens - num_computed_tokens, budget) tokens each
+    1. running requests, most urgent first: min(num_tokens - num_computed_tokens, budget) tokens each
        (a decode is a 1-token chunk, an unfinished prompt a prefill chunk); out of KV blocks ->
-       preempt the newest running request and retry
-    2. waiting requests, first come first served, while blocks, budget and max_num_seqs allow;
-       prefix-cache hits start them with more computed tokens
+       preempt the least urgent running request and retry
+    2. waiting requests, most urgent first, while blocks, budget and max_num_seqs allow; prefix-cache
+       hits start them with more computed tokens. A waiting request that does not fit preempts a
+       running one of a strictly less urgent priority (its chunk this step is taken back)
+
+Urgency is (priority, arrival): a lower priority value first, as vLLM's priority scheduling; with
+every priority equal (the default 0) this is first come first served. Both queues stay sorted by it.
+A preempted request keeps its tokens and is recomputed when it is admitted again: never lost.
 
 num_computed_tokens advances at schedule time; `update` appends the sampled tokens.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -56,8 +61,10 @@ class Scheduler:
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                                group_windows)
         self._requests: dict[str, Request] = {}
-        self._waiting: deque[Request] = deque()
+        self._waiting: list[Request] = []
+        """Sorted by urgency (`_urgency`)."""
         self._running: list[Request] = []
+        """Sorted by urgency too: preemption victims come from the end."""
         self._num_preemptions = 0
 
     @property
@@ -87,7 +94,7 @@ class Scheduler:
         self._check_fits(request)
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
-        self._waiting.append(request)
+        bisect.insort(self._waiting, request, key=_urgency)
 
     def schedule(self) -> SchedulerOutput:
         """Build this step's batch; advances num_computed_tokens of every scheduled request."""
@@ -135,7 +142,7 @@ class Scheduler:
             request.status = status
             self._release(request)
         self._running = [request for request in self._running if not request.is_finished]
-        self._waiting = deque(request for request in self._waiting if not request.is_finished)
+        self._waiting = [request for request in self._waiting if not request.is_finished]
         return finished
 
     def get_load(self) -> EngineLoad:
@@ -182,18 +189,40 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, budget: int, output: SchedulerOutput) -> None:
-        """Admit waiting requests first come first served; stop at the first that does not fit."""
+        """Admit waiting requests most urgent first; stop at the first that does not fit, unless it
+        can preempt a less urgent running request to make room."""
         kv = self.kv_cache_manager
-        while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+        while self._waiting and budget > 0:
             request = self._waiting[0]
+            if len(self._running) >= self.config.max_num_seqs:
+                given_back = self._preempt_less_urgent(request, output)
+                if given_back is None:
+                    break
+                budget += given_back
+                continue
             num_cached_tokens, cached_blocks = kv.get_computed_blocks(request)
             num_new_tokens = min(request.num_tokens - num_cached_tokens, budget)
             if not kv.allocate_slots(request, num_new_tokens, new_computed_blocks=cached_blocks):
-                break
-            self._waiting.popleft()
+                given_back = self._preempt_less_urgent(request, output)
+                if given_back is None:
+                    break
+                budget += given_back
+                continue
+            self._waiting.pop(0)
             self._admit(request, num_cached_tokens)
             output.chunks.append(self._make_chunk(request, num_new_tokens))
             budget -= num_new_tokens
+
+    def _preempt_less_urgent(self, request: Request, output: SchedulerOutput) -> int | None:
+        """Preempt the least urgent running request if it is strictly less urgent than `request`,
+        taking back its chunk of this step; the tokens given back to the budget, None if none."""
+        if not self._running or _priority(self._running[-1]) <= _priority(request):
+            return None
+        victim = self._running.pop()
+        chunks = [chunk for chunk in output.chunks if chunk.request is victim]
+        output.chunks = [chunk for chunk in output.chunks if chunk.request is not victim]
+        self._preempt(victim, output)
+        return sum(chunk.num_new_tokens for chunk in chunks)
 
     def _admit(self, request: Request, num_cached_tokens: int) -> None:
         if request.scheduled_time == 0.0:
@@ -201,7 +230,7 @@ class Scheduler:
             request.num_cached_tokens = num_cached_tokens
         request.num_computed_tokens = num_cached_tokens
         request.status = RequestStatus.RUNNING
-        self._running.append(request)
+        bisect.insort(self._running, request, key=_urgency)
 
     def _make_chunk(self, request: Request, num_new_tokens: int) -> ScheduledChunk:
         chunk = ScheduledChunk(
@@ -218,14 +247,14 @@ class Scheduler:
         return chunk
 
     def _preempt(self, request: Request, output: SchedulerOutput) -> None:
-        """Free the request's blocks and put it at the front of the waiting queue; its output tokens
-        stay in all_token_ids and are recomputed with the prompt when it is rescheduled."""
+        """Free the request's blocks and put it back in the waiting queue by its urgency; its output
+        tokens stay in all_token_ids and are recomputed with the prompt when it is rescheduled."""
         self.kv_cache_manager.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._num_preemptions += 1
-        self._waiting.appendleft(request)
+        bisect.insort(self._waiting, request, key=_urgency)
         output.preempted_request_ids.append(request.request_id)
 
     # -- updating -----------------------------------------------------------------------------------
@@ -285,6 +314,16 @@ def check_stop(request: Request, token_id: int) -> RequestStatus | None:
     if request.num_output_tokens >= request.max_tokens:
         return RequestStatus.FINISHED_LENGTH
     return None
+
+
+def _priority(request: Request) -> int:
+    """The request's priority: lower is more urgent; none given is 0 (vLLM's convention)."""
+    return request.sampling_params.priority or 0
+
+
+def _urgency(request: Request) -> tuple[int, float]:
+    """The order of both queues: priority, then arrival (first come first served within a priority)."""
+    return (request.sampling_params.priority or 0, request.arrival_time)
 
 
 def _tokens_in_flight(request: Request) -> int:

@@ -162,6 +162,8 @@ class InferenceService:
     async def _serve(self, request: Request, conn: HttpConnection, route: str, record: RequestRecord) -> int:
         identity = record.key_id
         parsed = await self.guards.check_request(self._parse(request, route), identity, self._complete)
+        if parsed.params.priority is None:
+            parsed.params.priority = self.auth.options(identity).priority
         record.parsed, record.parsed_time = parsed, time.time()
         model = self.model.name or parsed.model or "unknown"
         tried: set[int] = set()

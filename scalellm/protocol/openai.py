@@ -18,8 +18,8 @@ import orjson
 from scalellm.protocol.agent_fields import (ToolRequest, check_known_fields, message_tool_fields,
                                             parse_response_format, parse_structured_outputs, parse_tools)
 from scalellm.protocol.tool_parsers import DEFAULT_TOOL_PARSER, ToolParser, get_tool_parser
-from scalellm.protocol.types import (FINISH_ABORT, ChatPrompt, InfillPrompt, Logprob, PromptInput, RequestOutput,
-                                     SamplingParams, StructuredOutput)
+from scalellm.protocol.types import (FINISH_ABORT, MAX_PRIORITY, ChatPrompt, InfillPrompt, Logprob, PromptInput,
+                                     RequestOutput, SamplingParams, StructuredOutput)
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_N = 128
@@ -50,6 +50,7 @@ SAMPLING_FIELDS: dict[str, tuple[dict, object]] = {
     "ignore_eos": (_BOOLEAN, False),
     "min_tokens": ({**_INTEGER, "minimum": 0, "maximum": MAX_TOKEN_ID}, 0),
     "skip_special_tokens": (_BOOLEAN, True),
+    "priority": ({**_INTEGER, "minimum": -MAX_PRIORITY - 1, "maximum": MAX_PRIORITY}, None),
 }
 """Sampling fields of both routes: name -> (JSON Schema of a non-null value, default). The parser
 checks types from it and openapi.py publishes it; null always means the default."""

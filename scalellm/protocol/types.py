@@ -13,6 +13,8 @@ from typing import Union
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
+MAX_PRIORITY = (1 << 31) - 1
+"""Priorities travel as int32 to the replicas."""
 
 STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 """What a StructuredOutput's spec is: a JSON Schema, any JSON object, a regex, a JSON list of
@@ -73,6 +75,10 @@ class SamplingParams:
     """Leave special tokens (like <|im_end|>) out of the detokenized text."""
     structured: StructuredOutput | None = None
     """A grammar the output must follow (response_format, structured_outputs, forced tool calls)."""
+    priority: int | None = None
+    """Scheduling, not sampling: the request's place in the replica's waiting queue, lower first (vLLM's
+    convention); a more urgent request may preempt a running less urgent one. None is 0, unless the
+    gateway gives the API key's default."""
 
     MAX_LOGPROBS = 20
 
@@ -107,6 +113,8 @@ class SamplingParams:
             _check(isinstance(self.seed, int), "seed must be an integer")
         _check(self.structured is None or isinstance(self.structured, StructuredOutput),
                "structured must be a StructuredOutput")
+        _check(self.priority is None or (isinstance(self.priority, int) and -MAX_PRIORITY - 1 <= self.priority
+                                         <= MAX_PRIORITY), f"priority must be an integer in [{-MAX_PRIORITY - 1}, {MAX_PRIORITY}]")
 
     @property
     def greedy(self) -> bool:

@@ -179,7 +179,7 @@ def _encode_params(params: SamplingParams) -> Any:
         stop=params.stop, stop_token_ids=params.stop_token_ids,
         include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
         max_tokens=params.max_tokens, min_tokens=params.min_tokens, logprobs=params.logprobs,
-        skip_special_tokens=params.skip_special_tokens,
+        skip_special_tokens=params.skip_special_tokens, priority=params.priority,
         structured=(pb.StructuredOutput(kind=params.structured.kind, spec=params.structured.spec)
                     if params.structured is not None else None))
 
@@ -193,7 +193,7 @@ def _decode_params(p: Any) -> SamplingParams:
         include_stop_str_in_output=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
         max_tokens=p.max_tokens if p.HasField("max_tokens") else None, min_tokens=p.min_tokens,
         logprobs=p.logprobs if p.HasField("logprobs") else None,
-        skip_special_tokens=p.skip_special_tokens,
+        skip_special_tokens=p.skip_special_tokens, priority=p.priority if p.HasField("priority") else None,
         structured=StructuredOutput(p.structured.kind, p.structured.spec) if p.HasField("structured") else None)
 
 
