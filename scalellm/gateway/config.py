@@ -30,6 +30,10 @@ class GatewayConfig:
     """Requests per minute per API key (token bucket, burst of one minute's worth); None disables it."""
     max_queue: int = 1024
     """Most inference requests in flight in the gateway; beyond it requests get a fast 429."""
+    max_concurrent: int | None = None
+    """Most requests sent to the replicas at once; beyond it requests wait and are let through by weighted
+    fair share of generated tokens between API keys (weight= in the key file) instead of first come first
+    served. None: no limit. Set it near the replicas' total batch size (max_num_seqs x replicas)."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Largest accepted request body; larger ones get 413 before the gateway reads them."""
     max_connections: int = 4096
@@ -91,6 +95,8 @@ class GatewayConfig:
         if self.rate_limit_rpm is not None and self.rate_limit_rpm <= 0:
             raise ValueError("rate_limit_rpm must be > 0 (or None to disable rate limiting)")
         _positive("max_queue", self.max_queue)
+        if self.max_concurrent is not None:
+            _positive("max_concurrent", self.max_concurrent)
         _positive("max_body_bytes", self.max_body_bytes)
         _positive("breaker_failure_threshold", self.breaker_failure_threshold)
         _positive("prefix_affinity_chars", self.prefix_affinity_chars)

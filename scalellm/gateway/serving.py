@@ -27,7 +27,8 @@ from scalellm.gateway.config import GatewayConfig
 from scalellm.gateway.failover import ResumingStream
 from scalellm.gateway.guards import GuardedStream, GuardError, GuardPolicy
 from scalellm.gateway.http import HttpConnection, Request
-from scalellm.gateway.limits import AdmissionGate, RateLimiter
+from scalellm.gateway.fair_share import FairShare
+from scalellm.gateway.limits import AdmissionGate, RateLimiter, TokenRateLimiter
 from scalellm.gateway.metrics import GatewayMetrics
 from scalellm.gateway.policies import RouteRequest
 from scalellm.gateway.rendering import ResponseBuilder, StreamRenderer, error_event, num_choices
@@ -96,6 +97,8 @@ class InferenceService:
         self.guards = guards or GuardPolicy()
         self.gate = AdmissionGate(config.max_queue)
         self.rate_limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
+        self.token_limiter = TokenRateLimiter()
+        self.fair_share = FairShare(config.max_concurrent) if config.max_concurrent else None
         self.draining = False
 
     def admit(self, request: Request) -> str:
@@ -111,6 +114,11 @@ class InferenceService:
                 raise OpenAIError(429, f"rate limit of {self.config.rate_limit_rpm:g} requests per minute "
                                   f"exceeded; retry in {wait_s} s", type="rate_limit_exceeded",
                                   code="rate_limit_exceeded", headers=((b"retry-after", str(wait_s).encode()),))
+        tokens_per_minute = self.auth.options(identity).tokens_per_minute
+        if tokens_per_minute is not None and (wait_s := self.token_limiter.check(identity, tokens_per_minute)):
+            raise OpenAIError(429, f"this API key's limit of {tokens_per_minute:g} generated tokens per minute "
+                              f"is used up; retry in {wait_s} s", type="rate_limit_exceeded",
+                              code="rate_limit_exceeded", headers=((b"retry-after", str(wait_s).encode()),))
         if not self.gate.try_enter():
             raise OpenAIError(429, f"the gateway is at capacity ({self.gate.max_in_flight} requests in "
                               "flight); retry shortly", type="rate_limit_exceeded", code="queue_full",
@@ -165,6 +173,19 @@ class InferenceService:
         if parsed.params.priority is None:
             parsed.params.priority = self.auth.options(identity).priority
         record.parsed, record.parsed_time = parsed, time.time()
+        if self.fair_share is None:
+            return await self._run(conn, parsed, record)
+        weight = self.auth.options(identity).weight
+        estimate = parsed.params.n * (1 + len(parsed.extra_prompts or ())) * (parsed.params.max_tokens or 256)
+        await self.fair_share.acquire(identity, weight, estimate)
+        try:
+            return await self._run(conn, parsed, record)
+        finally:
+            self.fair_share.release(identity, weight, estimate, record.num_output_tokens)
+
+    async def _run(self, conn: HttpConnection, parsed: ParsedRequest, record: RequestRecord) -> int:
+        """Dispatch (failing over while nothing reached the client) and answer, streamed or not."""
+        identity = record.key_id
         model = self.model.name or parsed.model or "unknown"
         tried: set[int] = set()
         while True:
@@ -369,6 +390,9 @@ class InferenceService:
         end = time.time()
         self.metrics.count_request(record.route, status)
         self.metrics.count_key(record.key_id, record.num_prompt_tokens, record.num_output_tokens)
+        tokens_per_minute = self.auth.options(record.key_id).tokens_per_minute if record.key_id else None
+        if tokens_per_minute is not None:
+            self.token_limiter.charge(record.key_id, tokens_per_minute, record.num_output_tokens)
         if status == 200:
             ttft = record.first_send_time - record.receive_time if record.first_send_time else None
             self.metrics.observe_finished(ttft, end - record.receive_time, record.num_prompt_tokens,
