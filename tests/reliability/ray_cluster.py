@@ -26,8 +26,9 @@ from pathlib import Path
 VENV_BIN = Path(sys.executable).parent
 OBJECT_STORE_BYTES = 100 * 1024 * 1024
 WORKER_CPUS = 2
-SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                 "health_check_initial_delay_ms": 0}
+SYSTEM_CONFIG = {} if os.environ.get("SCALELLM_TEST_RAY_DEFAULT_HEALTH") else {
+    "health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
+"""Ray's node health checks, faster than its defaults (SCALELLM_TEST_RAY_DEFAULT_HEALTH=1 keeps those)."""
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
 START_TIMEOUT_S = 60.0
 

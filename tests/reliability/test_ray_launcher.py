@@ -232,13 +232,15 @@ def test_a_worker_lost_under_load_fails_no_unary_request_and_its_replica_returns
         mark = len(serve.lines)
         killed_at = time.monotonic()
         cluster.kill_worker(lost)
+        serve.wait_for(r"was lost|exited with code", RECOVERY_TIMEOUT_S, mark)
+        noticed_s = time.monotonic() - killed_at
         serve.wait_for(r"restarted at", RECOVERY_TIMEOUT_S, mark)
         replaced_s = time.monotonic() - killed_at
         time.sleep(2.0)  # load on the replaced set
     finally:
         load.finish()
     after = serve.addresses()
-    print(f"replica replaced {replaced_s:.1f} s after its node was lost; unary ok {load.unary_ok} failed "
+    print(f"node lost: noticed after {noticed_s:.1f} s, replica replaced after {replaced_s:.1f} s; unary ok {load.unary_ok} failed "
           f"{len(load.unary_failed)}; streams complete {load.streams_complete}, error events "
           f"{len(load.stream_errors)}, broken {len(load.streams_broken)}")
     assert load.unary_failed == [] and load.unary_ok > 0
