@@ -175,13 +175,13 @@ class InferenceService:
         record.parsed, record.parsed_time = parsed, time.time()
         if self.fair_share is None:
             return await self._run(conn, parsed, record)
-        weight = self.auth.options(identity).weight
+        weight, priority = self.auth.options(identity).weight, parsed.params.priority or 0
         estimate = parsed.params.n * (1 + len(parsed.extra_prompts or ())) * (parsed.params.max_tokens or 256)
-        await self.fair_share.acquire(identity, weight, estimate)
+        await self.fair_share.acquire(identity, weight, estimate, priority)
         try:
             return await self._run(conn, parsed, record)
         finally:
-            self.fair_share.release(identity, weight, estimate, record.num_output_tokens)
+            self.fair_share.release(identity, weight, estimate, record.num_output_tokens, priority)
 
     async def _run(self, conn: HttpConnection, parsed: ParsedRequest, record: RequestRecord) -> int:
         """Dispatch (failing over while nothing reached the client) and answer, streamed or not."""

@@ -95,3 +95,25 @@ def test_token_limit_per_key_goes_into_debt_then_waits_it_out():
     assert limiter.check("a", 60) == 1
     clock.now += 0.5
     assert limiter.check("a", 60) == 0
+
+
+def test_priority_goes_first_and_may_pass_the_cap():
+    async def main():
+        fair = FairShare(1)
+        await fair.acquire("low", 1.0, 10, priority=5)
+        await fair.acquire("urgent", 1.0, 10, priority=-1)  # past the cap: the replica may preempt for it
+        assert fair.num_active == 2
+        order = []
+
+        async def request(key, priority):
+            await fair.acquire(key, 1.0, 10, priority)
+            order.append(key)
+            fair.release(key, 1.0, 10, 10, priority)
+        tasks = [asyncio.create_task(request(*item)) for item in (("low", 5), ("mid", 1), ("low", 5), ("mid", 1))]
+        await asyncio.sleep(0)
+        assert fair.num_waiting == 4  # not more urgent than what runs: they wait
+        fair.release("urgent", 1.0, 10, 10, -1)
+        fair.release("low", 1.0, 10, 10, 5)
+        await asyncio.gather(*tasks)
+        return order
+    assert asyncio.run(main()) == ["mid", "mid", "low", "low"]
