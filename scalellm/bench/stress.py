@@ -226,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StressConfig, str]:
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="in flight (%(default)s)")
     parser.add_argument("--replicas", type=int, default=defaults.replicas, help="replicas (%(default)s)")
     parser.add_argument("--engine", choices=("real", "mock"), default=defaults.engine)
-    parser.add_argument("--quantization", choices=("none", "int8"), default=defaults.quantization)
+    parser.add_argument("--quantization", choices=("auto", "none", "int8", "gguf"), default=defaults.quantization)
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     parser.add_argument("--sample-interval", type=float, default=defaults.sample_interval_s)
     parser.add_argument("--out", default="benchmarks/stress", help="output directory (%(default)s)")

@@ -149,11 +149,18 @@ def test_mutated_safetensors_loads_or_is_refused(originals, tmp_path, mutations)
 
 @pytest.mark.parametrize("claim", [2**40, 2**63, 2**64 - 1])
 def test_huge_claims_in_headers_are_refused_without_allocating(originals, tmp_path, claim):
-    """The GGUF tensor and KV counts, and the safetensors header length, claimed far beyond the file."""
+    """The GGUF tensor and KV counts, an array's length, and the safetensors header length, claimed far
+    beyond the file."""
     data = originals["gguf"]
     for offset in (8, 16):  # tensor count, metadata count
         path = tmp_path / f"claim{offset}.gguf"
         path.write_bytes(data[:offset] + struct.pack("<Q", claim) + data[offset + 8:])
+        assert load_bounded(lambda: GGUFFiles(str(path))) == "refused"
+    key = b"tokenizer.ggml.tokens"  # then: value type u32 (array), item type u32, item count u64
+    at = data.index(key) + len(key) + 8
+    for item_type in (0, 8, 9):  # an array of uint8, of strings, of arrays
+        path = tmp_path / f"array{item_type}.gguf"
+        path.write_bytes(data[:at - 4] + struct.pack("<IQ", item_type, claim) + data[at + 8:])
         assert load_bounded(lambda: GGUFFiles(str(path))) == "refused"
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_CONFIG))
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", claim) + originals["safetensors"][8:])

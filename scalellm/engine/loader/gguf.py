@@ -6,10 +6,11 @@ head interleaved for its rotary kernel; `_unpermute` restores Hugging Face's lay
     gguf rows of one head:  [x0 y0 x1 y1 ... ]      (pairs)
     hf rows of one head:    [x0 x1 ... | y0 y1 ...] (halves)
 
-A broken or hostile file is a `ModelLoadError`, never a crash or a large allocation: the reader maps
-the file (counts and lengths in the header index into the mapping, so a claim larger than the file
-fails when read), metadata values are checked for type and sign, and each tensor's claimed size is
-checked against the bytes the file holds before anything is copied or dequantized.
+A broken or hostile file is a `ModelLoadError`, never a crash or a large allocation: every count and
+length in the header is checked against the file's size before the reader parses it (gguf_bounds.py;
+the reader itself reads past the end as empty), metadata values are checked for type and sign, and
+each tensor's claimed size is checked against the bytes the file holds before anything is copied or
+dequantized.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from scalellm.engine.loader.base import ModelFiles
+from scalellm.engine.loader.gguf_bounds import check_gguf_bounds
 from scalellm.engine.loader.model_config import ModelConfig, ModelLoadError
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -63,6 +65,7 @@ class GGUFFiles(ModelFiles):
 
         self.path = path
         self.name = name or os.path.splitext(os.path.basename(path))[0]
+        check_gguf_bounds(path)
         try:
             self.reader = GGUFReader(path)
         except Exception as exc:  # the reader raises ValueError, struct errors, IndexError on broken files
