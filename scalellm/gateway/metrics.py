@@ -113,8 +113,6 @@ class GatewayMetrics:
         self._child(self._healthy, address).set(1 if healthy else 0)
         self._child(self._dispatched, address)  # a replica's counters exist, at 0, from its first probe
         self._child(self._failed, address)
-        self._child(self._dispatched, address)  # a replica's counters exist, at 0, from its first probe
-        self._child(self._failed, address)
 
     def forget_replica(self, address: str) -> None:
         """Drop the series of a replica taken out of the deployment (no stale gauges)."""
