@@ -9,8 +9,11 @@ decides nothing meanwhile):
        (a replica that dies or misses the startup timeout aborts the change: the new set is
        stopped, the old one keeps serving)
     2. switch: the supervisor sends the gateway the new set; new requests go there from now on
-    3. drain: wait until the old replicas have nothing running or waiting (bounded by the
-       request timeout: no request lives longer), then stop them
+    3. hand over: SIGTERM the old replicas; each ends its requests with no output yet at once and
+       its running ones after its stop grace (rpc/server.py), and the gateway continues them on
+       the new set (run again, or resumed after the delivered tokens: gateway/failover.py), so a
+       change does not wait for the longest request; then wait until they are idle (bounded by
+       `drain_timeout_s`) and stop them
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ class Autopilot:
         old_set = self.host.switch_to(new_set, change.reason)
         self.controller.finish_change(time.monotonic(), ok=True)
         await asyncio.sleep(SWITCH_GRACE_S)
+        old_set.request_stop()
         drained = await old_set.drain(self.drain_timeout_s)
         if not drained:
             logger.warning("replicas of %s still busy after %.0f s; stopping them", old_set.shape.label,

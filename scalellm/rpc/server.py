@@ -3,6 +3,11 @@
 Per streamed token the service does one conversion; a Session call writes one message per batch of
 chunks (every request that moved in an engine step). Everything else (tokenizing, the chat template,
 detokenizing) is the engine's. Ending a call early aborts its requests in the engine.
+
+Stopping (SIGTERM: a shape change, a scale-down, shutdown) hands requests over rather than making the
+gateway wait: the requests with no output yet end at once, those running after a bound (`grace_s`),
+each with UNAVAILABLE; the gateway runs the first again on another replica and resumes the others
+there after their delivered tokens (gateway/failover.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from scalellm.rpc.channel import SERVER_OPTIONS
 
 logger = logging.getLogger(__name__)
 
+HANDOVER_MESSAGE = "the replica is stopping: continue on another replica"
 
 
 class _RequestFailed(Exception):
@@ -50,13 +56,36 @@ class ReplicaService:
             self._request_trace = ReplicaRequestTrace
         self._num_requests_received = 0
         self._stopping = False
-        self._session_outboxes: set[_Outbox] = set()
+        self._sessions: dict[_Outbox, dict[str, asyncio.Task]] = {}
 
     def stop_admitting(self) -> None:
-        """Refuse new requests (UNAVAILABLE, safe to retry elsewhere) and end idle Session calls."""
+        """Refuse new requests (UNAVAILABLE, safe to retry elsewhere), hand over those with no output
+        yet, and end idle Session calls."""
         self._stopping = True
-        for outbox in self._session_outboxes:
+        self.hand_over(running=False)
+        for outbox in self._sessions:
             outbox.wake()
+
+    def hand_over(self, running: bool) -> int:
+        """End requests with UNAVAILABLE for the gateway to continue elsewhere: those with no output yet,
+        and with `running` every one. Returns how many; their engine requests are aborted."""
+        count = 0
+        for outbox, runs in self._sessions.items():
+            for request_id, run in list(runs.items()):
+                if running or request_id not in outbox.started:
+                    outbox.fail(request_id, grpc.StatusCode.UNAVAILABLE, HANDOVER_MESSAGE)
+                    run.cancel()
+                    count += 1
+        return count
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Until no request is in flight on any Session call; False when `timeout_s` passed first."""
+        deadline = time.monotonic() + timeout_s
+        while any(self._sessions.values()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def session(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         """Serve the requests that arrive on one Session call; each message sent holds every chunk and
@@ -65,7 +94,7 @@ class ReplicaService:
         outbox = _Outbox()
         runs: dict[str, asyncio.Task] = {}
         reader = asyncio.create_task(self._accept(requests, outbox, runs))
-        self._session_outboxes.add(outbox)
+        self._sessions[outbox] = runs
         try:
             while True:
                 await outbox.ready.wait()
@@ -75,7 +104,7 @@ class ReplicaService:
                 if not runs and (reader.done() or self._stopping):
                     return
         finally:
-            self._session_outboxes.discard(outbox)
+            self._sessions.pop(outbox, None)
             reader.cancel()
             for run in runs.values():
                 run.cancel()
@@ -193,6 +222,8 @@ class _Outbox:
 
     def __init__(self) -> None:
         self.ready = asyncio.Event()
+        self.started: set[str] = set()
+        """Requests in flight that have sent output (their handover resumes rather than reruns)."""
         self._chunks: list[tuple[str, Any]] = []
         self._errors: list[tuple[str, int, str]] = []
 
@@ -200,6 +231,7 @@ class _Outbox:
         return bool(self._chunks or self._errors)
 
     def put(self, request_id: str, chunk: Any) -> None:
+        self.started.add(request_id)
         self._chunks.append((request_id, chunk))
         self.ready.set()
 
@@ -221,6 +253,7 @@ class _Outbox:
 def _finished(runs: dict[str, asyncio.Task], request_id: str, outbox: _Outbox, run: asyncio.Task) -> None:
     if runs.get(request_id) is run:
         del runs[request_id]
+        outbox.started.discard(request_id)
     outbox.wake()
 
 
@@ -269,10 +302,14 @@ class ReplicaServer:
         self._server = server
 
     async def stop(self, grace_s: float | None = 5.0) -> None:
-        """Refuse new calls, let calls in flight finish for up to `grace_s`, then cancel them."""
+        """Refuse new requests and hand over those with no output yet; let the running ones finish for
+        up to `grace_s`, then hand them over too (see the module docstring) and close the calls."""
         if self._server is not None:
             self._service.stop_admitting()
-            await self._server.stop(grace_s)
+            if grace_s and not await self._service.wait_idle(grace_s):
+                handed = self._service.hand_over(running=True)
+                logger.info("handed %d running requests over to the other replicas", handed)
+            await self._server.stop(1.0 if grace_s else grace_s)
             self._server = None
 
 

@@ -125,11 +125,14 @@ class GatewayThread:
 class MockCluster:
     """Mock-engine replicas behind real gRPC servers and a gateway, on one event loop on a background thread."""
 
-    def __init__(self, num_replicas: int = 1, tpot_ms: float = 1.0, max_model_len: int = 64, **gateway) -> None:
+    def __init__(self, num_replicas: int = 1, tpot_ms: float = 1.0, max_model_len: int = 64,
+                 engine_options: dict | None = None, **gateway) -> None:
+        """engine_options: further MockEngine arguments (max_num_seqs, ...); gateway: GatewayConfig fields."""
         from scalellm.replica.mock_engine import MockEngine
         from scalellm.rpc.server import ReplicaServer
 
-        self._make_engine = lambda: MockEngine("mock-model", tpot_ms=tpot_ms, max_model_len=max_model_len)
+        self._make_engine = lambda: MockEngine("mock-model", tpot_ms=tpot_ms, max_model_len=max_model_len,
+                                               **(engine_options or {}))
         self._make_server = ReplicaServer
         self._num_replicas, self._gateway = num_replicas, gateway
         self.engines, self.servers = [], []

@@ -142,3 +142,31 @@ def test_mock_cluster_replica_stopped_under_a_stream_is_resumed():
         assert events[-1]["usage"]["completion_tokens"] == 30 and events[-1]["usage"]["prompt_tokens"] == 3
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("grace_s", [0.3, 5.0])
+def test_a_stopping_replica_hands_queued_requests_over_at_once_and_running_ones_after_its_grace(grace_s):
+    """60 tokens take 1.2 s: with a short grace the running request moves after it, with a long one it
+    finishes where it is; either way the queued request moves at once, so the stop takes < 2 s (it
+    would take 2.4 s if the queued request waited its turn)."""
+    cluster = MockCluster(num_replicas=2, tpot_ms=20.0, max_model_len=128, engine_options={"max_num_seqs": 1},
+                          routing_policy="round_robin")
+    try:
+        conns = [http.client.HTTPConnection("127.0.0.1", cluster.app.port, timeout=10) for _ in range(3)]
+        for conn in conns:  # a replica runs one and queues another (one sequence at a time)
+            conn.request("POST", COMPLETIONS, body=orjson.dumps({"prompt": "a b", "max_tokens": 60, "stream": True}))
+            time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while not any(engine.load().num_waiting for engine in cluster.engines):
+            assert time.monotonic() < deadline, [engine.load() for engine in cluster.engines]
+            time.sleep(0.01)
+        victim = next(i for i, engine in enumerate(cluster.engines) if engine.load().num_waiting)
+        assert cluster.engines[victim].load().num_running == 1
+        started = time.monotonic()
+        cluster.run(cluster.servers[victim].stop(grace_s))
+        assert time.monotonic() - started < 2.0
+        for conn in conns:
+            events = stream_events(conn.getresponse().read())
+            assert "".join(c["text"] for e in events for c in e["choices"]) == " ".join(f"tok{k}" for k in range(60))
+    finally:
+        cluster.close()
