@@ -79,17 +79,19 @@ class RayReplicaSet(ReplicaSet):
         self.launcher = launcher
         self.bundle = bundle
         self.replicas = [_Replica(name) for name in names]
-        ray = _ray()
-        from ray.util.placement_group import placement_group
-
-        self.group = placement_group([dict(bundle) for _ in names], strategy="SPREAD")
-        self._ray = ray
+        self.group = None
+        """The placement group, from `start` until `stop`."""
+        self._ray = _ray()
 
     @property
     def addresses(self) -> list[str]:
         return [replica.address or "" for replica in self.replicas]
 
     def start(self) -> None:
+        """Ask Ray for the placement group and create every actor in its bundle (placed when CPUs are free)."""
+        from ray.util.placement_group import placement_group
+
+        self.group = placement_group([dict(self.bundle) for _ in self.replicas], strategy="SPREAD")
         for index in range(len(self.replicas)):
             self._start_actor(index)
 

@@ -26,7 +26,7 @@ from ray_cluster import NamespaceCluster, OneHostCluster, namespaces_unavailable
 from scalellm.process import free_ports  # noqa: E402
 from scalellm.rpc.client import ReplicaClient, ReplicaError  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TPOT_MS = 20
 RECOVERY_TIMEOUT_S = 60.0
@@ -240,9 +240,9 @@ def test_a_worker_lost_under_load_fails_no_unary_request_and_its_replica_returns
     finally:
         load.finish()
     after = serve.addresses()
-    print(f"node lost: noticed after {noticed_s:.1f} s, replica replaced after {replaced_s:.1f} s; unary ok {load.unary_ok} failed "
-          f"{len(load.unary_failed)}; streams complete {load.streams_complete}, error events "
-          f"{len(load.stream_errors)}, broken {len(load.streams_broken)}")
+    print(f"node lost: noticed after {noticed_s:.1f} s, replica replaced after {replaced_s:.1f} s; "
+          f"unary ok {load.unary_ok} failed {len(load.unary_failed)}; streams complete {load.streams_complete}, "
+          f"error events {len(load.stream_errors)}, broken {len(load.streams_broken)}")
     assert load.unary_failed == [] and load.unary_ok > 0
     assert load.streams_broken == [] and load.streams_complete > 0
     assert len(after) == 2 and after != before
