@@ -401,7 +401,10 @@ class InferenceService:
         if record.trace is not None:
             self.tracing.end(record, status, end, error, record.parsed, self.model.name)
         if self.config.log_requests and access_log.isEnabledFor(logging.INFO):
-            access_log.info(orjson.dumps(_log_fields(record, status, end, error)).decode())
+            fields = _log_fields(record, status, end, error)
+            if record.trace is not None:  # the line and the trace find each other
+                fields["trace_id"] = self.tracing.trace_id(record)
+            access_log.info(orjson.dumps(fields).decode())
 
 
 def _request_id(route: str) -> str:

@@ -48,6 +48,11 @@ class GatewayTracing:
                                            "scalellm.request_id": record.request_id,
                                            "gen_ai.operation.name": _OPERATIONS.get(record.route, "generate")})
 
+    @staticmethod
+    def trace_id(record) -> str:
+        """The request's trace id as 32 hex digits (for its access-log line)."""
+        return format(record.trace.get_span_context().trace_id, "032x")
+
     def carrier(self, record) -> dict[str, str]:
         """The W3C context to send to the replica with the request."""
         return self.tracing.inject(record.trace)
