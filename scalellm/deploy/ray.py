@@ -251,8 +251,10 @@ class RayLauncher(ReplicaLauncher):
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
                          logging_level=logging.WARNING, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as error:
-                raise ValueError(f"cannot join the Ray cluster at {address} ({_reason(error)}): start one with "
-                                 "`ray start --head` or name it with --ray-address HOST:PORT") from None
+                where = "no Ray cluster runs on this machine" if address == "auto" else \
+                    f"cannot join the Ray cluster at {address} ({_reason(error)})"
+                raise ValueError(f"{where}: start one with `ray start --head`, or name it with "
+                                 "--ray-address HOST:PORT") from None
         resources = ray.cluster_resources()
         if resources.get("GPU", 0) >= 1:
             return Machine("cuda", int(resources["GPU"]))

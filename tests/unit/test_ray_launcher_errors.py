@@ -34,6 +34,15 @@ def test_an_unreachable_cluster_exits_2_naming_what_to_do():
     assert f"cannot reach the Ray cluster at {address}" in done.stderr and "ray start --head" in done.stderr
 
 
+def test_no_cluster_on_this_machine_exits_2_naming_what_to_do(tmp_path):
+    pytest.importorskip("ray")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}  # no cluster recorded there
+    code = f"import sys\nsys.argv = ['scalellm', *{SERVE!r}]\nfrom scalellm.cli import main\nmain()\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "no Ray cluster runs on this machine: start one with `ray start --head`" in done.stderr
+
+
 def test_launcher_ray_does_not_go_with_no_gateway():
     done = _cli(*SERVE, "--no-gateway")
     assert done.returncode == 2 and "leave out --launcher ray" in done.stderr
