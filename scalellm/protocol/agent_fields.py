@@ -54,14 +54,29 @@ _JSON_TYPES = {"string": ((str,), "a string"), "integer": ((int,), "an integer")
                "array": ((list,), "a list"), "object": ((dict,), "an object")}
 
 
+_ROUNDED = float(1 << 63)
+"""orjson reads an integer literal beyond 64 bits as a float, rounded: from this magnitude on, a float may
+stand for an integer out of a field's bounds (a seed of -2**63 - 1 reads as -2.0**63)."""
+
+
+def as_integer(value) -> int | None:
+    """`value` as an int when it is an integer in JSON Schema's sense (a float without fraction counts,
+    below the magnitude where orjson's rounding hides the literal), else None."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer() and -_ROUNDED < value < _ROUNDED:
+        return int(value)
+    return None
+
+
 def expect(value, kind: str, where: str, param: str, nullable: bool = True):
     """`value` when it has the JSON type `kind` ("string", "integer", "number", "boolean", "array",
     "object"), or null when `nullable`; else a 400 naming `param` (`where` locates the value in the body).
     As in JSON Schema, a bool is not a number and a float without a fraction is an integer (returned as int)."""
     if value is None and nullable:
         return None
-    if kind == "integer" and type(value) is float and value.is_integer():
-        return int(value)
+    if kind == "integer" and (integer := as_integer(value)) is not None:
+        return integer
     types, what = _JSON_TYPES[kind]
     if not isinstance(value, types) or isinstance(value, bool) and kind != "boolean":
         got = "null" if value is None else type(value).__name__

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from scalellm.protocol.agent_fields import (ToolRequest, check_known_fields, message_tool_fields,
+from scalellm.protocol.agent_fields import (ToolRequest, as_integer, check_known_fields, message_tool_fields,
                                             parse_response_format, parse_structured_outputs, parse_tools)
 from scalellm.protocol.tool_parsers import DEFAULT_TOOL_PARSER, ToolParser, get_tool_parser
 from scalellm.protocol.types import (FINISH_ABORT, MAX_PRIORITY, ChatPrompt, InfillPrompt, Logprob, PromptInput,
@@ -138,20 +138,11 @@ def load_json_object(body: bytes) -> dict:
     return value
 
 
-def _as_int(value):
-    """`value` as an int when it is one in JSON Schema's sense (a float without fraction counts), else None."""
-    if type(value) is int:
-        return value
-    if type(value) is float and value.is_integer():
-        return int(value)
-    return None
-
-
 def _token_ids(value) -> list[int] | None:
     """A list of token ids (integers in [0, MAX_TOKEN_ID]) as ints, else None."""
     if not isinstance(value, list):
         return None
-    ids = [_as_int(v) for v in value]
+    ids = [as_integer(v) for v in value]
     return ids if all(i is not None and 0 <= i <= MAX_TOKEN_ID for i in ids) else None
 
 
@@ -159,7 +150,7 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default=None, what: str
     value = body.get(name, default)
     if value is None:
         return default
-    if kinds == (int,) and (integer := _as_int(value)) is not None:
+    if kinds == (int,) and (integer := as_integer(value)) is not None:
         return integer
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise _invalid(f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, "

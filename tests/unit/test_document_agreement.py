@@ -4,8 +4,9 @@ body passes both."""
 
 from __future__ import annotations
 
+import json
+
 import jsonschema
-import orjson
 import pytest
 
 from scalellm.gateway.openapi import openapi_document
@@ -49,6 +50,8 @@ BAD = [
     (CHAT, {"temperature": -0.5}, "temperature"),
     (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (CHAT, {"stop_token_ids": [1 << 32]}, "stop_token_ids"),
+    (CHAT, {"seed": -(1 << 63) - 1}, "seed"),  # orjson reads it as the float -2.0**63, in bounds once rounded
+    (RESPONSES, {"seed": 1 << 64}, "seed"),
     (COMPLETIONS, {"prompt": [1 << 32]}, "prompt"),
     (COMPLETIONS, {"logprobs": 21}, "logprobs"),
     (COMPLETIONS, {"best_of": 2, "n": 2}, "best_of"),
@@ -75,7 +78,7 @@ def test_bodies_the_document_forbids_are_400_naming_the_field(route, fields, par
     body = {**BASE[route], **fields}
     assert not _valid_per_document(route, body)
     with pytest.raises(OpenAIError) as info:
-        PARSERS[route](orjson.dumps(body), MAX_MODEL_LEN)
+        PARSERS[route](json.dumps(body).encode(), MAX_MODEL_LEN)
     assert info.value.status == 400 and info.value.param == param, info.value.message
 
 
@@ -86,6 +89,7 @@ GOOD = [
     (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "description": None, "strict": True}}]}),
     (CHAT, {"messages": [{"role": "user", "content": "hi", "name": None}]}),
     (CHAT, {"max_tokens": 3, "max_completion_tokens": 5, "top_p": 1, "repetition_penalty": 0.5}),
+    (CHAT, {"seed": -(1 << 63), "n": 2.0}),
     (COMPLETIONS, {"prompt": [0, (1 << 32) - 1], "best_of": 1, "logprobs": 20}),
     (RESPONSES, {"input": [{"type": "reasoning", "summary": []}, {"role": "user", "content": "hi"}]}),
     (RESPONSES, {"input": [{"role": "user", "content": [{"type": "input_text", "text": "a"}]}],
@@ -98,4 +102,4 @@ GOOD = [
 def test_bodies_the_document_allows_are_parsed(route, fields):
     body = {**BASE[route], **fields}
     assert _valid_per_document(route, body)
-    PARSERS[route](orjson.dumps(body), MAX_MODEL_LEN)
+    PARSERS[route](json.dumps(body).encode(), MAX_MODEL_LEN)
