@@ -203,7 +203,8 @@ class ReplicaLoads(Collector):
                ("kv_cache_usage_perc", "Fraction of the replica's KV blocks in use, 0 to 1 (polled)"))
     _COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache (polled)"),
                  ("prefix_cache_hits", "Prompt tokens found in the prefix cache (polled)"),
-                 ("num_preemptions", "Requests preempted (polled)"))
+                 ("num_preemptions", "Requests preempted (polled)"),
+                 ("replica_tracing_spans_dropped", "Trace spans the replica could not export (polled)"))
 
     def __init__(self) -> None:
         self._loads: dict[str, EngineLoad] = {}
@@ -229,6 +230,7 @@ class ReplicaLoads(Collector):
                                 ("num_requests_waiting", load.num_waiting), ("kv_cache_usage_perc", kv_usage),
                                 ("prefix_cache_queries", load.prefix_cache_queried_tokens),
                                 ("prefix_cache_hits", load.prefix_cache_hit_tokens),
-                                ("num_preemptions", load.num_preemptions)):
+                                ("num_preemptions", load.num_preemptions),
+                                ("replica_tracing_spans_dropped", load.num_spans_dropped)):
                 families[name].add_metric([address], value)
         return list(families.values())

@@ -248,3 +248,5 @@ class EngineLoad:
     """Cumulative requests preempted for lack of KV blocks."""
     num_requests_received: int = 0
     """Cumulative requests the replica received since it started (counted by its gRPC service)."""
+    num_spans_dropped: int = 0
+    """Cumulative trace spans the replica could not export (counted by its gRPC service's tracing)."""

@@ -332,7 +332,7 @@ def decode_health(response: Any) -> EngineHealth:
 
 _LOAD_FIELDS = ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks",
                 "num_tokens_in_flight", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens",
-                "num_preemptions", "num_requests_received")
+                "num_preemptions", "num_requests_received", "num_spans_dropped")
 
 
 def encode_load(load: EngineLoad) -> Any:

@@ -195,7 +195,8 @@ class ReplicaService:
 
     async def load(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The engine's current load, with the requests this service received."""
-        load = dataclasses.replace(self._engine.load(), num_requests_received=self._num_requests_received)
+        load = dataclasses.replace(self._engine.load(), num_requests_received=self._num_requests_received,
+                                   num_spans_dropped=self._tracing.num_dropped if self._tracing else 0)
         return convert.encode_load(load)
 
     async def info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

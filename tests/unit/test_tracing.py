@@ -111,3 +111,27 @@ def test_tracing_off_imports_no_opentelemetry():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_replica_reports_its_dropped_spans_through_load_to_the_gateway_metrics():
+    import asyncio
+
+    from scalellm.gateway.metrics import GatewayMetrics
+    from scalellm.protocol.types import EngineLoad
+    from scalellm.rpc import convert
+    from scalellm.rpc.server import ReplicaService
+
+    class Engine:
+        def load(self) -> EngineLoad:
+            return EngineLoad(num_running=1, num_waiting=0, num_free_blocks=8, num_total_blocks=10,
+                              num_tokens_in_flight=3)
+
+    class LossyTracing:
+        num_dropped = 7
+
+    load = convert.decode_load(asyncio.run(ReplicaService(Engine(), LossyTracing()).load(None, None)))
+    assert load.num_spans_dropped == 7
+    assert convert.decode_load(asyncio.run(ReplicaService(Engine()).load(None, None))).num_spans_dropped == 0
+    metrics = GatewayMetrics()
+    metrics.observe_replica_load("127.0.0.1:5", load)
+    assert 'scalellm:replica_tracing_spans_dropped_total{replica="127.0.0.1:5"} 7.0' in metrics.render().decode()

@@ -276,7 +276,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "num_tokens_in_flight", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "num_preemptions", "num_requests_received")
+    __slots__ = ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "num_tokens_in_flight", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens", "num_preemptions", "num_requests_received", "num_spans_dropped")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +286,7 @@ class LoadResponse(_message.Message):
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPANS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_free_blocks: int
@@ -295,7 +296,8 @@ class LoadResponse(_message.Message):
     prefix_cache_hit_tokens: int
     num_preemptions: int
     num_requests_received: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_tokens_in_flight: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_requests_received: _Optional[int] = ...) -> None: ...
+    num_spans_dropped: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_tokens_in_flight: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_requests_received: _Optional[int] = ..., num_spans_dropped: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
