@@ -61,7 +61,7 @@ class NamespaceCluster:
 
     def __init__(self) -> None:
         tag = os.getpid() % 10000
-        self.subnet = f"10.{200 + tag % 50}.{tag % 250}"
+        self.subnet = f"198.18.{tag % 250}"  # the range set aside for network tests (RFC 2544)
         self.bridge = f"sllbr{tag}"
         self.namespaces = {name: f"sll{tag}-{name}" for name in self.NAMES}
         self.ips = {name: f"{self.subnet}.{i + 1}" for i, name in enumerate(self.NAMES)}
