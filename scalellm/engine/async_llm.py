@@ -85,7 +85,7 @@ class AsyncLLM(EngineClient):
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                        metrics: RequestMetrics | None = None,
-                       resume_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+                       resume_token_ids: Sequence[int] = (), final_only: bool = False) -> AsyncIterator[RequestOutput]:
         if self._error is not None:
             raise EngineDeadError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
@@ -100,7 +100,7 @@ class AsyncLLM(EngineClient):
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = outputs
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None,
-                                          samples, metrics, delta=True)
+                                          samples, metrics, delta=True, final_only=final_only)
         metrics.queued_time = time.time()
         self._send(("add", samples))
         finished = False

@@ -31,7 +31,7 @@ class EngineClient(ABC):
     @abstractmethod
     def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                  metrics: RequestMetrics | None = None,
-                 resume_token_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+                 resume_token_ids: Sequence[int] = (), final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs in delta mode.
 
         Each yielded `RequestOutput` holds only what is new since the previous one (text, token ids,
@@ -46,6 +46,9 @@ class EngineClient(ABC):
         toward max_tokens and the penalties, a grammar is advanced past them, and the outputs
         start with the first new token (no text of theirs is repeated); num_prompt_tokens stays
         the prompt's. With a seed or greedy sampling the continuation equals an uninterrupted run.
+
+        `final_only`: yield one output, when the request finishes, holding what the delta outputs
+        would have held together (text, token ids, logprobs, finish and stop reasons per sample).
         """
 
     @abstractmethod

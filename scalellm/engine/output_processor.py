@@ -35,6 +35,8 @@ class _RequestState:
     samples: dict[str, _Sample]
     metrics: RequestMetrics
     delta: bool
+    final_only: bool = False
+    """Delta mode, but the deltas are folded and emitted once, when the request finishes."""
 
     @property
     def finished(self) -> bool:
@@ -44,7 +46,7 @@ class _RequestState:
 @dataclass
 class ProcessedOutputs:
     outputs: list[RequestOutput]
-    """One per request that changed this step (delta mode) or finished (whole-result mode)."""
+    """One per request that changed this step (delta mode) or finished (whole-result and final-only modes)."""
     stopped_sample_ids: list[str]
     """Samples that hit a stop string: the engine core must finish them."""
 
@@ -58,10 +60,13 @@ class OutputProcessor:
         self._sample_owner: dict[str, _RequestState] = {}
 
     def add_request(self, request_id: str, prompt: str | None, samples: list[Request],
-                    metrics: RequestMetrics | None = None, delta: bool = True) -> None:
+                    metrics: RequestMetrics | None = None, delta: bool = True, final_only: bool = False) -> None:
+        """Track a request. delta: report only what is new at each step, else the whole result once
+        finished. final_only (with delta): hold the deltas and report them folded into one output when
+        the request finishes, which equals the concatenation of the delta outputs (after resumed output too)."""
         params = samples[0].sampling_params
         state = _RequestState(request_id, prompt, samples[0].prompt_token_ids, params, {},
-                              metrics or RequestMetrics(), delta)
+                              metrics or RequestMetrics(), delta, final_only and delta)
         for sample in samples:
             detokenizer = IncrementalDetokenizer(self.tokenizer, sample.prompt_token_ids, params)
             if sample.output_token_ids:  # resumed: its delivered output is not reported again
@@ -136,6 +141,8 @@ class OutputProcessor:
 
     def _emit(self, state: _RequestState) -> RequestOutput | None:
         finished = state.finished
+        if state.final_only and not finished:
+            return None  # the samples' pending deltas keep growing until the end
         if state.delta:
             outputs = [s.pending for s in state.samples.values() if s.pending is not None]
             for sample in state.samples.values():

@@ -42,7 +42,7 @@ class LocalReplicaClient:
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                        gateway_receive_time: float, timeout_s: float | None = None,
-                       trace_context: dict[str, str] | None = None
+                       trace_context: dict[str, str] | None = None, final_only: bool = False
                        ) -> AsyncIterator[RequestOutput]:
         """Stream the engine's delta RequestOutputs; the last has finished=True and carries the timings.
 
@@ -50,10 +50,12 @@ class LocalReplicaClient:
         before the first output and ReplicaError(500) after it. `timeout_s` is accepted for interface
         parity only: the gateway enforces the same deadline around the whole request, and
         `trace_context` too (in one process the gateway's spans are the whole trace). Closing the
-        iterator early aborts the request in the engine.
+        iterator early aborts the request in the engine. `final_only`: one output, when the request
+        finishes (EngineClient.generate).
         """
         metrics = RequestMetrics(gateway_receive_time=gateway_receive_time, replica_receive_time=time.time())
-        stream = self.engine.generate(request_id, prompt, params, metrics)
+        extra = {"final_only": True} if final_only else {}
+        stream = self.engine.generate(request_id, prompt, params, metrics, **extra)
         received = finished = False
         try:
             async for output in stream:

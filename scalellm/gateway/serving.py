@@ -315,11 +315,13 @@ class InferenceService:
 
     def _generate(self, dispatch: Dispatch, parsed: ParsedRequest, record: RequestRecord,
                   resume_token_ids: list[int] | None = None):
-        """The replica's output stream for the request (with its trace context when traced, and
-        after the delivered output when resuming)."""
+        """The replica's output stream for the request (with its trace context when traced, after the
+        delivered output when resuming, and as one output at the end when not streamed)."""
         client, args = dispatch.replica.client, (record.request_id, parsed.prompt, parsed.params,
                                                  record.receive_time, self.config.request_timeout_s)
         extra = {"resume_token_ids": resume_token_ids} if resume_token_ids else {}
+        if not parsed.stream:  # nothing leaves before the end: one message per request from the replica
+            extra["final_only"] = True
         if record.trace is not None:
             extra["trace_context"] = self.tracing.carrier(record)
         return client.generate(*args, **extra)

@@ -73,20 +73,23 @@ class ReplicaClient:
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                        gateway_receive_time: float, timeout_s: float | None = None,
-                       resume_token_ids: Sequence[int] = (), trace_context: dict[str, str] | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       resume_token_ids: Sequence[int] = (), trace_context: dict[str, str] | None = None,
+                       final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream delta RequestOutputs; the last has finished=True and carries the stage timings.
 
         resume_token_ids: continue a request another replica failed after delivering these output
         tokens (see GenerateRequest.resume_token_ids); the outputs hold only what follows them.
         trace_context: the W3C carrier of the gateway's span, when it traces the request.
+        final_only: the replica sends one output, when the request finishes, with what the deltas would
+        have carried (GenerateRequest.final_only): for non-streamed requests.
 
         Raises ReplicaUnavailable when the replica is unreachable before the first output, ReplicaError
         otherwise (status 400 for input the replica rejects, 504 past `timeout_s`). Closing the iterator
         (or cancelling the task reading it) before the last output aborts the request in the engine.
         """
         try:
-            request = convert.encode_request(request_id, prompt, params, gateway_receive_time, resume_token_ids)
+            request = convert.encode_request(request_id, prompt, params, gateway_receive_time, resume_token_ids,
+                                             final_only)
         except ValueError as error:
             raise ReplicaError(str(error), 400) from None
         if trace_context:

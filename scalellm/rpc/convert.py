@@ -86,15 +86,19 @@ class GenerateArgs(NamedTuple):
     gateway_receive_time: float
     resume_token_ids: list[int]
     """Output already delivered by a failed replica (see GenerateRequest.resume_token_ids); [] if new."""
+    final_only: bool = False
+    """Send one chunk, when the request finishes (see GenerateRequest.final_only)."""
 
 
 # --- GenerateRequest ---------------------------------------------------------------------------
 
 def encode_request(request_id: str, prompt: PromptInput, params: SamplingParams,
-                   gateway_receive_time: float, resume_token_ids: Sequence[int] = ()) -> Any:
+                   gateway_receive_time: float, resume_token_ids: Sequence[int] = (),
+                   final_only: bool = False) -> Any:
     """Build a GenerateRequest. Raises ValueError for chat content that is not text."""
     request = pb.GenerateRequest(request_id=request_id, params=_encode_params(params),
-                                 gateway_receive_time=gateway_receive_time, resume_token_ids=resume_token_ids)
+                                 gateway_receive_time=gateway_receive_time, resume_token_ids=resume_token_ids,
+                                 final_only=final_only)
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, ChatPrompt):
@@ -124,7 +128,7 @@ def decode_request(request: Any) -> GenerateArgs:
     else:
         raise ValueError("the request has no prompt: send text, token ids or chat messages")
     return GenerateArgs(request.request_id, prompt, _decode_params(request.params),
-                        request.gateway_receive_time, list(request.resume_token_ids))
+                        request.gateway_receive_time, list(request.resume_token_ids), request.final_only)
 
 
 def set_trace_context(request: Any, carrier: dict[str, str]) -> None:

@@ -31,7 +31,7 @@ class FakeReplica:
         self.num_served = 0
         self.num_closed_early = 0
 
-    async def generate(self, request_id, prompt, params, gateway_receive_time, timeout_s=None):
+    async def generate(self, request_id, prompt, params, gateway_receive_time, timeout_s=None, final_only=False):
         if self.unavailable:
             raise ReplicaUnavailable(f"replica {self.address}: connection refused")
         if isinstance(prompt, str) and len(prompt) > self.max_model_len:

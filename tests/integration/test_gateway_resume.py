@@ -31,7 +31,7 @@ class FailingReplica:
         self.resumed_with: list[list[int]] = []
 
     async def generate(self, request_id, prompt, params, gateway_receive_time, timeout_s=None,
-                       resume_token_ids=()):
+                       resume_token_ids=(), final_only=False):
         self.resumed_with.append(list(resume_token_ids))
         start = len(resume_token_ids)
         for sent, position in enumerate(range(start, params.max_tokens)):
