@@ -1,7 +1,8 @@
 """Prometheus metrics of one gateway, in their own registry (no process-global state).
 
 Where vLLM has a metric of the same meaning, it has vLLM's name with the `scalellm:` prefix instead of
-`vllm:` (time_to_first_token_seconds, e2e_request_latency_seconds, request_queue_time_seconds,
+`vllm:` (time_to_first_token_seconds, request_time_per_output_token_seconds,
+e2e_request_latency_seconds, request_queue_time_seconds,
 request_prefill_time_seconds, request_decode_time_seconds, request_inference_time_seconds,
 request_success, prompt_tokens, generation_tokens, num_requests_running, num_requests_waiting,
 kv_cache_usage_perc, prefix_cache_queries, prefix_cache_hits, num_preemptions), so dashboards made
@@ -45,7 +46,8 @@ class GatewayMetrics:
                               ["replica"], registry=registry)
         self.ttft = Histogram("scalellm:time_to_first_token_seconds", "Time to first token at the gateway",
                               buckets=_LATENCY_BUCKETS, registry=registry)
-        self.tpot = Histogram("scalellm:time_per_output_token_seconds", "Mean time per output token after the first",
+        self.tpot = Histogram("scalellm:request_time_per_output_token_seconds",
+                              "Each request's mean time per output token after the first",
                               buckets=_TPOT_BUCKETS, registry=registry)
         self.e2e = Histogram("scalellm:e2e_request_latency_seconds", "End-to-end request latency at the gateway",
                              buckets=_LATENCY_BUCKETS, registry=registry)
