@@ -207,3 +207,12 @@ def test_bad_guard_configuration_stops_serve_naming_the_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "scalellm.cli", "serve", "--engine", "mock", "--guard", "pi"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--guard: guard 'pi': unknown guard" in result.stderr
+
+
+def test_served_moderation_asks_the_replica_through_the_router():
+    async def test(session, url, app):
+        status, body, _ = await post(session, url + "/v1/chat/completions", chat("hello"))
+        assert status == 200, body  # the mock model answers "tok0 tok1": not "unsafe"
+        text = app.metrics.render().decode()
+        assert 'scalellm:gateway_replica_dispatched_total{replica="local"} 2.0' in text  # the check, the request
+    serve(test, guards=("moderation:served,max_tokens=2,timeout=5",))
