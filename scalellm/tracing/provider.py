@@ -8,6 +8,7 @@ the full queue turned away, are counted (`num_dropped`, and `on_dropped` for the
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Callable, Mapping, Sequence
 
@@ -23,7 +24,8 @@ from scalellm.tracing.config import GRPC, TracingConfig
 
 logger = logging.getLogger(__name__)
 _PROPAGATOR = TraceContextTextMapPropagator()
-_SHUTDOWN_TIMEOUT_MS = 3000
+_SHUTDOWN_TIMEOUT_S = 3.0
+_DEFAULT_MAX_QUEUE = 2048  # the SDK's default, OTEL_BSP_MAX_QUEUE_SIZE overrides it
 _LOG_EVERY_S = 60.0
 
 
@@ -35,9 +37,10 @@ class Tracing:
         self.on_dropped: Callable[[int], None] | None = None
         self._counts = _Counts()
         exporter = _CountingExporter(exporter or _otlp_exporter(config), self._counts, self._dropped)
-        self._processor = BatchSpanProcessor(exporter)
+        max_queue = int(os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE", _DEFAULT_MAX_QUEUE))
+        self._processor = BatchSpanProcessor(exporter, max_queue_size=max_queue)
         self._provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
-        self._provider.add_span_processor(_QueueGuard(self._processor, self._counts, self._dropped))
+        self._provider.add_span_processor(_QueueGuard(self._processor, max_queue, self._counts, self._dropped))
         self.tracer = self._provider.get_tracer("scalellm")
 
     @property
@@ -81,8 +84,11 @@ class Tracing:
         return span
 
     def shutdown(self) -> None:
-        """Export what is queued, waiting at most a few seconds for an unreachable collector."""
-        self._processor._batch_processor.shutdown(timeout_millis=_SHUTDOWN_TIMEOUT_MS)
+        """Export what is queued, waiting at most a few seconds for an unreachable collector (the
+        export then goes on in a daemon thread that dies with the process)."""
+        stopping = threading.Thread(target=self._processor.shutdown, name="tracing-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(_SHUTDOWN_TIMEOUT_S)
         if self._counts.dropped:
             logger.warning("tracing: %d spans dropped in all", self._counts.dropped)
 
@@ -131,11 +137,12 @@ class _Counts:
 class _QueueGuard(SpanProcessor):
     """Counts a span that the batch processor's full queue will drop, then hands every span on."""
 
-    def __init__(self, processor: BatchSpanProcessor, counts: _Counts, dropped: Callable[[int], None]) -> None:
+    def __init__(self, processor: BatchSpanProcessor, max_queue: int, counts: _Counts,
+                 dropped: Callable[[int], None]) -> None:
         self._processor = processor
         self._counts = counts
         self._dropped = dropped
-        self._max_queue = processor._batch_processor._max_queue_size
+        self._max_queue = max_queue
 
     def on_start(self, span, parent_context=None) -> None:
         pass

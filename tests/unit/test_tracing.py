@@ -80,6 +80,33 @@ def test_spans_the_collector_refuses_are_counted_as_dropped():
     assert tracing.num_dropped == 2 and sum(dropped) == 2
 
 
+def test_spans_a_full_queue_turns_away_are_counted_as_dropped(monkeypatch):
+    import threading
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Stuck(SpanExporter):
+        """A collector that hangs until released."""
+
+        def __init__(self) -> None:
+            self.release = threading.Event()
+
+        def export(self, spans):
+            self.release.wait(10)
+            return SpanExportResult.SUCCESS
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4")
+    exporter = Stuck()
+    tracing = _tracing(exporter)
+    for i in range(20):
+        tracing.end(tracing.start(f"span {i}", 1.0), 2.0)
+    # At most one batch is with the stuck exporter and one queue's worth waits: the rest are dropped.
+    assert 20 - 4 - 4 <= tracing.num_dropped <= 20 - 4
+    exporter.release.set()
+    tracing.shutdown()
+
+
 def test_a_malformed_traceparent_is_no_parent_and_a_valid_one_is():
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
