@@ -218,12 +218,14 @@ class GenerateChunk(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[CompletionDelta, _Mapping]]] = ..., finished: _Optional[bool] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., metrics: _Optional[_Union[RequestTimings, _Mapping]] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("generate", "cancel_request_id")
+    __slots__ = ("generate", "cancel_request_id", "more_generates")
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MORE_GENERATES_FIELD_NUMBER: _ClassVar[int]
     generate: GenerateRequest
     cancel_request_id: str
-    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel_request_id: _Optional[str] = ...) -> None: ...
+    more_generates: _containers.RepeatedCompositeFieldContainer[GenerateRequest]
+    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel_request_id: _Optional[str] = ..., more_generates: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ...) -> None: ...
 
 class SessionChunk(_message.Message):
     __slots__ = ("request_id", "chunk")
