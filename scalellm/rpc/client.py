@@ -101,7 +101,7 @@ class ReplicaClient:
             deadline = asyncio.get_running_loop().call_later(timeout_s, inbox.put_nowait, _DEADLINE)
         received = finished = False
         try:
-            session.send(convert.session_generate(request))
+            session.send(request)
             while True:
                 item = await inbox.get()
                 if type(item) is not _Chunk:
@@ -208,6 +208,23 @@ class _SessionEnded:
         self.error, self.aborted = error, aborted
 
 
+def _messages(items: list) -> list:
+    """The SessionRequests for queued items (GenerateRequests and cancellation SessionRequests), in
+    order, each run of GenerateRequests in one message."""
+    messages, run = [], []
+    for item in items:
+        if convert.is_generate_request(item):
+            run.append(item)
+            continue
+        if run:
+            messages.append(convert.session_generate_many(run))
+            run = []
+        messages.append(item)
+    if run:
+        messages.append(convert.session_generate_many(run))
+    return messages
+
+
 _DEADLINE = object()
 """Put in a request's inbox when its timeout expires."""
 
@@ -221,6 +238,8 @@ class _Session:
 
     Messages are written by the session's own task, never by a request's: cancelling a request's
     task in the middle of a write would otherwise cancel the whole call, and every request on it.
+    The requests that queue up while a write is in flight go out together in the next message
+    (SessionRequest.more_generates): one gRPC write per batch instead of one per request.
     """
 
     def __init__(self, call) -> None:
@@ -247,9 +266,9 @@ class _Session:
         if cancel and not self.ended:
             self._outgoing.put_nowait(convert.session_cancel(request_id))
 
-    def send(self, message) -> None:
-        """Queue one SessionRequest; if writing fails the call ends (the requests get _SessionEnded)."""
-        self._outgoing.put_nowait(message)
+    def send(self, request) -> None:
+        """Queue one GenerateRequest to start; if writing fails the call ends (the requests get _SessionEnded)."""
+        self._outgoing.put_nowait(request)
 
     def abort(self) -> int:
         """End the call (a hung replica): every request in flight fails with "stopped responding"."""
@@ -261,9 +280,13 @@ class _Session:
 
     async def _write(self) -> None:
         try:
+            outgoing = self._outgoing
             while True:
-                message = await self._outgoing.get()
-                await self.call.write(message)
+                items = [await outgoing.get()]
+                while not outgoing.empty():
+                    items.append(outgoing.get_nowait())
+                for message in _messages(items):
+                    await self.call.write(message)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             self.call.cancel()  # the reader then ends every request still registered
         except asyncio.CancelledError:

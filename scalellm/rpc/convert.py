@@ -286,19 +286,32 @@ def session_generate(request: Any) -> Any:
     return pb.SessionRequest(generate=request)
 
 
+def session_generate_many(requests: Sequence[Any]) -> Any:
+    """One SessionRequest that starts every GenerateRequest of `requests` (at least one), in order."""
+    message = pb.SessionRequest(generate=requests[0])
+    message.more_generates.extend(requests[1:])
+    return message
+
+
+def is_generate_request(message: Any) -> bool:
+    """True for a GenerateRequest (from encode_request), False for a SessionRequest."""
+    return type(message) is pb.GenerateRequest
+
+
 def session_cancel(request_id: str) -> Any:
     """The SessionRequest that aborts the request `request_id`."""
     return pb.SessionRequest(cancel_request_id=request_id)
 
 
-def decode_session_request(message: Any) -> tuple[str | None, Any]:
-    """("generate", GenerateRequest) or ("cancel", request_id); (None, None) for an empty message."""
+def decode_session_request(message: Any) -> list[tuple[str, Any]]:
+    """What a SessionRequest asks, in order: ("generate", GenerateRequest) for each request it starts,
+    or [("cancel", request_id)]; [] for an empty message."""
     kind = message.WhichOneof("kind")
     if kind == "generate":
-        return "generate", message.generate
+        return [("generate", message.generate), *(("generate", more) for more in message.more_generates)]
     if kind == "cancel_request_id":
-        return "cancel", message.cancel_request_id
-    return None, None
+        return [("cancel", message.cancel_request_id)]
+    return []
 
 
 def encode_session_response(chunks: list[tuple[str, Any]], errors: list[tuple[str, int, str]]) -> Any:

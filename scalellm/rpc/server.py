@@ -114,22 +114,25 @@ class ReplicaService:
         """Start the session's requests and carry out its cancellations, until the client is done sending."""
         try:
             async for message in requests:
-                kind, value = convert.decode_session_request(message)
-                if kind == "generate":
-                    request_id = value.request_id
-                    if request_id in runs:
-                        outbox.fail(request_id, grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"request id {request_id!r} is already running on this session")
-                        continue
-                    run = asyncio.create_task(self._run(value, outbox))
-                    runs[request_id] = run
-                    run.add_done_callback(functools.partial(_finished, runs, request_id, outbox))
-                elif kind == "cancel":
-                    run = runs.get(value)
-                    if run is not None:
-                        run.cancel()
+                for kind, value in convert.decode_session_request(message):
+                    if kind == "generate":
+                        self._start(value, outbox, runs)
+                    else:
+                        run = runs.get(value)
+                        if run is not None:
+                            run.cancel()
         finally:
             outbox.wake()
+
+    def _start(self, request: Any, outbox: _Outbox, runs: dict[str, asyncio.Task]) -> None:
+        request_id = request.request_id
+        if request_id in runs:
+            outbox.fail(request_id, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request id {request_id!r} is already running on this session")
+            return
+        run = asyncio.create_task(self._run(request, outbox))
+        runs[request_id] = run
+        run.add_done_callback(functools.partial(_finished, runs, request_id, outbox))
 
     async def _run(self, request: Any, outbox: _Outbox) -> None:
         request_id = request.request_id
