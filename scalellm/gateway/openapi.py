@@ -95,7 +95,8 @@ def _completion_response(chat: bool) -> dict:
     return {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
             "properties": {"id": {"type": "string"}, "object": {"type": "string"},
                            "created": {"type": "integer"}, "model": {"type": "string"},
-                           "choices": {"type": "array", "minItems": 1, "maxItems": MAX_N, "items": choice},
+                           "choices": {"type": "array", "minItems": 1, "items": choice,
+                                       "maxItems": MAX_N if chat else MAX_N * MAX_PROMPTS},  # n per prompt
                            "usage": _USAGE}}
 
 

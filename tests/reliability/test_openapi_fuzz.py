@@ -89,13 +89,16 @@ def test_schemathesis_fuzzes_every_route(served_schema, mode):
     print(f"schemathesis {mode.value}: " + ", ".join(f"{label} {counts[label]} cases -> {sorted(codes)}"
                                                      for label, codes in statuses.items()))
     if mode == GenerationMode.POSITIVE:
-        # The document states every rule but five: prompt plus max_tokens must fit the context, which
-        # depends on the prompt's tokens; prompt token ids must be in the model's vocabulary, which only
-        # the replica knows; a structured-output grammar must compile; a named tool_choice must name one
-        # of the tools; tool names must differ (JSON Schema cannot compare values). The generator also
-        # does not always honour the document's `not` (response_format with structured_outputs). A body
-        # it allows is refused for those only.
-        allowed = ("context", "prompt token ids must be integers in", "invalid grammar", "invalid regex",
+        # The document states every rule but these: prompt plus max_tokens must fit the context, which
+        # depends on the prompt's tokens; a prompt must be at least one token (a blank one is none to the
+        # mock's whitespace tokenizer); prompt token ids must be in the model's vocabulary and a suffix
+        # needs fill-in-the-middle markers in it, which only the replica knows; a structured-output grammar
+        # (or structured_outputs.json's text) must compile; a named tool_choice must name one of the tools;
+        # tool names must differ (JSON Schema cannot compare values). The generator also does not always
+        # honour the document's `not` (response_format with structured_outputs). A body it allows is
+        # refused for those only.
+        allowed = ("context", "the prompt is empty", "prompt token ids must be integers in",
+                   "does not support fill-in-the-middle", "invalid grammar", "invalid regex",
                    "invalid json_schema", "invalid choice", "did not compile", "which is not in 'tools'",
                    "more than once", "not both")
         unexpected = [m for m in refusals if not any(reason in m for reason in allowed)]
