@@ -104,10 +104,10 @@ class ReplicaClient:
             session.send(request)
             while True:
                 item = await inbox.get()
-                if type(item) is not _Chunk:
+                if isinstance(item, _Failure):
                     raise self._failure(item, received)
                 received = True
-                output = convert.decode_output(request_id, item.chunk)
+                output = convert.decode_output(request_id, item)
                 finished = output.finished
                 yield output
                 if finished:
@@ -181,16 +181,13 @@ class ReplicaClient:
         return ReplicaError(message, _HTTP_STATUS.get(code, 500))
 
 
-class _Chunk:
-    """A GenerateChunk for one request, as its inbox holds it."""
+class _Failure:
+    """What a request's inbox holds instead of a GenerateChunk (which it holds as is) when it failed."""
 
-    __slots__ = ("chunk",)
-
-    def __init__(self, chunk) -> None:
-        self.chunk = chunk
+    __slots__ = ()
 
 
-class _RequestError:
+class _RequestError(_Failure):
     """The replica ended one request with a gRPC status."""
 
     __slots__ = ("code", "message")
@@ -199,7 +196,7 @@ class _RequestError:
         self.code, self.message = code, message
 
 
-class _SessionEnded:
+class _SessionEnded(_Failure):
     """The Session call ended with the request unfinished (error: the call's AioRpcError, if any)."""
 
     __slots__ = ("error", "aborted")
@@ -225,7 +222,7 @@ def _messages(items: list) -> list:
     return messages
 
 
-_DEADLINE = object()
+_DEADLINE = _Failure()
 """Put in a request's inbox when its timeout expires."""
 
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -304,7 +301,7 @@ class _Session:
                 for request_id, chunk in convert.session_chunks(response):
                     inbox = inboxes.get(request_id)
                     if inbox is not None:
-                        inbox.put_nowait(_Chunk(chunk))
+                        inbox.put_nowait(chunk)
                 for request_id, code, message in convert.session_errors(response):
                     inbox = inboxes.get(request_id)
                     if inbox is not None:
