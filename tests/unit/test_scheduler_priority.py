@@ -71,3 +71,13 @@ def test_urgent_request_takes_kv_blocks_from_a_less_urgent_one():
     assert urgent.status is RequestStatus.FINISHED_LENGTH and background.status is RequestStatus.FINISHED_LENGTH
     assert len(background.output_token_ids) == 6
     assert_all_blocks_free(scheduler)
+
+
+def test_priority_travels_over_the_wire_and_absent_stays_absent():
+    from scalellm.protocol.types import SamplingParams
+    from scalellm.rpc import convert
+
+    for priority in (None, 0, -7, 2**31 - 1):
+        request = convert.encode_request("r", "text", SamplingParams(priority=priority), 0.0)
+        decoded = convert.decode_request(convert.pb.GenerateRequest.FromString(request.SerializeToString()))
+        assert decoded.params.priority == priority
