@@ -153,7 +153,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     p = results["priority"]
     print("| measurement | value |\n|---|---|")
-    print(f"| high-priority TTFT p50 / p99, unloaded | {p['unloaded']['p50_ms']:.1f} / {p['unloaded']['p99_ms']:.1f} ms |")
+    print(f"| high-priority TTFT p50 / p99, unloaded | {p['unloaded']['p50_ms']:.1f} / "
+          f"{p['unloaded']['p99_ms']:.1f} ms |")
     print(f"| high-priority TTFT p50 / p99, low-priority load | {p['loaded']['p50_ms']:.1f} / "
           f"{p['loaded']['p99_ms']:.1f} ms ({p['loaded']['p99_ms'] / p['unloaded']['p99_ms']:.2f}x) |")
     same = p["loaded_same_priority"]

@@ -12,9 +12,9 @@ service for its weight (start-time fair queueing over generated tokens):
 A key that was idle starts at the current virtual time (`floor`), so idling banks no credit. Two keys
 of equal weight that keep the deployment saturated therefore get equal tokens per second; weight 2
 gets twice weight 1's. A request more urgent than one already let through may go past the cap (by at
-most the number of less urgent ones running), so the replica can preempt one of them for it. Unsaturated, requests go through at once in
-arrival order. The queue is bounded by the gateway's in-flight cap (limits.AdmissionGate) and the wait
-by the request timeout.
+most the number of less urgent ones running), so the replica can preempt one of them for it.
+Unsaturated, requests go through at once in arrival order. The queue is bounded by the gateway's
+in-flight cap (limits.AdmissionGate) and the wait by the request timeout.
 """
 
 from __future__ import annotations
