@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The gateway A/B: versions of the scalellm gateway side by side with vllm-router, interleaved.
+#
+# run.sh measures one system after another; on a machine shared with other work the load drifts
+# between them. Here every system is up at once and the runs alternate, repeat after repeat:
+#   for each repeat: for stream, no-stream: direct, vllm-router, each scalellm VARIANT (one run each)
+# so a drift hits all of them alike. Same workload as run.sh (C=64 chat requests, 32 tokens 5 ms apart
+# from mock replicas); CPU is each router process's alone.
+#
+#   VARIANTS="before=/tmp/old-checkout after=." benchmarks/gateway/ab.sh
+#       each VARIANT is NAME=DIR: the gateway runs with DIR first on PYTHONPATH (DIR/scalellm), so an
+#       older version is a `git archive REV scalellm | tar -x -C DIR`; all variants share the same two
+#       gRPC mock replicas (run from this checkout)
+#   REQUESTS=1000 REPEAT=3 C=64 ROUTER=1 (ROUTER=0 skips vllm-router and direct)
+#   HTTP_MOCK_DIR=DIR: the code of the HTTP mock replicas (direct, and behind vllm-router), as for a
+#       variant. vllm-router 0.1.17 adds fields of its own to every request (no_stop_trim,
+#       continue_final_message, include_reasoning, separate_reasoning, stream_reasoning,
+#       return_hidden_states), which this server answers with a 400 as unknown fields; to measure the
+#       router, DIR is a copy whose scalellm/protocol/agent_fields.py lets them through.
+#
+# Writes OUT (default benchmarks/gateway/results-ab): SYSTEM-MODE-rN/ per run, summary.md (ab_summarize.py).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SCALELLM=${SCALELLM:-.venv/bin/scalellm}
+PYTHON=${PYTHON:-.venv/bin/python}
+REQUESTS=${REQUESTS:-1000}
+REPEAT=${REPEAT:-3}
+C=${C:-64}
+ROUTER=${ROUTER:-1}
+VARIANTS=${VARIANTS:-"scalellm=."}
+HTTP_MOCK_DIR=$(cd "${HTTP_MOCK_DIR:-.}" && pwd)
+OUT=${OUT:-benchmarks/gateway/results-ab}
+ROUTER_VENV=${ROUTER_VENV:-$HOME/.cache/scalellm/peers/router}
+MOCK="--engine mock --tpot-ms 5 --ttft-ms 5"
+mkdir -p "$OUT/logs"
+
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() {  # PORT: until something listens on it
+  for _ in $(seq 300); do
+    "$PYTHON" -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "nothing listens on $1" >&2; exit 1
+}
+http_mock() {  # LOG: an HTTP mock replica; prints its URL
+  local port; port=$(free_port)
+  PYTHONPATH="$HTTP_MOCK_DIR" "$PYTHON" -P -m scalellm.cli serve --no-gateway $MOCK --port "$port" --no-request-log > "$1" 2>&1 & pids+=($!)
+  wait_port "$port"
+  echo "http://127.0.0.1:$port"
+}
+
+declare -A url pid
+systems=()
+if [ "$ROUTER" = 1 ]; then
+  [ -x "$ROUTER_VENV/bin/vllm-router" ] || { python3 -m venv "$ROUTER_VENV"; "$ROUTER_VENV/bin/pip" install -q vllm-router==0.1.17; }
+  url[direct]=$(http_mock "$OUT/logs/direct.log"); pid[direct]=""; systems+=(direct)
+  workers=("$(http_mock "$OUT/logs/router-mock-1.log")" "$(http_mock "$OUT/logs/router-mock-2.log")")
+  port=$(free_port)
+  "$ROUTER_VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" --worker-urls "${workers[@]}" \
+    --policy power_of_two --log-level warning > "$OUT/logs/vllm-router.log" 2>&1 & pid[vllm-router]=$!
+  pids+=(${pid[vllm-router]}); wait_port "$port"; url[vllm-router]="http://127.0.0.1:$port"; systems+=(vllm-router)
+fi
+replicas=()
+for i in 1 2; do
+  port=$(free_port)
+  "$SCALELLM" replica $MOCK --port "$port" > "$OUT/logs/replica-$i.log" 2>&1 & pids+=($!)
+  wait_port "$port"
+  replicas+=(--replica "127.0.0.1:$port")
+done
+for variant in $VARIANTS; do
+  name=${variant%%=*}; dir=$(cd "${variant#*=}" && pwd)
+  port=$(free_port)
+  PYTHONPATH="$dir" "$PYTHON" -P -m scalellm.cli gateway --port "$port" "${replicas[@]}" --no-request-log \
+    > "$OUT/logs/$name.log" 2>&1 & pid[$name]=$!
+  pids+=(${pid[$name]}); wait_port "$port"; url[$name]="http://127.0.0.1:$port"; systems+=("$name")
+done
+sleep 1
+
+for repeat in $(seq "$REPEAT"); do
+  for mode in stream no-stream; do
+    for system in "${systems[@]}"; do
+      "$SCALELLM" bench --url "${url[$system]}" --label "$system" --concurrency "$C" --requests "$REQUESTS" \
+        --repeat 1 --output-len 32 --$mode ${pid[$system]:+--server-pids ${pid[$system]}} \
+        --output "$OUT/$system-$mode-r$repeat" > "$OUT/logs/$system-$mode-r$repeat.bench.log"
+      echo "$(date +%T) $system $mode r$repeat done"
+    done
+  done
+done
+
+"$PYTHON" benchmarks/gateway/ab_summarize.py "$OUT" "${systems[@]}" | tee "$OUT/summary.md"
