@@ -45,19 +45,20 @@ wait_port() {  # PORT: until something listens on it
   done
   echo "nothing listens on $1" >&2; exit 1
 }
-http_mock() {  # LOG: an HTTP mock replica; prints its URL
+http_mock() {  # LOG: start an HTTP mock replica; its URL in $mock_url (no subshell: its pid must reach pids)
   local port; port=$(free_port)
   PYTHONPATH="$HTTP_MOCK_DIR" "$PYTHON" -P -m scalellm.cli serve --no-gateway $MOCK --port "$port" --no-request-log > "$1" 2>&1 & pids+=($!)
   wait_port "$port"
-  echo "http://127.0.0.1:$port"
+  mock_url="http://127.0.0.1:$port"
 }
 
 declare -A url pid
 systems=()
 if [ "$ROUTER" = 1 ]; then
   [ -x "$ROUTER_VENV/bin/vllm-router" ] || { python3 -m venv "$ROUTER_VENV"; "$ROUTER_VENV/bin/pip" install -q vllm-router==0.1.17; }
-  url[direct]=$(http_mock "$OUT/logs/direct.log"); pid[direct]=""; systems+=(direct)
-  workers=("$(http_mock "$OUT/logs/router-mock-1.log")" "$(http_mock "$OUT/logs/router-mock-2.log")")
+  http_mock "$OUT/logs/direct.log"; url[direct]=$mock_url; pid[direct]=""; systems+=(direct)
+  workers=()
+  for i in 1 2; do http_mock "$OUT/logs/router-mock-$i.log"; workers+=("$mock_url"); done
   port=$(free_port)
   "$ROUTER_VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" --worker-urls "${workers[@]}" \
     --policy power_of_two --log-level warning > "$OUT/logs/vllm-router.log" 2>&1 & pid[vllm-router]=$!
