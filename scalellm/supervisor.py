@@ -64,13 +64,13 @@ class Supervisor:
         try:
             check_port_free(self.gateway_config.host, self.gateway_config.port)
             self.replica_set.start()
-            model_name = await self.replica_set.wait_healthy(self.startup_timeout_s, self.stopping)
+            model_name, _, weights = await self.replica_set.wait_healthy(self.startup_timeout_s, self.stopping)
             self.gateway.stdin_data = self._gateway_input("")
             self.gateway.start()
             await self._wait_for_gateway()
             config = self.gateway_config
             print(f"ScaleLLM serving {model_name} at {config.scheme}://{config.host}:{config.port} "
-                  f"({self._describe()})", flush=True)
+                  f"({self._describe()}; {weights})", flush=True)
             if self.autopilot is not None:
                 autopilot_task = asyncio.get_running_loop().create_task(self.autopilot.run())
             while not self._stop_requested:

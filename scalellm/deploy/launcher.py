@@ -81,8 +81,10 @@ class ReplicaSet(ABC):
     def stop(self, timeout_s: float) -> None:
         """Stop every replica, forcing those not gone after `timeout_s`, and free what the set holds. Blocking."""
 
-    async def wait_healthy(self, timeout_s: float, should_stop: Callable[[], bool] = lambda: False) -> str:
-        """Wait until every replica answers Health as serving; returns the served model's name.
+    async def wait_healthy(self, timeout_s: float,
+                           should_stop: Callable[[], bool] = lambda: False) -> tuple[str, int, str]:
+        """Wait until every replica answers Health as serving; returns the first one's Info: (model
+        name, max_model_len, how it runs the weights).
 
         Raises StartupError when a replica exits, `timeout_s` passes or `should_stop()` turns true.
         """
@@ -102,8 +104,7 @@ class ReplicaSet(ABC):
                         pass
                     await asyncio.sleep(POLL_INTERVAL_S)
                 logger.info("%s ready", self.names[index])
-            model_name, _ = await clients[0].info()
-            return model_name
+            return await clients[0].info()
         finally:
             for client in clients:
                 await client.close()

@@ -48,6 +48,7 @@ class AsyncLLM(EngineClient):
         self._files = files
         self.model_name = ""
         self.max_model_len = 0
+        self.weights = ""
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._queues: dict[str, asyncio.Queue] = {}
@@ -67,6 +68,7 @@ class AsyncLLM(EngineClient):
         self._thread.start()
         core = await ready
         self.model_name, self.max_model_len = core.files.name, core.max_model_len
+        self.weights = core.executor.weights
         self.tokenizer = core.files.load_tokenizer()
         self.input_processor = InputProcessor.for_core(core, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -19,6 +19,8 @@ class EngineClient(ABC):
     """The name the model is served under (what `/v1/models` lists)."""
     max_model_len: int
     """Most tokens (prompt plus output) a request may hold."""
+    weights: str
+    """How the model runs, e.g. "quantization gguf, dtype bfloat16"."""
 
     @abstractmethod
     async def start(self) -> None:

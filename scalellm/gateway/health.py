@@ -98,7 +98,7 @@ class HealthMonitor:
                 state.update_polled_load(load)
                 self._metrics.observe_replica_load(state.address, load)
                 if self._on_info is not None and not state.info_known:
-                    name, max_model_len = await state.client.info(timeout_s=self._timeout_s * 2)
+                    name, max_model_len, _ = await state.client.info(timeout_s=self._timeout_s * 2)
                     state.info_known = True
                     self._on_info(name, max_model_len)
         except asyncio.CancelledError:

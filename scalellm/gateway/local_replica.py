@@ -87,9 +87,9 @@ class LocalReplicaClient:
         """The engine's current load."""
         return self.engine.load()
 
-    async def info(self, timeout_s: float = 2.0) -> tuple[str, int]:
-        """(model_name, max_model_len) of the engine."""
-        return self.engine.model_name, self.engine.max_model_len
+    async def info(self, timeout_s: float = 2.0) -> tuple[str, int, str]:
+        """(model_name, max_model_len, weights) of the engine."""
+        return self.engine.model_name, self.engine.max_model_len, self.engine.weights
 
     async def close(self) -> None:
         """Shut the engine down (aborts whatever is still in flight); later calls do nothing."""

@@ -135,8 +135,8 @@ class ReplicaClient:
         """The replica engine's load; raises ReplicaUnavailable if the replica cannot be reached."""
         return convert.decode_load(await self._call(convert.LOAD, timeout_s))
 
-    async def info(self, timeout_s: float = 2.0) -> tuple[str, int]:
-        """(model_name, max_model_len); raises ReplicaUnavailable if the replica cannot be reached."""
+    async def info(self, timeout_s: float = 2.0) -> tuple[str, int, str]:
+        """(model_name, max_model_len, weights); raises ReplicaUnavailable if the replica cannot be reached."""
         return convert.decode_info(await self._call(convert.INFO, timeout_s))
 
     async def close(self) -> None:

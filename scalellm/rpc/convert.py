@@ -362,11 +362,11 @@ def decode_load(response: Any) -> EngineLoad:
     return EngineLoad(**{name: getattr(response, name) for name in _LOAD_FIELDS})
 
 
-def encode_info(model_name: str, max_model_len: int) -> Any:
+def encode_info(model_name: str, max_model_len: int, weights: str) -> Any:
     """InfoResponse: what the replica serves."""
-    return pb.InfoResponse(model_name=model_name, max_model_len=max_model_len)
+    return pb.InfoResponse(model_name=model_name, max_model_len=max_model_len, weights=weights)
 
 
-def decode_info(response: Any) -> tuple[str, int]:
-    """(model_name, max_model_len) from an InfoResponse."""
-    return response.model_name, response.max_model_len
+def decode_info(response: Any) -> tuple[str, int, str]:
+    """(model_name, max_model_len, weights) from an InfoResponse."""
+    return response.model_name, response.max_model_len, response.weights

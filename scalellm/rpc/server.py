@@ -206,7 +206,7 @@ class ReplicaService:
 
     async def info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The served model's name and context length."""
-        return convert.encode_info(self._engine.model_name, self._engine.max_model_len)
+        return convert.encode_info(self._engine.model_name, self._engine.max_model_len, self._engine.weights)
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """The method table to register on a grpc.aio server."""

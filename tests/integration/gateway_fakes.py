@@ -70,8 +70,8 @@ class FakeReplica:
     async def load(self, timeout_s: float = 1.0) -> EngineLoad:
         return EngineLoad(self.num_active, 0, 90, 100, 0)
 
-    async def info(self, timeout_s: float = 2.0) -> tuple[str, int]:
-        return FAKE_MODEL, self.max_model_len
+    async def info(self, timeout_s: float = 2.0) -> tuple[str, int, str]:
+        return FAKE_MODEL, self.max_model_len, "fake"
 
     async def close(self) -> None:
         pass

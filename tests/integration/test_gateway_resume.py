@@ -50,8 +50,8 @@ class FailingReplica:
     async def load(self, timeout_s: float = 1.0) -> EngineLoad:
         return EngineLoad(0, 0, 90, 100, 0)
 
-    async def info(self, timeout_s: float = 2.0) -> tuple[str, int]:
-        return FAKE_MODEL, 64
+    async def info(self, timeout_s: float = 2.0) -> tuple[str, int, str]:
+        return FAKE_MODEL, 64, "fake"
 
     async def close(self) -> None:
         pass

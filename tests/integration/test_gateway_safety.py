@@ -40,7 +40,7 @@ class ScriptedReplica:
         return EngineLoad(0, 0, 10, 10, 0)
 
     async def info(self, timeout_s=2.0):
-        return "mock", 64
+        return "mock", 64, "fake"
 
     async def start(self):
         pass

@@ -134,7 +134,7 @@ def test_deadline_is_a_504_and_aborts():
 def test_health_load_info():
     async def scenario(engine, client, server):
         assert (await client.health()).healthy
-        assert await client.info() == ("mock", 64)
+        assert await client.info() == ("mock", 64, "fake model, no weights")
         load = await client.load()
         assert (load.num_running, load.num_waiting, load.num_tokens_in_flight) == (0, 0, 0)
         assert load.num_free_blocks == load.num_total_blocks > 0

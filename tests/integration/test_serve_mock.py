@@ -67,7 +67,7 @@ def openai_client(port: int) -> openai.OpenAI:
 
 def test_banner(serve):
     _, port, banner = serve
-    assert banner.strip() == f"ScaleLLM serving mock at http://127.0.0.1:{port} (2 replicas)"
+    assert banner.strip() == f"ScaleLLM serving mock at http://127.0.0.1:{port} (2 replicas; fake model, no weights)"
 
 
 def test_chat(serve):

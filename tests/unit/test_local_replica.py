@@ -78,6 +78,6 @@ def test_health_load_info():
     async def test(client):
         assert client.address == "local"
         assert (await client.health()).healthy
-        assert await client.info() == ("mock", 16)
+        assert await client.info() == ("mock", 16, "fake model, no weights")
         assert (await client.load()).num_running == 0
     run(test)

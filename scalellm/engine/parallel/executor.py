@@ -33,6 +33,8 @@ class Executor(ABC):
 
     num_blocks: int
     """KV cache blocks, the same on every rank: the scheduler's block ids index all of them."""
+    weights: str
+    """How the model runs, e.g. "quantization gguf, dtype bfloat16" (what "auto" resolved to)."""
 
     @abstractmethod
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
@@ -61,6 +63,7 @@ class LocalExecutor(Executor):
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.num_blocks = runner.num_blocks
+        self.weights = runner.weights
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduled)

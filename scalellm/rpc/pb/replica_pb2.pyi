@@ -306,9 +306,11 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "max_model_len")
+    __slots__ = ("model_name", "max_model_len", "weights")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     max_model_len: int
-    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    weights: str
+    def __init__(self, model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., weights: _Optional[str] = ...) -> None: ...
