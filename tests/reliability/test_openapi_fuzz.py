@@ -30,8 +30,9 @@ def served_schema():
 
 
 def openai_error_format(ctx, response, case) -> None:
-    """Every 4xx body is OpenAI's error object with a message."""
-    if response.status_code >= 400:
+    """Every 4xx body is OpenAI's error object with a message (but /health's 503, documented as the
+    health object: a replica that misses its health checks on a loaded machine makes one)."""
+    if response.status_code >= 400 and not (case.path == "/health" and response.status_code == 503):
         error = orjson.loads(response.content).get("error")
         assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}, response.content
         assert isinstance(error["message"], str) and error["message"]
