@@ -188,8 +188,8 @@ def _response_format(text: dict) -> dict | None:
     if kind != "json_schema":
         raise _invalid("'text.format.type' must be 'text', 'json_object' or 'json_schema'", "text")
     expect(format_.get("name"), "string", "text.format.name", "text", nullable=False)
-    for field, kind in (("schema", "object"), ("strict", "boolean"), ("description", "string")):
-        expect(format_.get(field), kind, f"text.format.{field}", "text")
+    for field, field_kind in (("schema", "object"), ("strict", "boolean"), ("description", "string")):
+        expect(format_.get(field), field_kind, f"text.format.{field}", "text")
     spec = {key: format_[key] for key in ("name", "schema", "strict", "description") if format_.get(key) is not None}
     return {"type": "json_schema", "json_schema": spec}
 

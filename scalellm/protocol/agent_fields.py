@@ -52,8 +52,6 @@ def check_known_fields(body: dict, known: frozenset[str], route: str) -> None:
 _JSON_TYPES = {"string": ((str,), "a string"), "integer": ((int,), "an integer"),
                "number": ((int, float), "a number"), "boolean": ((bool,), "a boolean"),
                "array": ((list,), "a list"), "object": ((dict,), "an object")}
-
-
 _ROUNDED = float(1 << 63)
 """orjson reads an integer literal beyond 64 bits as a float, rounded: from this magnitude on, a float may
 stand for an integer out of a field's bounds (a seed of -2**63 - 1 reads as -2.0**63)."""
