@@ -1,9 +1,12 @@
 """The OpenAPI schemas of the agent fields (structured outputs, tools) and of /v1/responses.
 
 They state what scalellm/protocol/agent_fields.py and gateway/responses.py enforce, cross-field
-rules included, except two that JSON Schema cannot say: a named tool_choice must name one of
-`tools`, and tool names must differ. (The rule that response_format and structured_outputs exclude
-each other is stated, but the fuzzer's generator does not always honour `not`.)
+rules included, except three that JSON Schema cannot say: a named tool_choice must name one of
+`tools`, tool names must differ, and structured_outputs.json given as text must hold a JSON Schema
+object. (The rule that response_format and structured_outputs exclude each other is stated, but the
+fuzzer's generator does not always honour `not`.) tests/unit/test_document_agreement.py holds
+bodies each side must judge alike; an optional field is nullable wherever the parser reads null as
+absent.
 """
 
 from __future__ import annotations
