@@ -12,6 +12,8 @@
 #       older version is a `git archive REV scalellm | tar -x -C DIR`; all variants share the same two
 #       gRPC mock replicas (run from this checkout)
 #   REQUESTS=1000 REPEAT=3 C=64 ROUTER=1 (ROUTER=0 skips vllm-router and direct)
+#   UVICORN_SITE=DIR: also run this checkout's gateway handler on uvicorn (uvicorn_gateway.py; DIR is a
+#       site-packages holding uvicorn, e.g. vllm-router's venv's), as the system "uvicorn"
 #   HTTP_MOCK_DIR=DIR: the code of the HTTP mock replicas (direct, and behind vllm-router), as for a
 #       variant. vllm-router 0.1.17 adds fields of its own to every request (no_stop_trim,
 #       continue_final_message, include_reasoning, separate_reasoning, stream_reasoning,
@@ -78,6 +80,12 @@ for variant in $VARIANTS; do
     > "$OUT/logs/$name.log" 2>&1 & pid[$name]=$!
   pids+=(${pid[$name]}); wait_port "$port"; url[$name]="http://127.0.0.1:$port"; systems+=("$name")
 done
+if [ -n "${UVICORN_SITE:-}" ]; then
+  port=$(free_port)
+  PYTHONPATH="$(pwd):$UVICORN_SITE" "$PYTHON" -P benchmarks/gateway/uvicorn_gateway.py --port "$port" "${replicas[@]}" \
+    > "$OUT/logs/uvicorn.log" 2>&1 & pid[uvicorn]=$!
+  pids+=(${pid[uvicorn]}); wait_port "$port"; url[uvicorn]="http://127.0.0.1:$port"; systems+=(uvicorn)
+fi
 sleep 1
 
 for repeat in $(seq "$REPEAT"); do
