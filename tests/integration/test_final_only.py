@@ -93,3 +93,26 @@ def test_final_only_after_resumed_tokens_holds_only_the_new_output():
         [3, 4, 5, 6, 7]
     assert body_from(parsed, final) == body_from(parsed, chunks)
     assert final[0].outputs[0].text == " tok3 tok4 tok5 tok6 tok7"
+
+
+def test_in_process_replica_gives_one_output_too():
+    """`serve --no-gateway` (LocalReplicaClient over the engine) honours final_only the same way."""
+    from scalellm.gateway.local_replica import LocalReplicaClient
+
+    parsed = parse_completion_request(orjson.dumps({"model": "mock", "prompt": "a b", "max_tokens": 6, "n": 2,
+                                                    "stop": ["tok4"]}), 64, 256)
+
+    async def main():
+        client = LocalReplicaClient(MockEngine(tpot_ms=1.0, max_model_len=64))
+        await client.start()
+        try:
+            chunks = [o async for o in client.generate("a", parsed.prompt, parsed.params, 0.0)]
+            final = [o async for o in client.generate("b", parsed.prompt, parsed.params, 0.0, final_only=True)]
+        finally:
+            await client.close()
+        return chunks, final
+
+    chunks, final = asyncio.run(main())
+    assert len(final) == 1 and final[0].finished
+    assert body_from(parsed, final) == body_from(parsed, chunks)
+    assert [c.finish_reason for c in final[0].outputs] == ["stop", "stop"]
