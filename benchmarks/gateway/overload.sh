@@ -23,17 +23,7 @@ OUT=${OUT:-benchmarks/gateway/results-overload}
 MOCK="--engine mock --tpot-ms 5 --ttft-ms 5"
 mkdir -p "$OUT/logs"
 
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 300); do
-    "$PYTHON" -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
-    sleep 0.2
-  done
-  echo "nothing listens on $1" >&2; exit 1
-}
+source benchmarks/gateway/lib.sh  # pids, cleanup on exit, free_port, wait_port
 
 replicas=()
 for i in 1 2; do

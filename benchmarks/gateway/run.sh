@@ -31,24 +31,13 @@ if [ ! -x "$ROUTER_VENV/bin/vllm-router" ]; then
   "$ROUTER_VENV/bin/pip" install -q vllm-router==0.1.17
 fi
 
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source benchmarks/gateway/lib.sh  # pids, cleanup on exit, free_port, wait_port
 wait_http() {  # URL: until it answers 200
   for _ in $(seq 300); do
     curl -sf -o /dev/null "$1" && return 0
     sleep 0.2
   done
   echo "no answer from $1" >&2; exit 1
-}
-wait_port() {  # PORT: until something listens on it
-  for _ in $(seq 300); do
-    "$PYTHON" -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
-    sleep 0.2
-  done
-  echo "nothing listens on $1" >&2; exit 1
 }
 stop_all() { cleanup; pids=(); }
 
