@@ -15,10 +15,7 @@
 #   UVICORN_SITE=DIR: also run this checkout's gateway handler on uvicorn (uvicorn_gateway.py; DIR is a
 #       site-packages holding uvicorn, e.g. vllm-router's venv's), as the system "uvicorn"
 #   HTTP_MOCK_DIR=DIR: the code of the HTTP mock replicas (direct, and behind vllm-router), as for a
-#       variant. vllm-router 0.1.17 adds fields of its own to every request (no_stop_trim,
-#       continue_final_message, include_reasoning, separate_reasoning, stream_reasoning,
-#       return_hidden_states), which this server answers with a 400 as unknown fields; to measure the
-#       router, DIR is a copy whose scalellm/protocol/agent_fields.py lets them through.
+#       variant (default: this checkout, which accepts the SGLang fields vllm-router adds).
 #
 # Writes OUT (default benchmarks/gateway/results-ab): SYSTEM-MODE-rN/ per run, summary.md (ab_summarize.py).
 set -euo pipefail

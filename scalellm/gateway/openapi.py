@@ -8,9 +8,9 @@ error is documented with OpenAI's error object. Null means "the default" for eve
 
 from __future__ import annotations
 
-from scalellm.gateway.openapi_agents import (chat_message_schema, chat_agent_properties, chat_agent_rules,
-                                             chat_message_response, completion_rules, ignored_properties,
-                                             responses_paths, structured_properties)
+from scalellm.gateway.openapi_agents import (chat_agent_properties, chat_agent_rules, chat_message_response,
+                                             chat_message_schema, completion_rules, ignored_properties,
+                                             responses_paths, router_properties, structured_properties)
 from scalellm.protocol.openai import (MAX_N, MAX_PROMPTS, MAX_TOKEN_ID, MAX_TOKENS_WITHOUT_CONTEXT,
                                       SAMPLING_FIELDS, STOP_SCHEMA)
 from scalellm.protocol.types import SamplingParams
@@ -51,7 +51,7 @@ def _common_properties(max_tokens: int, model: str | None) -> dict:
     properties["stream"] = _nullable({"type": "boolean"})
     properties["stream_options"] = _nullable({"type": "object", "properties": {
         "include_usage": _nullable({"type": "boolean"})}})
-    properties.update(structured_properties(), **ignored_properties())
+    properties.update(structured_properties(), **ignored_properties(), **router_properties())
     return properties
 
 

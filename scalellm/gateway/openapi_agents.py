@@ -11,7 +11,7 @@ absent.
 
 from __future__ import annotations
 
-from scalellm.protocol.agent_fields import FUNCTION_NAME, IGNORED_FIELDS
+from scalellm.protocol.agent_fields import FUNCTION_NAME, IGNORED_FIELDS, ROUTER_FIELDS
 from scalellm.protocol.openai import CHAT_ROLES, SAMPLING_FIELDS, STOP_SCHEMA
 
 
@@ -36,6 +36,13 @@ def _present(field: str, schema: dict) -> dict:
 def ignored_properties() -> dict:
     """Fields accepted and ignored (IGNORED_FIELDS) whatever their value, each with its reason."""
     return {name: {"description": f"accepted and ignored: {reason}"} for name, reason in IGNORED_FIELDS.items()}
+
+
+def router_properties() -> dict:
+    """SGLang's fields that vllm-router adds to chat and completions requests (ROUTER_FIELDS)."""
+    return {name: {"enum": [True, False, None] if only is None else [only, None],
+                   "description": f"accepted{'' if only is None else f' only as {str(only).lower()}'}: {reason}"}
+            for name, (only, reason) in ROUTER_FIELDS.items()}
 
 
 def structured_properties() -> dict:

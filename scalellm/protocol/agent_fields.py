@@ -22,6 +22,16 @@ IGNORED_FIELDS = {
     "metadata": "tags for stored completions; nothing is stored",
 }
 """Fields accepted and ignored, with the reason (the README lists them)."""
+ROUTER_FIELDS = {
+    "include_reasoning": (None, "no reasoning parser runs here: a model's text is all content"),
+    "separate_reasoning": (None, "no reasoning parser runs here: a model's text is all content"),
+    "stream_reasoning": (None, "no reasoning parser runs here: a model's text is all content"),
+    "no_stop_trim": (False, "stop strings are trimmed from the text, as in OpenAI's API"),
+    "continue_final_message": (False, "a chat always starts a new assistant turn"),
+    "return_hidden_states": (False, "no hidden states are returned"),
+}
+"""SGLang's request fields, which vllm-router adds to every chat and completions request it forwards:
+name -> (the one value accepted besides null, or None for any boolean; the reason)."""
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 """A function's name (the document publishes the pattern; match it with `fullmatch`: Python's `$` also
 matches before a trailing newline)."""
@@ -39,7 +49,12 @@ def _invalid(message: str, param: str):
 def check_known_fields(body: dict, known: frozenset[str], route: str) -> None:
     """400 naming the first field that is neither honoured nor in IGNORED_FIELDS."""
     for name in body:
-        if name not in known and name not in IGNORED_FIELDS:
+        if name in ROUTER_FIELDS:
+            only, reason = ROUTER_FIELDS[name]
+            value = expect(body[name], "boolean", name, name)
+            if only is not None and value not in (None, only):
+                raise _invalid(f"'{name}' is accepted only as {str(only).lower()} or null: {reason}", name)
+        elif name not in known and name not in IGNORED_FIELDS:
             raise _invalid(f"'{name}' is not supported by {route}; remove it (this server refuses fields it "
                            "would otherwise ignore)", name)
     if body.get("store") is not None and body["store"] is not False:

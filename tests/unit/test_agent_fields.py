@@ -42,11 +42,21 @@ def chat(**fields) -> bytes:
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x", "name": {"a": 1}}]}, "messages"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 5}}]}]}, "messages"),
+    ({"no_stop_trim": True}, "no_stop_trim"),
+    ({"continue_final_message": True}, "continue_final_message"),
+    ({"include_reasoning": "yes"}, "include_reasoning"),
 ])
 def test_bad_agent_fields_are_400_naming_the_field(fields, param):
     with pytest.raises(OpenAIError) as info:
         parse_chat_request(chat(**fields), 4096)
     assert info.value.status == 400 and info.value.param == param, info.value.message
+
+
+def test_the_fields_vllm_router_adds_are_accepted_at_its_defaults():
+    router = {"no_stop_trim": False, "continue_final_message": False, "include_reasoning": True,
+              "separate_reasoning": True, "stream_reasoning": True, "return_hidden_states": False}
+    assert parse_chat_request(chat(**router), 4096).params.max_tokens is None
+    assert parse_completion_request(orjson.dumps({"prompt": "a", **router}), 4096).prompt == "a"
 
 
 def test_structured_fields_map_onto_the_engine():
