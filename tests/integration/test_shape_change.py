@@ -146,7 +146,7 @@ async def requests_received(addresses) -> list[int]:
 
 def test_shape_changes_under_load_without_a_failed_request(auto_serve):
     process, port, banner, log_path = auto_serve
-    assert banner.strip().endswith("(1 replica, shape auto, now 1x2)")
+    assert banner.strip().endswith("(1 replica, shape auto, now 1x2; fake model, no weights)")
     assert shape_metrics(port) == ("1x2", 0)
     first_set = live_replicas(process)
     assert len(first_set) == 1

@@ -139,7 +139,8 @@ def test_load_round_trip():
 
 
 def test_info_round_trip():
-    assert convert.decode_info(_wire(convert.encode_info("smollm2", 8192))) == ("smollm2", 8192)
+    info = ("smollm2", 8192, "quantization gguf, dtype bfloat16")
+    assert convert.decode_info(_wire(convert.encode_info(*info))) == info
 
 
 def test_method_paths():
