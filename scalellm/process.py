@@ -29,6 +29,16 @@ STABLE_AFTER_S = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
+def restart_backoff(num_failures: int, started_at: float, now: float) -> tuple[float, int]:
+    """(seconds to wait before restarting a process that just failed, its failure count after this
+    one): a process that ran longer than STABLE_AFTER_S restarts at once; repeated failures wait
+    BACKOFF_INITIAL_S, doubling up to BACKOFF_MAX_S."""
+    if now - started_at > STABLE_AFTER_S:
+        num_failures = 0
+    delay = 0.0 if num_failures == 0 else min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (num_failures - 1))
+    return delay, num_failures + 1
+
+
 class ChildProcess:
     """One supervised subprocess in its own process group, restarted with exponential backoff."""
 
@@ -81,11 +91,7 @@ class ChildProcess:
         if code is None or self.process is None:
             return
         if self.restart_at is None:
-            if now - self.started_at > STABLE_AFTER_S:
-                self.num_failures = 0
-            delay = 0.0 if self.num_failures == 0 else min(
-                BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (self.num_failures - 1))
-            self.num_failures += 1
+            delay, self.num_failures = restart_backoff(self.num_failures, self.started_at, now)
             self.restart_at = now + delay
             logger.warning("%s exited with code %s; restarting in %.1f s", self.name, code, delay)
         if now >= self.restart_at:

@@ -32,7 +32,7 @@ import time
 
 from scalellm.deploy.launcher import ReplicaLauncher, ReplicaSet
 from scalellm.flags import to_json
-from scalellm.process import BACKOFF_INITIAL_S, BACKOFF_MAX_S, STABLE_AFTER_S, StartupError
+from scalellm.process import StartupError, restart_backoff
 from scalellm.replica.config import ReplicaConfig
 from scalellm.shape.shape import Machine, Shape
 
@@ -140,11 +140,7 @@ class RayReplicaSet(ReplicaSet):
         return changed
 
     def _schedule_restart(self, replica: _Replica, now: float, reason: str) -> None:
-        if now - replica.started_at > STABLE_AFTER_S:
-            replica.num_failures = 0
-        delay = 0.0 if replica.num_failures == 0 else min(
-            BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** (replica.num_failures - 1))
-        replica.num_failures += 1
+        delay, replica.num_failures = restart_backoff(replica.num_failures, replica.started_at, now)
         replica.restart_at = now + delay
         replica.exit_ref = None
         self._kill(replica)
