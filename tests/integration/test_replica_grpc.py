@@ -218,7 +218,9 @@ def test_only_the_session_transport_is_served():
                 [chunk async for chunk in call(request)]
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
         outputs = [o async for o in client.generate("s", "a b", SamplingParams(max_tokens=4), 0.0)]
-        assert [list(o.outputs[0].token_ids) for o in outputs] == [[0], [1], [2], [3]]
+        # a slow reader may get steps coalesced into one chunk: the tokens, not the chunking, are the contract
+        assert [t for o in outputs for t in o.outputs[0].token_ids] == [0, 1, 2, 3]
+        assert outputs[-1].finished
     run_with_replica(scenario)
 
 
