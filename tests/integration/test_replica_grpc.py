@@ -321,13 +321,14 @@ def test_session_reports_bad_requests_and_duplicate_ids_per_request():
 
 def test_a_stopping_replica_finishes_its_requests_and_refuses_new_ones():
     async def scenario(engine, client, server):
-        running = asyncio.create_task(collect(client.generate("a", "x", SamplingParams(max_tokens=10), 0.0)))
-        await asyncio.sleep(0.05)
+        stream = client.generate("a", "x", SamplingParams(max_tokens=10), 0.0)
+        first = await stream.__anext__()  # running for sure, however slow the machine
+        running = asyncio.create_task(collect(stream))
         stopping = asyncio.create_task(server.stop(5))
         await asyncio.sleep(0.02)
         with pytest.raises(ReplicaUnavailable):
             await collect(client.generate("b", "x", SamplingParams(max_tokens=2), 0.0))
-        outputs = await running
+        outputs = [first, *await running]
         assert outputs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outputs) == 10
         started = time.monotonic()
         await stopping
