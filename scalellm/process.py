@@ -8,6 +8,7 @@ die (`die_with_parent`, called first thing in the child), so none is orphaned.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -143,6 +144,14 @@ def check_starting(child: ChildProcess, deadline: float, timeout_s: float, shoul
         raise StartupError(f"{child.name} exited with code {child.poll()} during startup")
     if time.monotonic() > deadline:
         raise StartupError(f"{child.name} not ready after {timeout_s:.0f} s")
+
+
+def freeze_loaded_objects() -> None:
+    """In a process that serves a loaded model: keep what loading made out of every later garbage
+    collection. A tokenizer alone is a million or more objects that live as long as the process; a full
+    collection walks all of them (0.3 s on the 1.5B's), a stall in whichever step it falls on."""
+    gc.collect()
+    gc.freeze()
 
 
 def die_with_parent() -> None:

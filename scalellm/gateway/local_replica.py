@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable
 from scalellm.engine.client import EngineClient
 from scalellm.gateway.app import GatewayApp, serve_until_signalled
 from scalellm.gateway.config import GatewayConfig
+from scalellm.process import freeze_loaded_objects
 from scalellm.protocol.types import (EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput,
                                      SamplingParams)
 from scalellm.rpc.client import ReplicaError, ReplicaUnavailable
@@ -103,6 +104,7 @@ async def serve_local_until_signalled(engine: EngineClient, config: GatewayConfi
     """Start `engine`, serve the gateway's HTTP API over it until SIGTERM/SIGINT, drain, then stop both."""
     client = LocalReplicaClient(engine)
     await client.start()
+    freeze_loaded_objects()
     try:
         await serve_until_signalled(config, [client], on_started)
     finally:

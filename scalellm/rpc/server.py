@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from scalellm.engine.client import EngineClient
+from scalellm.process import freeze_loaded_objects
 from scalellm.protocol.types import EngineHealth, RequestMetrics
 from scalellm.rpc import convert
 from scalellm.rpc.auth import SecretCheck
@@ -324,6 +325,7 @@ async def serve_until_signal(engine: EngineClient, host: str, port: int, grace_s
     """Start the engine and the server, serve until SIGTERM or SIGINT, then stop both (and `tracing`,
     exporting its last spans)."""
     await engine.start()
+    freeze_loaded_objects()
     server = ReplicaServer(engine, host, port, secret=secret, tracing=tracing)
     try:
         await server.start()
