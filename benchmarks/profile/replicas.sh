@@ -4,6 +4,7 @@
 #
 #   .venv/bin/pip install py-spy           # once; a profiling tool, not a dependency
 #   C=64 benchmarks/profile/replicas.sh    # OUT=benchmarks/profile/out by default
+#   MODEL=$(../shared/models/fetch.sh qwen2.5-coder-1.5b) C=1 REQUESTS=8 benchmarks/profile/replicas.sh
 #
 # py-spy pauses a process for each native sample (100 per second), so the run's own figures are a
 # little below an unprofiled one's; the shares are what it is for.
@@ -13,14 +14,16 @@ export PATH="$PWD/.venv/bin:$PATH"
 C=${C:-64}
 PORT=${PORT:-8123}
 OUT=${OUT:-benchmarks/profile/out}
+MODEL=${MODEL:-}
+REQUESTS=${REQUESTS:-$(( C * 4 > 48 ? C * 4 : 48 ))}
 mkdir -p "$OUT"
-scalellm serve --port "$PORT" --no-request-log > "$OUT/serve.log" 2>&1 &
+scalellm serve $MODEL --port "$PORT" --no-request-log > "$OUT/serve.log" 2>&1 &
 serve=$!
 trap 'kill -INT $serve 2>/dev/null || true; wait $serve 2>/dev/null || true' EXIT
-for _ in $(seq 120); do grep -q "ScaleLLM serving" "$OUT/serve.log" && break; sleep 1; done
+for _ in $(seq 300); do grep -q "ScaleLLM serving" "$OUT/serve.log" && break; sleep 1; done
 head -1 "$OUT/serve.log"
 replicas=$(pgrep -P "$serve" -f "cli replica" | tr "\n" " ")
-scalellm bench --url "http://127.0.0.1:$PORT" --concurrency "$C" --requests $(( C * 4 > 48 ? C * 4 : 48 )) \
+scalellm bench --url "http://127.0.0.1:$PORT" --concurrency "$C" --requests "$REQUESTS" \
     --input-len 75 --output "$OUT/bench-c$C" > "$OUT/bench-c$C.log" 2>&1 &
 bench=$!
 sleep 6  # past the warm-up and the first prefills

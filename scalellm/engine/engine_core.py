@@ -19,9 +19,11 @@ from scalellm.protocol.types import EngineLoad
 
 MAX_CONTEXT_DEFAULT = 8192
 LEND_MAX_TOKENS = 16
-"""Steps of at most this many tokens may borrow idle replicas' cores (core_board.py): small decode
-batches, whose extra threads end within milliseconds if another replica wakes up. A long prefill
-step on borrowed cores would slow the replica that wakes meanwhile for its whole length."""
+"""Decode-only steps of at most this many tokens may borrow idle replicas' cores (core_board.py):
+they run as one call (the fused decode layers), and their extra threads end within milliseconds if
+another replica wakes up. A step with a prefill chunk runs layer by layer and re-reads the board
+after each layer, so it may borrow whatever its length: a replica that wakes meanwhile has its core
+back after one layer."""
 
 
 class EngineCore:
@@ -69,10 +71,14 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        between_layers = None
         if self._board is not None:
+            by_layer = any(chunk.num_new_tokens > 1 for chunk in scheduled.chunks)
             small = scheduled.num_batched_tokens <= LEND_MAX_TOKENS
-            self._use_threads(self._board.step_threads(may_borrow=small))
-        runner_output = self.executor.execute(scheduled)
+            self._use_threads(self._board.step_threads(may_borrow=by_layer or small))
+            if by_layer:
+                between_layers = self._reread_board
+        runner_output = self.executor.execute(scheduled, between_layers)
         updates = self.scheduler.update(scheduled, runner_output)
         self.executor.release(u.request.request_id for u in updates if u.finished)
         self.last_step_time = time.monotonic()
@@ -82,6 +88,10 @@ class EngineCore:
         """No work: the other replicas on the core board may borrow this one's cores."""
         if self._board is not None:
             self._board.mark_idle()
+
+    def _reread_board(self) -> None:
+        """Between two layers of a step: borrow or give back cores as the other replicas now stand."""
+        self._use_threads(self._board.step_threads())
 
     def _use_threads(self, threads: int) -> None:
         if threads != self._threads:

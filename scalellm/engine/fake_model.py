@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -91,7 +91,8 @@ class FakeExecutor(Executor):
         self._epoch = time.monotonic()
         self._last_step = -math.inf
 
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduled: SchedulerOutput, between_layers: Callable[[], None] | None = None
+                ) -> ModelRunnerOutput:
         prefills = any(chunk.num_new_tokens > 1 or chunk.start_position == 0 for chunk in scheduled.chunks)
         self._wait_for_step(self._ttft_s if prefills else 0.0)
         output = ModelRunnerOutput()

@@ -7,6 +7,7 @@ runs every step on the same inputs, and only rank 0's samples (the others get no
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -84,11 +85,13 @@ class ModelRunner:
         return [pairs[pair_of[layer]] for layer in range(c.num_layers)]
 
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduled: SchedulerOutput, between_layers: Callable[[], None] | None = None
+                ) -> ModelRunnerOutput:
         """Run the forward pass for the scheduled chunks and sample where a chunk reaches its end
-        (on rank 0; the other ranks return no tokens)."""
+        (on rank 0; the other ranks return no tokens). `between_layers`: see ForwardContext."""
         inputs = build_step_inputs(scheduled, self.block_size, self.group_windows, self.device, self.decode_backend)
         ctx = self._context(inputs, self.kv_caches)
+        ctx.between_layers = between_layers
         hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]
         output = ModelRunnerOutput()
         if not inputs.sample_chunks:

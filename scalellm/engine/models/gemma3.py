@@ -135,6 +135,8 @@ class Gemma3ForCausalLM(nn.Module):
                  False: self.global_rotary.cos_sin(positions, x.dtype)}
         for index, (layer, kv_cache) in enumerate(zip(self.layers, ctx.kv_caches)):
             x = layer(ropes[layer.sliding], x, kv_cache, ctx.attention_for(index))
+            if ctx.between_layers is not None:
+                ctx.between_layers()
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

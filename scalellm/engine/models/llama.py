@@ -9,7 +9,7 @@ number of ranks; `make_mlp` is where mixture-of-experts models (mixtral.py) diff
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ class ForwardContext:
     layer_attention: list[AttentionMetadata] | None = None
     """Per layer, when the KV cache has several groups (kv_cache/groups.py: Gemma 3's sliding layers
     among full ones); None: `attention` serves every layer."""
+
+    between_layers: Callable[[], None] | None = None
+    """Called after each layer of a step run layer by layer (the engine re-reads its core board there)."""
 
     def attention_for(self, layer_index: int) -> AttentionMetadata:
         return self.attention if self.layer_attention is None else self.layer_attention[layer_index]
@@ -124,6 +127,8 @@ class LlamaForCausalLM(nn.Module):
             residual = None
             for layer, kv_cache in zip(self.layers, ctx.kv_caches):
                 x, residual = layer(rope, x, residual, kv_cache, ctx.attention)
+                if ctx.between_layers is not None:
+                    ctx.between_layers()
         return self.norm(x, residual)[0]
 
     def enable_fused_decode(self, decode_backend: str) -> bool:

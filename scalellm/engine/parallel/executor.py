@@ -37,8 +37,10 @@ class Executor(ABC):
     """How the model runs, e.g. "quantization gguf, dtype bfloat16" (what "auto" resolved to)."""
 
     @abstractmethod
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step on every rank; a token for each chunk that reaches the end of its request."""
+    def execute(self, scheduled: SchedulerOutput, between_layers: Callable[[], None] | None = None
+                ) -> ModelRunnerOutput:
+        """Run one step on every rank; a token for each chunk that reaches the end of its request.
+        `between_layers` runs on this process's rank after each layer of a layer-by-layer step."""
 
     @abstractmethod
     def release(self, request_ids: Iterable[str]) -> None:
@@ -65,8 +67,9 @@ class LocalExecutor(Executor):
         self.num_blocks = runner.num_blocks
         self.weights = runner.weights
 
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(scheduled)
+    def execute(self, scheduled: SchedulerOutput, between_layers: Callable[[], None] | None = None
+                ) -> ModelRunnerOutput:
+        return self.runner.execute(scheduled, between_layers)
 
     def release(self, request_ids: Iterable[str]) -> None:
         self.runner.release(request_ids)

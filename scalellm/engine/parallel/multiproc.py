@@ -129,12 +129,13 @@ class MultiprocExecutor(Executor):
                 time.sleep(POLL_S)
             raise
 
-    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, scheduled: SchedulerOutput, between_layers: Callable[[], None] | None = None
+                ) -> ModelRunnerOutput:
         self.check_alive()
         message = encode_step(self.encoder.encode(scheduled))
         with self._failures_explained():
             self.group.broadcast_bytes(message)
-            return self.runner.execute(scheduled)
+            return self.runner.execute(scheduled, between_layers)
 
     def release(self, request_ids: Iterable[str]) -> None:
         request_ids = list(request_ids)
