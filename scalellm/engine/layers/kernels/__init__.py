@@ -5,7 +5,8 @@ context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` r
 `int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
 `load_quantized_linear()` the linear op on weights kept in their GGUF codes (quantized_linear.cpp);
 `load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul` (a
-NormRotaryOps; see norm_rotary.cpp); `load_decode_layers()` one op that runs a Llama-family model's
+NormRotaryOps; see norm_rotary.cpp); `load_token_bitmask()` `apply_token_bitmask_(logits, bitmask,
+rows)`, grammar bitmasks applied to logits in place (token_bitmask.cpp); `load_decode_layers()` one op that runs a Llama-family model's
 decoder layers for a decode-only step by calling the others (decode_layers.cpp). Each is None when
 its kernel cannot be built (no C++ compiler, no ninja, a compile error); `kernel_load_error(name)`
 then says why. The kernels share the AVX-512 bfloat16 loads and stores of avx512_bf16.h.
@@ -54,6 +55,8 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off"]),
     # Calls the three above through the dispatcher: load them first (load_decode_layers does).
     "decode_layers": ("decode_layers.cpp", "decode_layers", []),
+    # Grammar bitmasks onto logits (structured outputs), AVX-512 or scalar.
+    "token_bitmask": ("token_bitmask.cpp", "apply_token_bitmask_", []),
 }
 
 
@@ -70,6 +73,11 @@ def load_int8_linear() -> Callable[..., torch.Tensor] | None:
 def load_quantized_linear() -> Callable[..., torch.Tensor] | None:
     """The compiled linear op on GGUF-quantized weights, or None when it cannot be built (warned once)."""
     return _build_kernel("quantized_linear")[0]
+
+
+def load_token_bitmask() -> Callable[..., torch.Tensor] | None:
+    """The compiled in-place grammar-bitmask op (token_bitmask.cpp), or None when it cannot be built."""
+    return _build_kernel("token_bitmask")[0]
 
 
 class NormRotaryOps(NamedTuple):
