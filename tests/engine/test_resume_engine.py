@@ -5,6 +5,8 @@ penalties) and on the mock engine (stop strings held across the seam)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import math
 
 import pytest
 
@@ -56,6 +58,35 @@ def test_continuation_equals_an_uninterrupted_run(engine, name):
     # a replica that drew other requests' samples before still draws the same tokens
     steps(engine, "noise", SamplingParams(temperature=1.0, seed=3, max_tokens=5, ignore_eos=True))
     assert steps(engine, f"again-{name}", params) == reference
+
+
+def test_unseeded_continuation_follows_the_models_distribution(engine):
+    """Unseeded sampling cannot repeat the lost run; the next token of a resumed request must be drawn
+    from the model's distribution given the prompt and the delivered tokens (chi-square over top-5)."""
+    delivered = [4321, 17, 999]
+    reference = SamplingParams(temperature=0, max_tokens=1, logprobs=5, ignore_eos=True)
+    engine.add_request("conditional", PROMPT + delivered, reference)
+    (output,) = [o for o in _drain(engine) if o.request_id == "conditional"]
+    top = output.outputs[0].logprobs[0]  # the model's 5 most likely next tokens (and the chosen one)
+    tokens = sorted(top, key=lambda t: -top[t].logprob)[:5]
+    weights = [math.exp(top[t].logprob) for t in tokens]
+    expected = [w / sum(weights) for w in weights]
+    assert max(expected) < 0.9, "a near-certain next token would make the test unable to fail"
+    draws = 1500
+    params = SamplingParams(temperature=1.0, top_k=5, max_tokens=len(delivered) + 1, ignore_eos=True)
+    for i in range(draws):
+        engine.add_request(f"draw-{i}", PROMPT, params, resume_token_ids=delivered)
+    drawn = collections.Counter(o.outputs[0].token_ids[-1] for o in _drain(engine) if o.finished)
+    assert sum(drawn.values()) == draws and set(drawn) <= set(tokens)
+    chi_square = sum((drawn[t] - draws * p) ** 2 / (draws * p) for t, p in zip(tokens, expected))
+    assert chi_square < 23.5, (drawn, expected)  # 4 degrees of freedom, p = 1e-4
+
+
+def _drain(engine: LLMEngine):
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    return outputs
 
 
 def test_structured_output_resumes_from_the_delivered_tokens(engine):
