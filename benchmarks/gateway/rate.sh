@@ -38,7 +38,7 @@ wait_http() {  # URL: until it answers 200
   echo "no answer from $1" >&2; exit 1
 }
 stop_all() { cleanup; pids=(); }
-on_rest() { taskset -c "$REST_CORE" "$@"; }
+on_rest() { taskset -c "$REST_CORE" "$@"; }  # in the foreground only: a backgrounded function is a subshell
 
 sweep() {  # NAME URL [ROUTER_PID]
   for mode in stream no-stream; do
@@ -53,7 +53,8 @@ sweep() {  # NAME URL [ROUTER_PID]
 
 http_mock() {  # LOG: an HTTP mock replica on the rest core; sets $port
   port=$(free_port)
-  on_rest "$SCALELLM" serve --no-gateway $MOCK --port "$port" --no-request-log > "$1" 2>&1 & pids+=($!)
+  taskset -c "$REST_CORE" "$SCALELLM" serve --no-gateway $MOCK --port "$port" --no-request-log > "$1" 2>&1 &
+  pids+=($!)
   wait_http "http://127.0.0.1:$port/health"
 }
 
@@ -77,7 +78,8 @@ stop_all
 replicas=()
 for i in 1 2; do
   port=$(free_port)
-  on_rest "$SCALELLM" replica $MOCK --port "$port" > "$OUT/logs/scalellm-mock-$i.log" 2>&1 & pids+=($!)
+  taskset -c "$REST_CORE" "$SCALELLM" replica $MOCK --port "$port" > "$OUT/logs/scalellm-mock-$i.log" 2>&1 &
+  pids+=($!)
   wait_port "$port"
   replicas+=(--replica "127.0.0.1:$port")
 done
