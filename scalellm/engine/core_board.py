@@ -5,8 +5,8 @@ cores). At low load most of them are idle, and their cores with them: one reques
 the speed of one core while the other waits. The board is a small shared file with one byte per
 replica, 1 while that replica has work. Before each step a replica marks itself busy and reads the
 others' bytes: when every other replica is idle it steps with `threads_alone` intra-op threads (the
-whole machine), otherwise with its own share. The engine borrows for small decode steps, and for
-steps with a prefill, which run layer by layer and re-read the board after every layer (see
+whole machine), otherwise with its own share. The engine borrows for small steps, and for steps
+of prefills alone, which run layer by layer and re-read the board after every layer (see
 engine_core.LEND_MAX_TOKENS): extra threads never outlive a wake-up by more than one small step or
 one layer. A replica marks itself busy before it reads, so of two replicas waking together at most
 one can see the other idle.

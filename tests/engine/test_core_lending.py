@@ -1,5 +1,5 @@
 """The engine steps on the whole machine only while its board says every other replica is idle: small
-decode steps, and steps with a prefill, which re-read the board after every layer."""
+steps, and steps of prefills alone, which re-read the board after every layer."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def test_engine_borrows_idle_cores_only_while_the_others_are_idle(tmp_path, toke
         assert torch.get_num_threads() == 2
         engine.step()  # a one-token decode with the other replica idle: the whole machine
         assert torch.get_num_threads() == 2
+        engine.add_request("mixed", list(range(50, 90)), params)
+        engine.step()  # a decode and a 40-token prefill in one step: a replica under load keeps its share
+        assert torch.get_num_threads() == 1
         other.step_threads()  # the other replica wakes up
         engine.step()
         assert torch.get_num_threads() == 1
