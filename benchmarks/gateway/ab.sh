@@ -44,7 +44,7 @@ http_mock() {  # LOG: start an HTTP mock replica; its URL in $mock_url (no subsh
 declare -A url pid
 systems=()
 if [ "$ROUTER" = 1 ]; then
-  [ -x "$ROUTER_VENV/bin/vllm-router" ] || { python3 -m venv "$ROUTER_VENV"; "$ROUTER_VENV/bin/pip" install -q vllm-router==0.1.17; }
+  install_router
   http_mock "$OUT/logs/direct.log"; url[direct]=$mock_url; pid[direct]=""; systems+=(direct)
   workers=()
   for i in 1 2; do http_mock "$OUT/logs/router-mock-$i.log"; workers+=("$mock_url"); done

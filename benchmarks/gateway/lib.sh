@@ -1,5 +1,5 @@
-# Shared by the gateway benchmarks (run.sh, ab.sh, tracing.sh, overload.sh): sourced after
-# PYTHON is set. Processes started with `& pids+=($!)` are killed when the script exits.
+# Shared by the gateway benchmarks (run.sh, ab.sh, rate.sh, tracing.sh, overload.sh): sourced after
+# PYTHON (and, for install_router, ROUTER_VENV) is set. Processes started with `& pids+=($!)` are killed when the script exits.
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -10,4 +10,17 @@ wait_port() {  # PORT: until something listens on it
     sleep 0.2
   done
   echo "nothing listens on $1" >&2; exit 1
+}
+wait_http() {  # URL: until it answers 200
+  for _ in $(seq 300); do
+    curl -sf -o /dev/null "$1" && return 0
+    sleep 0.2
+  done
+  echo "no answer from $1" >&2; exit 1
+}
+stop_all() { cleanup; pids=(); }
+install_router() {  # vllm-router 0.1.17 into ROUTER_VENV, once
+  [ -x "$ROUTER_VENV/bin/vllm-router" ] && return 0
+  python3 -m venv "$ROUTER_VENV"
+  "$ROUTER_VENV/bin/pip" install -q vllm-router==0.1.17
 }

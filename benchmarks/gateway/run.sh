@@ -26,20 +26,8 @@ ROUTER_VENV=${ROUTER_VENV:-$HOME/.cache/scalellm/peers/router}
 MOCK="--engine mock --tpot-ms 5 --ttft-ms 5"
 mkdir -p "$OUT/logs"
 
-if [ ! -x "$ROUTER_VENV/bin/vllm-router" ]; then
-  python3 -m venv "$ROUTER_VENV"
-  "$ROUTER_VENV/bin/pip" install -q vllm-router==0.1.17
-fi
-
-source benchmarks/gateway/lib.sh  # pids, cleanup on exit, free_port, wait_port
-wait_http() {  # URL: until it answers 200
-  for _ in $(seq 300); do
-    curl -sf -o /dev/null "$1" && return 0
-    sleep 0.2
-  done
-  echo "no answer from $1" >&2; exit 1
-}
-stop_all() { cleanup; pids=(); }
+source benchmarks/gateway/lib.sh  # pids, cleanup on exit, free_port, wait_port, wait_http, stop_all
+install_router
 
 bench() {  # NAME URL ROUTER_PID
   for mode in stream no-stream; do
