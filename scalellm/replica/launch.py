@@ -120,13 +120,14 @@ async def _serve_until_signal_or_failure(engine: EngineClient, config: ReplicaCo
     A dead engine loop never recovers (and with tensor parallelism its ranks are gone), so the replica
     stops instead of staying up unhealthy.
     """
+    from scalellm.process import freeze_loaded_objects
     from scalellm.rpc.server import serve_until_signal
 
     from scalellm.tracing import start_tracing, tracing_config
 
     tracing = start_tracing(tracing_config(config.otlp_traces_endpoint, "scalellm-replica"))
     serving = asyncio.ensure_future(serve_until_signal(engine, config.host, config.port, secret=config.secret,
-                                                       tracing=tracing))
+                                                       tracing=tracing, on_engine_started=freeze_loaded_objects))
     if config.mock is not None:
         await serving
         return None

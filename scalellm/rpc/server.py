@@ -19,12 +19,11 @@ import functools
 import logging
 import signal
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
 from scalellm.engine.client import EngineClient
-from scalellm.process import freeze_loaded_objects
 from scalellm.protocol.types import EngineHealth, RequestMetrics
 from scalellm.rpc import convert
 from scalellm.rpc.auth import SecretCheck
@@ -321,11 +320,13 @@ class ReplicaServer:
 
 
 async def serve_until_signal(engine: EngineClient, host: str, port: int, grace_s: float = 5.0, *,
-                             secret: str | None = None, tracing=None) -> None:
-    """Start the engine and the server, serve until SIGTERM or SIGINT, then stop both (and `tracing`,
-    exporting its last spans)."""
+                             secret: str | None = None, tracing=None,
+                             on_engine_started: Callable[[], None] | None = None) -> None:
+    """Start the engine (then call `on_engine_started`) and the server, serve until SIGTERM or SIGINT,
+    then stop both (and `tracing`, exporting its last spans)."""
     await engine.start()
-    freeze_loaded_objects()
+    if on_engine_started is not None:
+        on_engine_started()
     server = ReplicaServer(engine, host, port, secret=secret, tracing=tracing)
     try:
         await server.start()
