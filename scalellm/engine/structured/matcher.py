@@ -46,8 +46,8 @@ def attach_grammars(samples, compiled) -> None:
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """-inf on logits[r, t] for each r in rows and each token t the bitmask forbids (in place, float32).
 
-    The C++ op (layers/kernels/token_bitmask.cpp) writes -inf straight from the bitmask's words, 10x
-    faster than xgrammar's CPU apply on a 152k vocabulary; xgrammar's is the fallback where it cannot
+    The C++ op (layers/kernels/token_bitmask.cpp) writes -inf straight from the bitmask's words, 0.1-0.3
+    ms against 6.5 for xgrammar's CPU apply (16 rows of a 152k vocabulary); xgrammar's is the fallback where it cannot
     be built."""
     from scalellm.engine.layers.kernels import load_token_bitmask
 
