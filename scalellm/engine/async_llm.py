@@ -30,7 +30,7 @@ from scalellm.engine.output_processor import OutputProcessor
 from scalellm.engine.request import RequestStatus
 from scalellm.engine.structured import LazyGrammarCache, attach_grammars
 from scalellm.protocol.types import (EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput,
-                                     SamplingParams)
+                                     ResumedSample, SamplingParams)
 from scalellm.protocol.deltas import merge_delta
 
 STALL_SECONDS = 30.0
@@ -87,7 +87,8 @@ class AsyncLLM(EngineClient):
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                        metrics: RequestMetrics | None = None,
-                       resume_token_ids: Sequence[int] = (), final_only: bool = False) -> AsyncIterator[RequestOutput]:
+                       resumed_samples: Sequence[ResumedSample] = (), final_only: bool = False
+                       ) -> AsyncIterator[RequestOutput]:
         if self._error is not None:
             raise EngineDeadError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
@@ -96,13 +97,14 @@ class AsyncLLM(EngineClient):
         metrics.replica_receive_time = metrics.replica_receive_time or time.time()
         prompt_token_ids = self.input_processor.tokenize(prompt)
         samples = self.input_processor.make_requests(request_id, prompt_token_ids, params,
-                                                     resume_token_ids=resume_token_ids)
+                                                     resumed_samples=resumed_samples)
         if params.structured is not None:  # compiled off this thread and the engine's, with a deadline
             attach_grammars(samples, await self._grammars.compile(params.structured))
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = outputs
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None,
-                                          samples, metrics, delta=True, final_only=final_only)
+                                          samples, metrics, delta=True, final_only=final_only,
+                                          resumed_samples=resumed_samples)
         metrics.queued_time = time.time()
         self._send(("add", samples))
         finished = False

@@ -5,7 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import AsyncIterator, Sequence
 
-from scalellm.protocol.types import EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput, SamplingParams
+from scalellm.protocol.types import (EngineHealth, EngineLoad, PromptInput, RequestMetrics, RequestOutput,
+                                     ResumedSample, SamplingParams)
 
 
 class EngineClient(ABC):
@@ -33,7 +34,8 @@ class EngineClient(ABC):
     @abstractmethod
     def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                  metrics: RequestMetrics | None = None,
-                 resume_token_ids: Sequence[int] = (), final_only: bool = False) -> AsyncIterator[RequestOutput]:
+                 resumed_samples: Sequence[ResumedSample] = (), final_only: bool = False
+                 ) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs in delta mode.
 
         Each yielded `RequestOutput` holds only what is new since the previous one (text, token ids,
@@ -43,11 +45,14 @@ class EngineClient(ABC):
         template rejects. Closing the iterator early (the caller cancelled) aborts the request and frees
         its KV blocks. `metrics`, when given, carries timestamps taken before the engine saw the request.
 
-        `resume_token_ids` (failover, n = 1): output tokens another replica already generated and
-        delivered. The request continues after them as if it had generated them itself: they count
-        toward max_tokens and the penalties, a grammar is advanced past them, and the outputs
-        start with the first new token (no text of theirs is repeated); num_prompt_tokens stays
-        the prompt's. With a seed or greedy sampling the continuation equals an uninterrupted run.
+        `resumed_samples` (failover): when given, only these samples run, each as sample `index` of
+        the request's n, after the output tokens another replica already generated and delivered.
+        Each continues as if it had generated them itself: they count toward max_tokens and the
+        penalties, a grammar is advanced past them, its cumulative logprob continues from the
+        delivered one, and its outputs start with the first new token (no text of theirs is
+        repeated); num_prompt_tokens stays the prompt's. With a seed or greedy sampling the
+        continuation equals an uninterrupted run. Bad samples (an index not below n or listed twice,
+        token ids outside the vocabulary, no output left to generate) raise `ValueError`.
 
         `final_only`: yield one output, when the request finishes, holding what the delta outputs
         would have held together (text, token ids, logprobs, finish and stop reasons per sample).

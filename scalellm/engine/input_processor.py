@@ -7,7 +7,7 @@ import time
 from typing import Sequence
 
 from scalellm.engine.request import Request
-from scalellm.protocol.types import ChatPrompt, InfillPrompt, PromptInput, SamplingParams
+from scalellm.protocol.types import ChatPrompt, InfillPrompt, PromptInput, ResumedSample, SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
@@ -76,12 +76,14 @@ class InputProcessor:
         return f"{prefix}{prompt.prefix}{suffix}{prompt.suffix}{middle}"
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                      arrival_time: float | None = None, resume_token_ids: Sequence[int] = ()) -> list[Request]:
-        """One Request per sample (n of them); ids are request_id, or request_id#i when n > 1.
+                      arrival_time: float | None = None,
+                      resumed_samples: Sequence[ResumedSample] = ()) -> list[Request]:
+        """One Request per sample; ids are request_id, or request_id#i for sample i when n > 1.
 
-        resume_token_ids: output tokens a failed replica already generated for this request (n = 1
-        only). The sample starts with them as its output: they are prefilled with the prompt, count
-        toward max_tokens, min_tokens and the penalties, and generation continues after them.
+        resumed_samples: the samples of this request a failed replica left unfinished; when given,
+        only these become Requests, each as sample `index` (its seeding and its outputs' index) that
+        starts with the tokens already delivered as its output: they are prefilled with the prompt,
+        count toward max_tokens, min_tokens and the penalties, and generation continues after them.
         """
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
@@ -91,26 +93,35 @@ class InputProcessor:
                              f"{self.max_model_len} tokens; shorten the prompt")
         room = self.max_model_len - num_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        resumed = self._check_resume(list(resume_token_ids), params, max_tokens)
+        self._check_resumed(resumed_samples, params, max_tokens)
+        if resumed_samples:
+            delivered = {sample.index: list(sample.token_ids) for sample in resumed_samples}
+        else:
+            delivered = {index: [] for index in range(params.n)}
         arrival = arrival_time or time.time()
-        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        return [Request(request_id=child_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
-                        max_tokens=max_tokens, eos_token_id=self.eos_token_id,
-                        other_eos_token_ids=self.other_eos_token_ids, sample_index=i,
-                        arrival_time=arrival, output_token_ids=list(resumed),
-                        all_token_ids=prompt_token_ids + resumed) for i, child_id in enumerate(ids)]
+        return [Request(request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+                        prompt_token_ids=prompt_token_ids, sampling_params=params, max_tokens=max_tokens,
+                        eos_token_id=self.eos_token_id, other_eos_token_ids=self.other_eos_token_ids,
+                        sample_index=index, arrival_time=arrival, output_token_ids=output_token_ids,
+                        all_token_ids=prompt_token_ids + output_token_ids)
+                for index, output_token_ids in sorted(delivered.items())]
 
-    def _check_resume(self, resume_token_ids: list[int], params: SamplingParams, max_tokens: int) -> list[int]:
-        if not resume_token_ids:
-            return []
-        if params.n != 1:
-            raise ValueError("a request can only be resumed with its output tokens when n is 1")
-        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in resume_token_ids):
-            raise ValueError(f"resumed output token ids must be integers in [0, {self.vocab_size})")
-        if len(resume_token_ids) >= max_tokens:
-            raise ValueError(f"the request already has {len(resume_token_ids)} output tokens of the "
-                             f"{max_tokens} it may generate; nothing is left to resume")
-        return resume_token_ids
+    def _check_resumed(self, resumed_samples: Sequence[ResumedSample], params: SamplingParams,
+                       max_tokens: int) -> None:
+        seen: set[int] = set()
+        for sample in resumed_samples:
+            if not (isinstance(sample.index, int) and 0 <= sample.index < params.n):
+                raise ValueError(f"resumed sample index {sample.index} is not a sample of this request "
+                                 f"(n = {params.n}); send indices in [0, {params.n})")
+            if sample.index in seen:
+                raise ValueError(f"resumed sample index {sample.index} is listed twice; list each sample once")
+            seen.add(sample.index)
+            if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in sample.token_ids):
+                raise ValueError(f"resumed output token ids must be integers in [0, {self.vocab_size}) "
+                                 f"(sample {sample.index})")
+            if len(sample.token_ids) >= max_tokens:
+                raise ValueError(f"resumed sample {sample.index} already has {len(sample.token_ids)} output "
+                                 f"tokens of the {max_tokens} it may generate; nothing is left to resume")
 
 
 def template_reads_tools(template) -> bool:

@@ -10,7 +10,7 @@ from scalellm.engine.input_processor import InputProcessor
 from scalellm.engine.output_processor import OutputProcessor
 from scalellm.engine.request import RequestStatus
 from scalellm.engine.structured import LazyGrammarCache, attach_grammars
-from scalellm.protocol.types import PromptInput, RequestMetrics, RequestOutput, SamplingParams
+from scalellm.protocol.types import PromptInput, RequestMetrics, RequestOutput, ResumedSample, SamplingParams
 
 
 class LLMEngine:
@@ -28,22 +28,23 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                     metrics: RequestMetrics | None = None, delta: bool = False,
-                    resume_token_ids: Sequence[int] = ()) -> int:
+                    resumed_samples: Sequence[ResumedSample] = ()) -> int:
         """Validate, tokenize and queue a request; returns its number of prompt tokens.
 
         delta=True reports only what is new at each step; False reports the whole result once finished.
-        resume_token_ids: output already generated elsewhere (see InputProcessor.make_requests); the
-        outputs then continue after it without repeating it.
+        resumed_samples: run only these samples, after the output already generated elsewhere (see
+        InputProcessor.make_requests); the outputs then continue after it without repeating it.
         """
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in flight")
         prompt_token_ids = self.input_processor.tokenize(prompt)
         samples = self.input_processor.make_requests(request_id, prompt_token_ids, params,
-                                                     resume_token_ids=resume_token_ids)
+                                                     resumed_samples=resumed_samples)
         if params.structured is not None:
             attach_grammars(samples, self.grammars.compile_blocking(params.structured))
         text = prompt if isinstance(prompt, str) else None
-        self.output_processor.add_request(request_id, text, samples, metrics, delta)
+        self.output_processor.add_request(request_id, text, samples, metrics, delta,
+                                          resumed_samples=resumed_samples)
         self.core.add_requests(samples)
         return len(prompt_token_ids)
 

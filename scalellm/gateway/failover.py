@@ -2,50 +2,65 @@
 
     replica A   chunk ─ chunk ─ chunk ─ ✗   (killed, connection lost, breaker opened, drained)
                                         │
-                                        └─ resume: the same request + the output token ids delivered
+                                        └─ resume: the same request + each unfinished sample's
+                                           delivered output token ids and cumulative logprob
     replica B                              prefill prompt + delivered ─ chunk ─ … ─ finished
 
-The client sees one stream (or one body): no repeated and no missing text, usage counting each
-token once. The replica does the seam's work (GenerateRequest.resume_token_ids): the delivered
-tokens count toward max_tokens and the penalties, its detokenizer starts after their released text,
-and seeded sampling draws as a function of (seed, position), so greedy and seeded requests continue
-exactly as an uninterrupted run would. A resume that fails too moves on to the next replica; when
-none is left the request ends with an error (an error event in a stream), never a hang.
+Every request shape resumes: one sample, n samples of one prompt (the samples that had not finished
+continue, each under its own index; the finished ones are not run again), and completions with
+several prompts (each prompt's replica request is a ResumingStream of its own, with its own set of
+replicas tried, merged by serving.MergedStreams).
 
-Only single-sample requests (n = 1, one prompt) resume; the others fail as before (a stream ends
-with an error event; a non-streamed request reruns from the start elsewhere).
+The client sees one stream (or one body): no repeated and no missing text, usage counting each
+token once. The replica does the seam's work (GenerateRequest.resumed_samples): the delivered
+tokens count toward max_tokens and the penalties, its detokenizer starts after their released text,
+the cumulative logprob continues from the delivered one, and seeded sampling draws as a function of
+(seed, sample index, position), so greedy and seeded requests continue exactly as an uninterrupted
+run would. A sample whose every token was delivered, with only its finish lost, is finished here
+("length") instead of resumed. A resume that fails too moves on to the next replica; when none is
+left the request ends with an error (an error event in a stream), never a hang.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from scalellm.protocol.types import FINISH_LENGTH, CompletionOutput, RequestOutput
+from scalellm.protocol.types import FINISH_LENGTH, CompletionOutput, RequestOutput, ResumedSample
 from scalellm.rpc.client import ReplicaError
 
 logger = logging.getLogger("scalellm.gateway.failover")
 
-StartAttempt = Callable[[list[int], object], Awaitable[tuple]]
-"""Given the delivered output token ids and the dispatch that failed, dispatch the request to a
-replica it has not failed on and return (dispatch, stream, first output); raises OpenAIError when
-no replica is left."""
+StartAttempt = Callable[[list[ResumedSample], object], Awaitable[tuple]]
+"""Given the samples to resume (each after its delivered output) and the dispatch that failed,
+dispatch the request to a replica it has not failed on and return (dispatch, stream, first output);
+raises OpenAIError when no replica is left."""
 
 NOT_RESUMED = frozenset({504})
 """Failures that end the request instead: the deadline (it is the whole request's)."""
 
 
+@dataclass
+class _Delivered:
+    """What one sample's client got so far."""
+
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    finished: bool = False
+
+
 class ResumingStream:
-    """One single-sample request's outputs across replicas. The serving loop uses it both as the
+    """One prompt's outputs (its n samples) across replicas. The serving loop uses it both as the
     stream and as the dispatch (`finish`, `replica`), like MergedStreams."""
 
-    def __init__(self, start: StartAttempt, attempt: tuple, max_tokens: int | None) -> None:
-        """attempt: the first (dispatch, stream, first output); max_tokens: the request's cap on output
-        tokens after context capping, None when unknown."""
+    def __init__(self, start: StartAttempt, attempt: tuple, n: int, max_tokens: int | None) -> None:
+        """attempt: the first (dispatch, stream, first output); n: the request's samples; max_tokens:
+        its cap on output tokens per sample after context capping, None when unknown."""
         self._start = start
         self.dispatch, self._stream, first = attempt
         self._max_tokens = max_tokens
-        self._delivered: list[int] = []
+        self._samples = [_Delivered() for _ in range(n)]
         self._finished = False
         self.num_resumes = 0
         self.first = self._note(first)
@@ -57,7 +72,11 @@ class ResumingStream:
 
     def _note(self, output: RequestOutput) -> RequestOutput:
         for sample in output.outputs:
-            self._delivered.extend(sample.token_ids)
+            delivered = self._samples[sample.index]
+            delivered.token_ids.extend(sample.token_ids)
+            if sample.cumulative_logprob is not None:
+                delivered.cumulative_logprob = sample.cumulative_logprob
+            delivered.finished = delivered.finished or sample.finish_reason is not None
         self._finished = output.finished
         return output
 
@@ -79,17 +98,28 @@ class ResumingStream:
             yield self._note(await self._resume(failure))
 
     async def _resume(self, failure: ReplicaError) -> RequestOutput:
-        """Leave the failed replica and continue elsewhere; the new attempt's first output."""
+        """Leave the failed replica and continue its unfinished samples elsewhere; the output to pass on
+        next (the new attempt's first, with the finishes that were lost)."""
         self.dispatch.finish(False)
         await self._stream.aclose()
-        if self._max_tokens is not None and len(self._delivered) >= self._max_tokens:
-            # Everything was delivered; only the finish was lost with the replica.
-            sample = CompletionOutput(index=0, finish_reason=FINISH_LENGTH)
-            return RequestOutput(request_id="", outputs=[sample], finished=True)
-        logger.warning("%s; resuming after %d delivered tokens", failure.message, len(self._delivered))
-        self.dispatch, self._stream, first = await self._start(list(self._delivered), self.dispatch)
+        unfinished = [(index, s) for index, s in enumerate(self._samples) if not s.finished]
+        lost_finishes = [CompletionOutput(index=index, cumulative_logprob=s.cumulative_logprob,
+                                          finish_reason=FINISH_LENGTH)
+                         for index, s in unfinished if self._all_delivered(s)]
+        resumed = [ResumedSample(index, tuple(s.token_ids), s.cumulative_logprob)
+                   for index, s in unfinished if not self._all_delivered(s)]
+        if not resumed:  # everything was delivered; only the finishes were lost with the replica
+            return RequestOutput(request_id="", outputs=lost_finishes, finished=True)
+        logger.warning("%s; resuming samples %s after %s delivered tokens", failure.message,
+                       [sample.index for sample in resumed], "+".join(str(len(s.token_ids)) for s in resumed))
+        self.dispatch, self._stream, first = await self._start(resumed, self.dispatch)
         self.num_resumes += 1
+        if lost_finishes:
+            first.outputs = sorted(lost_finishes + first.outputs, key=lambda sample: sample.index)
         return first
+
+    def _all_delivered(self, sample: _Delivered) -> bool:
+        return self._max_tokens is not None and len(sample.token_ids) >= self._max_tokens
 
     async def aclose(self) -> None:
         await self._stream.aclose()

@@ -4,8 +4,8 @@ One path for every request:
 
     admit (auth, draining, rate limit, in-flight cap) → parse → dispatch to a replica → first output
       └─ ReplicaUnavailable before the first output: count the failure, try another replica
-      └─ a replica failure after some output: resume on another replica after the delivered tokens
-         (failover.py; single-sample requests)
+      └─ a replica failure after some output: resume the unfinished samples on another replica after
+         their delivered tokens (failover.py; each prompt of a completions request on its own)
     → stream events or build the body → release the replica's load and the admission slot (always)
 
 Successful responses carry the request's stage timestamps as the non-standard ``scalellm_timings``
@@ -37,7 +37,7 @@ from scalellm.gateway.router import Dispatch, NoReplicaAvailable, Router
 from scalellm.protocol.openai import (OpenAIError, ParsedRequest, created_now, new_request_id,
                                       parse_chat_request, parse_completion_request)
 from scalellm.protocol.tool_parsers import tool_parser_for_model
-from scalellm.protocol.types import RequestMetrics, RequestOutput, SamplingParams
+from scalellm.protocol.types import RequestMetrics, RequestOutput, ResumedSample, SamplingParams
 
 CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 ROUTES = (CHAT, COMPLETIONS, RESPONSES)
@@ -220,7 +220,8 @@ class InferenceService:
 
     async def _start_many(self, parsed: ParsedRequest, record: RequestRecord):
         """Completions with several prompts: one replica request per prompt, their outputs merged
-        (choice index = prompt * n + sample). No failover once any prompt has started."""
+        (choice index = prompt * n + sample). Each prompt's request resumes on its own (ResumingStream,
+        with its own set of replicas tried) when its replica fails after output."""
         prompts = [parsed.prompt, *parsed.extra_prompts]
         started = []
         try:
@@ -228,7 +229,9 @@ class InferenceService:
                 one = dataclasses.replace(parsed, prompt=prompt, extra_prompts=None)
                 sub_record = RequestRecord(f"{record.request_id}-{i}", record.route, record.receive_time)
                 sub_record.trace = record.trace  # each prompt's replica span joins the request's trace
-                started.append(await self._start(one, sub_record, set()))
+                tried: set[int] = set()
+                attempt = await self._start(one, sub_record, tried)
+                started.append(self._resumable(one, sub_record, tried, attempt))
         except BaseException:
             for dispatch, stream, _ in started:
                 await self._abandon(dispatch, stream, ok=None)
@@ -239,27 +242,27 @@ class InferenceService:
         return merged, merged, merged.first
 
     def _resumable(self, parsed: ParsedRequest, record: RequestRecord, tried: set[int], attempt: tuple):
-        """The attempt as a ResumingStream (failover.py) when the request can resume: one sample."""
-        if parsed.params.n != 1:
-            return attempt
+        """The attempt (one prompt's request) as a ResumingStream (failover.py): when its replica fails
+        after output, its unfinished samples continue on a replica not in `tried`."""
 
-        async def resume(delivered: list[int], failed: Dispatch):
+        async def resume(samples: list[ResumedSample], failed: Dispatch):
             tried.add(failed.replica.index)
-            return await self._start(parsed, record, tried, delivered)
+            return await self._start(parsed, record, tried, samples)
 
         max_tokens, first = parsed.params.max_tokens, attempt[2]
         if self.model.max_model_len and first.num_prompt_tokens:
             room = self.model.max_model_len - first.num_prompt_tokens
             max_tokens = room if max_tokens is None else min(max_tokens, room)
-        stream = ResumingStream(resume, attempt, max_tokens)
+        stream = ResumingStream(resume, attempt, parsed.params.n, max_tokens)
         return stream, stream, stream.first
 
     async def _start(self, parsed: ParsedRequest, record: RequestRecord, tried: set[int],
-                     resume_token_ids: list[int] | None = None):
+                     resumed_samples: list[ResumedSample] | None = None):
         """Dispatch and wait for the first output, failing over while no byte reached the client.
 
         `tried` holds the replicas that already failed this request; it grows with each failure.
-        resume_token_ids: the output already delivered, when resuming after a failure (failover.py).
+        resumed_samples: the unfinished samples after their delivered output, when resuming after a
+        failure (failover.py).
         """
         route = RouteRequest(parsed.affinity_key, parsed.num_prompt_tokens_estimate
                              + parsed.params.n * (parsed.params.max_tokens or 256))
@@ -272,7 +275,7 @@ class InferenceService:
             record.routed_time = time.time()
             record.replica = dispatch.replica.address
             record.attempts += 1
-            stream = self._generate(dispatch, parsed, record, resume_token_ids)
+            stream = self._generate(dispatch, parsed, record, resumed_samples)
             try:
                 first = await stream.__anext__()
                 record.first_output_time = time.time()
@@ -314,12 +317,12 @@ class InferenceService:
         return "".join(texts)
 
     def _generate(self, dispatch: Dispatch, parsed: ParsedRequest, record: RequestRecord,
-                  resume_token_ids: list[int] | None = None):
+                  resumed_samples: list[ResumedSample] | None = None):
         """The replica's output stream for the request (with its trace context when traced, after the
         delivered output when resuming, and as one output at the end when not streamed)."""
         client, args = dispatch.replica.client, (record.request_id, parsed.prompt, parsed.params,
                                                  record.receive_time, self.config.request_timeout_s)
-        extra = {"resume_token_ids": resume_token_ids} if resume_token_ids else {}
+        extra = {"resumed_samples": resumed_samples} if resumed_samples else {}
         if not parsed.stream:  # nothing leaves before the end: one message per request from the replica
             extra["final_only"] = True
         if record.trace is not None:

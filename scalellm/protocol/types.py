@@ -155,6 +155,19 @@ PromptInput = Union[str, list[int], ChatPrompt, InfillPrompt]
 """Text (tokenized as is), token ids (used as is), a chat conversation, or a fill-in-the-middle gap."""
 
 
+@dataclass(frozen=True)
+class ResumedSample:
+    """One unfinished sample of a request that continues on another replica (failover): the engine
+    runs it as sample `index` of the request's n, after the output another replica already delivered."""
+
+    index: int
+    """The sample's original index in 0 .. n-1 (its seeded draws and its outputs' `index` keep it)."""
+    token_ids: tuple[int, ...] = ()
+    """The output token ids already delivered; generation continues after them."""
+    cumulative_logprob: float | None = None
+    """The sum of the delivered tokens' logprobs, when it was reported; the sample's sum continues from it."""
+
+
 @dataclass
 class Logprob:
     """One token's log-probability under the model's raw distribution (before temperature and penalties)."""

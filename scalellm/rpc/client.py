@@ -15,7 +15,8 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from scalellm.protocol.types import EngineHealth, EngineLoad, PromptInput, RequestOutput, SamplingParams
+from scalellm.protocol.types import (EngineHealth, EngineLoad, PromptInput, RequestOutput, ResumedSample,
+                                     SamplingParams)
 from scalellm.rpc import convert
 from scalellm.rpc.channel import client_options, secret_metadata
 
@@ -73,12 +74,14 @@ class ReplicaClient:
 
     async def generate(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                        gateway_receive_time: float, timeout_s: float | None = None,
-                       resume_token_ids: Sequence[int] = (), trace_context: dict[str, str] | None = None,
+                       resumed_samples: Sequence[ResumedSample] = (),
+                       trace_context: dict[str, str] | None = None,
                        final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Stream delta RequestOutputs; the last has finished=True and carries the stage timings.
 
-        resume_token_ids: continue a request another replica failed after delivering these output
-        tokens (see GenerateRequest.resume_token_ids); the outputs hold only what follows them.
+        resumed_samples: continue a request another replica failed: only these samples run, each after
+        its delivered output tokens (see GenerateRequest.resumed_samples); the outputs hold only what
+        follows them, under the samples' own indices.
         trace_context: the W3C carrier of the gateway's span, when it traces the request.
         final_only: the replica sends one output, when the request finishes, with what the deltas would
         have carried (GenerateRequest.final_only): for non-streamed requests.
@@ -88,7 +91,7 @@ class ReplicaClient:
         (or cancelling the task reading it) before the last output aborts the request in the engine.
         """
         try:
-            request = convert.encode_request(request_id, prompt, params, gateway_receive_time, resume_token_ids,
+            request = convert.encode_request(request_id, prompt, params, gateway_receive_time, resumed_samples,
                                              final_only)
         except ValueError as error:
             raise ReplicaError(str(error), 400) from None

@@ -25,6 +25,7 @@ from scalellm.protocol.types import (
     PromptInput,
     RequestMetrics,
     RequestOutput,
+    ResumedSample,
     SamplingParams,
     StructuredOutput,
 )
@@ -84,8 +85,9 @@ class GenerateArgs(NamedTuple):
     prompt: PromptInput
     params: SamplingParams
     gateway_receive_time: float
-    resume_token_ids: list[int]
-    """Output already delivered by a failed replica (see GenerateRequest.resume_token_ids); [] if new."""
+    resumed_samples: list[ResumedSample]
+    """The unfinished samples a failed replica left, after their delivered output
+    (see GenerateRequest.resumed_samples); [] for a new request."""
     final_only: bool = False
     """Send one chunk, when the request finishes (see GenerateRequest.final_only)."""
 
@@ -93,12 +95,14 @@ class GenerateArgs(NamedTuple):
 # --- GenerateRequest ---------------------------------------------------------------------------
 
 def encode_request(request_id: str, prompt: PromptInput, params: SamplingParams,
-                   gateway_receive_time: float, resume_token_ids: Sequence[int] = (),
+                   gateway_receive_time: float, resumed_samples: Sequence[ResumedSample] = (),
                    final_only: bool = False) -> Any:
     """Build a GenerateRequest. Raises ValueError for chat content that is not text."""
     request = pb.GenerateRequest(request_id=request_id, params=_encode_params(params),
-                                 gateway_receive_time=gateway_receive_time, resume_token_ids=resume_token_ids,
-                                 final_only=final_only)
+                                 gateway_receive_time=gateway_receive_time, final_only=final_only,
+                                 resumed_samples=[pb.ResumedSample(index=s.index, token_ids=s.token_ids,
+                                                                   cumulative_logprob=s.cumulative_logprob)
+                                                  for s in resumed_samples])
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, ChatPrompt):
@@ -127,8 +131,11 @@ def decode_request(request: Any) -> GenerateArgs:
         prompt = InfillPrompt(request.infill.prefix, request.infill.suffix)
     else:
         raise ValueError("the request has no prompt: send text, token ids or chat messages")
+    resumed = [ResumedSample(s.index, tuple(s.token_ids),
+                             s.cumulative_logprob if s.HasField("cumulative_logprob") else None)
+               for s in request.resumed_samples]
     return GenerateArgs(request.request_id, prompt, _decode_params(request.params),
-                        request.gateway_receive_time, list(request.resume_token_ids), request.final_only)
+                        request.gateway_receive_time, resumed, request.final_only)
 
 
 def set_trace_context(request: Any, carrier: dict[str, str]) -> None:

@@ -160,7 +160,7 @@ class ReplicaService:
         if self._tracing is not None:
             trace = self._request_trace(self._tracing, convert.trace_context(request), args.request_id,
                                         self._engine.model_name, args.params, metrics)
-        extra = {"resume_token_ids": args.resume_token_ids} if args.resume_token_ids else {}
+        extra = {"resumed_samples": args.resumed_samples} if args.resumed_samples else {}
         if args.final_only:
             extra["final_only"] = True
         stream = self._engine.generate(args.request_id, args.prompt, args.params, metrics, **extra)

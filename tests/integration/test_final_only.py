@@ -12,6 +12,7 @@ import uvloop
 
 from scalellm.gateway.rendering import ResponseBuilder
 from scalellm.protocol.openai import parse_chat_request, parse_completion_request
+from scalellm.protocol.types import ResumedSample
 from scalellm.replica.mock_engine import MockEngine
 from scalellm.rpc.client import ReplicaClient
 from scalellm.rpc.server import ReplicaServer
@@ -80,11 +81,11 @@ def test_final_only_after_resumed_tokens_holds_only_the_new_output():
                                                     "logprobs": 1}), 64, 256)
 
     async def scenario(client):
-        delivered = [0, 1, 2]
+        delivered = [ResumedSample(0, (0, 1, 2), -1.5)]
         chunks = [o async for o in client.generate("a", parsed.prompt, parsed.params, 0.0,
-                                                   resume_token_ids=delivered)]
+                                                   resumed_samples=delivered)]
         final = [o async for o in client.generate("b", parsed.prompt, parsed.params, 0.0,
-                                                  resume_token_ids=delivered, final_only=True)]
+                                                  resumed_samples=delivered, final_only=True)]
         return chunks, final
 
     chunks, final = run_with_replica(scenario)

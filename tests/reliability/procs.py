@@ -130,16 +130,17 @@ def is_openai_error(payload: bytes) -> bool:
     return isinstance(error, dict) and set(error) == {"message", "type", "param", "code"} and bool(error["message"])
 
 
-def stream_events(port: int, body: bytes, deadline_s: float, on_event=None) -> tuple[int, list[bytes], bool]:
-    """POST a streamed request over a raw socket; returns (status, SSE data payloads, clean end).
+def stream_events(port: int, body: bytes, deadline_s: float, on_event=None,
+                  path: str = "/v1/chat/completions") -> tuple[int, list[bytes], bool]:
+    """POST a streamed request to `path` over a raw socket; returns (status, SSE data payloads, clean end).
 
     Every read has a deadline: a stream that neither ends nor sends within `deadline_s` fails the test.
     `clean end` is True when the chunked body ended with its zero-length chunk.
     """
     sock = socket.create_connection(("127.0.0.1", port), timeout=deadline_s)
     try:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b"
-                     % (len(body), body))
+        sock.sendall(b"POST %b HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b"
+                     % (path.encode(), len(body), body))
         reader = sock.makefile("rb")
         status = int(reader.readline().split()[1])
         headers = {}

@@ -14,6 +14,7 @@ from scalellm.protocol.types import (
     Logprob,
     RequestMetrics,
     RequestOutput,
+    ResumedSample,
     SamplingParams,
 )
 from scalellm.rpc import convert
@@ -78,6 +79,13 @@ def test_optional_zero_is_not_none(field):
     assert getattr(_round_trip_request("x", params).params, field) == value
     params = SamplingParams(**{field: None})
     assert getattr(_round_trip_request("x", params).params, field) is None
+
+
+def test_resumed_samples_round_trip():
+    resumed = [ResumedSample(0, (5, 6, 7), -3.25), ResumedSample(2, (), None), ResumedSample(3, (1,), 0.0)]
+    request = convert.encode_request("r", "x", SamplingParams(n=4), 0.0, resumed)
+    assert convert.decode_request(_wire(request)).resumed_samples == resumed
+    assert convert.decode_request(_wire(convert.encode_request("r", "x", SamplingParams(), 0.0))).resumed_samples == []
 
 
 def test_missing_prompt_is_a_value_error():

@@ -104,8 +104,18 @@ class SamplingParameters(_message.Message):
     priority: int
     def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., include_stop_str_in_output: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., logprobs: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ..., structured: _Optional[_Union[StructuredOutput, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
+class ResumedSample(_message.Message):
+    __slots__ = ("index", "token_ids", "cumulative_logprob")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CUMULATIVE_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    cumulative_logprob: float
+    def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., cumulative_logprob: _Optional[float] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "chat", "infill", "add_generation_prompt", "params", "gateway_receive_time", "trace_context", "resume_token_ids", "final_only")
+    __slots__ = ("request_id", "text", "token_ids", "chat", "infill", "add_generation_prompt", "params", "gateway_receive_time", "trace_context", "resumed_samples", "final_only")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,7 +132,7 @@ class GenerateRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_RECEIVE_TIME_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
-    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
@@ -133,9 +143,9 @@ class GenerateRequest(_message.Message):
     params: SamplingParameters
     gateway_receive_time: float
     trace_context: _containers.ScalarMap[str, str]
-    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    resumed_samples: _containers.RepeatedCompositeFieldContainer[ResumedSample]
     final_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., add_generation_prompt: _Optional[bool] = ..., params: _Optional[_Union[SamplingParameters, _Mapping]] = ..., gateway_receive_time: _Optional[float] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., final_only: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., add_generation_prompt: _Optional[bool] = ..., params: _Optional[_Union[SamplingParameters, _Mapping]] = ..., gateway_receive_time: _Optional[float] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., resumed_samples: _Optional[_Iterable[_Union[ResumedSample, _Mapping]]] = ..., final_only: _Optional[bool] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "rank", "decoded_token")
