@@ -207,7 +207,9 @@ def test_role_chunk_is_not_the_first_token_and_e2e_ends_at_the_last_choice(serve
     assert role_first["median_ttft_ms"] == pytest.approx(TTFT_S * 1000, abs=TOLERANCE_S * 1000)
     results, slow_done = measure(server, model="slow-done", num_requests=3)
     assert slow_done["median_e2el_ms"] == pytest.approx(E2E_S * 1000, abs=TOLERANCE_S * 1000)
-    assert all(r.stream_end - r.latency >= SLOW_DONE_S - 0.002 for r in results)
+    # E2E stops at the last choice, not at [DONE] SLOW_DONE_S later (half of it: a late read of the
+    # last chunk on a loaded machine shortens the gap, but never to nothing).
+    assert all(r.stream_end - r.latency >= SLOW_DONE_S / 2 for r in results)
 
 
 def test_not_streamed_ttft_is_e2e(server):
