@@ -48,10 +48,8 @@ if [ "$ROUTER" = 1 ]; then
   http_mock "$OUT/logs/direct.log"; url[direct]=$mock_url; pid[direct]=""; systems+=(direct)
   workers=()
   for i in 1 2; do http_mock "$OUT/logs/router-mock-$i.log"; workers+=("$mock_url"); done
-  port=$(free_port)
-  "$ROUTER_VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" --worker-urls "${workers[@]}" \
-    --policy power_of_two --log-level warning > "$OUT/logs/vllm-router.log" 2>&1 & pid[vllm-router]=$!
-  pids+=(${pid[vllm-router]}); wait_port "$port"; url[vllm-router]="http://127.0.0.1:$port"; systems+=(vllm-router)
+  start_router "$OUT/logs/vllm-router.log" "${workers[@]}"
+  pid[vllm-router]=$router; url[vllm-router]=$router_url; systems+=(vllm-router)
 fi
 replicas=()
 for i in 1 2; do

@@ -19,6 +19,16 @@ wait_http() {  # URL: until it answers 200
   echo "no answer from $1" >&2; exit 1
 }
 stop_all() { cleanup; pids=(); }
+start_router() {  # LOG WORKER_URL...: vllm-router (power of two) over the workers, pinned to ROUTER_CPUS if
+  # set; its pid in $router and its URL in $router_url once it answers
+  local log=$1; shift
+  local port; port=$(free_port)
+  local pin=(); [ -n "${ROUTER_CPUS:-}" ] && pin=(taskset -c "$ROUTER_CPUS")
+  "${pin[@]}" "$ROUTER_VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" --worker-urls "$@" \
+    --policy power_of_two --log-level warning > "$log" 2>&1 & router=$!; pids+=($router)
+  router_url="http://127.0.0.1:$port"
+  wait_http "$router_url/health"
+}
 install_router() {  # vllm-router 0.1.17 into ROUTER_VENV, once
   [ -x "$ROUTER_VENV/bin/vllm-router" ] && return 0
   python3 -m venv "$ROUTER_VENV"

@@ -55,12 +55,8 @@ for i in 1 2; do
   http_mock "$OUT/logs/vllm-router-mock-$i.log"
   workers+=("http://127.0.0.1:$port")
 done
-port=$(free_port)
-taskset -c "$ROUTER_CORE" "$ROUTER_VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" \
-  --worker-urls "${workers[@]}" --policy power_of_two --log-level warning > "$OUT/logs/vllm-router.log" 2>&1 &
-router=$!; pids+=($router)
-wait_http "http://127.0.0.1:$port/health"
-sweep vllm-router "http://127.0.0.1:$port" "$router"
+ROUTER_CPUS=$ROUTER_CORE start_router "$OUT/logs/vllm-router.log" "${workers[@]}"
+sweep vllm-router "$router_url" "$router"
 stop_all
 
 replicas=()

@@ -51,11 +51,8 @@ for _ in 1 2; do
   wait_http "http://127.0.0.1:$port/health"
   workers+=("http://127.0.0.1:$port")
 done
-port=$(free_port)
-"$ROUTER_VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" --worker-urls "${workers[@]}" --policy power_of_two \
-  --log-level warning > "$OUT/logs/vllm-router.log" 2>&1 & router=$!; pids+=($router)
-wait_http "http://127.0.0.1:$port/health"
-bench vllm-router "http://127.0.0.1:$port" "$router"
+start_router "$OUT/logs/vllm-router.log" "${workers[@]}"
+bench vllm-router "$router_url" "$router"
 stop_all
 
 # scalellm gateway over two gRPC mock replicas
