@@ -9,8 +9,8 @@ and each event splices in only the new text, logprobs and finish reason.
 from __future__ import annotations
 
 import math
+import random
 import time
-import uuid
 from dataclasses import dataclass
 
 import orjson
@@ -203,12 +203,17 @@ def _bounded(name: str, value, schema: dict):
     return value
 
 
+_SAMPLING_DEFAULTS = {name: default for name, (_, default) in SAMPLING_FIELDS.items()}
+
+
 def _sampling_values(body: dict) -> dict:
-    values = {}
-    for name, (schema, default) in SAMPLING_FIELDS.items():
-        kinds, what = _KINDS[schema["type"]]
-        value = _get(body, name, kinds, default, what)
-        values[name] = value if value is default else _bounded(name, value, schema)
+    values = dict(_SAMPLING_DEFAULTS)
+    for name in SAMPLING_FIELDS:
+        if name in body:  # the fields a request leaves out keep their defaults unchecked
+            schema, default = SAMPLING_FIELDS[name]
+            kinds, what = _KINDS[schema["type"]]
+            value = _get(body, name, kinds, default, what)
+            values[name] = value if value is default else _bounded(name, value, schema)
     return values
 
 
@@ -369,9 +374,14 @@ def parse_completion_request(raw: bytes, max_model_len: int | None, affinity_cha
                          extra_prompts=prompts[1:] or None)
 
 
+# Seeded from os.urandom once. Ids name requests and are no secret (nothing is fetched by id): a draw
+# here costs less than uuid4's system call per request.
+_ID_BITS = random.Random()
+
+
 def new_request_id(chat: bool) -> str:
-    """An OpenAI-style id: chatcmpl-… or cmpl-…."""
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    """An OpenAI-style id: chatcmpl-… or cmpl-… and 32 random hex digits."""
+    return ("chatcmpl-" if chat else "cmpl-") + f"{_ID_BITS.getrandbits(128):032x}"
 
 
 def check_not_aborted(output: RequestOutput) -> None:

@@ -11,6 +11,7 @@ which gRPC alone would only notice after its keepalive timeout.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import AsyncIterator, Sequence
 
 import grpc
@@ -231,6 +232,33 @@ _DEADLINE = _Failure()
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
+class _Inbox:
+    """One request's items from the Session reader, in order. An asyncio.Queue without what this use
+    never needs (bounds, putters, join): each chunk costs an append and, when the request's task is
+    waiting, one future's result."""
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._items: deque = deque()
+        self._loop = loop
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # a cancelled get leaves its future behind
+                waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
 class _Session:
     """One Session call: sends requests and cancellations, and sorts the replica's messages into the
     inboxes of the requests in flight. When the call ends, every request still registered gets a
@@ -246,15 +274,15 @@ class _Session:
         self.call = call
         self.ended = False
         self._aborted = False
-        self._inboxes: dict[str, asyncio.Queue] = {}
+        self._inboxes: dict[str, _Inbox] = {}
         self._outgoing: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read())
         self._writer = loop.create_task(self._write())
 
-    def register(self, request_id: str) -> asyncio.Queue:
+    def register(self, request_id: str) -> _Inbox:
         """A new request's inbox (already holding _SessionEnded if the call is over)."""
-        inbox: asyncio.Queue = asyncio.Queue()
+        inbox = _Inbox(self._loop)
         if self.ended:
             inbox.put_nowait(_SessionEnded(None, self._aborted))
         self._inboxes[request_id] = inbox
