@@ -103,8 +103,7 @@ class AsyncLLM(EngineClient):
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = outputs
         self.output_processor.add_request(request_id, prompt if isinstance(prompt, str) else None,
-                                          samples, metrics, delta=True, final_only=final_only,
-                                          resumed_samples=resumed_samples)
+                                          samples, metrics, delta=True, final_only=final_only)
         metrics.queued_time = time.time()
         self._send(("add", samples))
         finished = False

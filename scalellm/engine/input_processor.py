@@ -94,17 +94,16 @@ class InputProcessor:
         room = self.max_model_len - num_prompt
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         self._check_resumed(resumed_samples, params, max_tokens)
-        if resumed_samples:
-            delivered = {sample.index: list(sample.token_ids) for sample in resumed_samples}
-        else:
-            delivered = {index: [] for index in range(params.n)}
+        samples = sorted(resumed_samples or [ResumedSample(index) for index in range(params.n)],
+                         key=lambda sample: sample.index)
         arrival = arrival_time or time.time()
-        return [Request(request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+        return [Request(request_id=request_id if params.n == 1 else f"{request_id}#{s.index}",
                         prompt_token_ids=prompt_token_ids, sampling_params=params, max_tokens=max_tokens,
                         eos_token_id=self.eos_token_id, other_eos_token_ids=self.other_eos_token_ids,
-                        sample_index=index, arrival_time=arrival, output_token_ids=output_token_ids,
-                        all_token_ids=prompt_token_ids + output_token_ids)
-                for index, output_token_ids in sorted(delivered.items())]
+                        sample_index=s.index, arrival_time=arrival, output_token_ids=list(s.token_ids),
+                        all_token_ids=prompt_token_ids + list(s.token_ids),
+                        resumed_cumulative_logprob=s.cumulative_logprob or 0.0)
+                for s in samples]
 
     def _check_resumed(self, resumed_samples: Sequence[ResumedSample], params: SamplingParams,
                        max_tokens: int) -> None:

@@ -43,8 +43,7 @@ class LLMEngine:
         if params.structured is not None:
             attach_grammars(samples, self.grammars.compile_blocking(params.structured))
         text = prompt if isinstance(prompt, str) else None
-        self.output_processor.add_request(request_id, text, samples, metrics, delta,
-                                          resumed_samples=resumed_samples)
+        self.output_processor.add_request(request_id, text, samples, metrics, delta)
         self.core.add_requests(samples)
         return len(prompt_token_ids)
 

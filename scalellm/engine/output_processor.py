@@ -4,13 +4,12 @@ group the n samples of a request, and keep stage timings."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from scalellm.engine.detokenizer import IncrementalDetokenizer, decode_logprobs
 from scalellm.engine.request import Request
 from scalellm.engine.scheduler import RequestUpdate
 from scalellm.protocol.types import (FINISH_ABORT, FINISH_STOP, CompletionOutput, RequestMetrics, RequestOutput,
-                                     ResumedSample, SamplingParams)
+                                     SamplingParams)
 
 
 @dataclass
@@ -61,25 +60,20 @@ class OutputProcessor:
         self._sample_owner: dict[str, _RequestState] = {}
 
     def add_request(self, request_id: str, prompt: str | None, samples: list[Request],
-                    metrics: RequestMetrics | None = None, delta: bool = True, final_only: bool = False,
-                    resumed_samples: Sequence[ResumedSample] = ()) -> None:
+                    metrics: RequestMetrics | None = None, delta: bool = True, final_only: bool = False) -> None:
         """Track a request. delta: report only what is new at each step, else the whole result once
         finished. final_only (with delta): hold the deltas and report them folded into one output when
-        the request finishes, which equals the concatenation of the delta outputs (after resumed output too).
-        resumed_samples: where `samples` continue delivered output (failover), their cumulative logprobs
-        so far, from which the samples' sums continue."""
+        the request finishes, which equals the concatenation of the delta outputs (after resumed output too:
+        a sample that starts with output reports only what follows it, its cumulative logprob continuing
+        from Request.resumed_cumulative_logprob)."""
         params = samples[0].sampling_params
         state = _RequestState(request_id, prompt, samples[0].prompt_token_ids, params, {},
                               metrics or RequestMetrics(), delta, final_only and delta)
-        delivered_logprob = {s.index: s.cumulative_logprob for s in resumed_samples
-                             if s.cumulative_logprob is not None}
         for sample in samples:
             detokenizer = IncrementalDetokenizer(self.tokenizer, sample.prompt_token_ids, params)
             if sample.output_token_ids:  # resumed: its delivered output is not reported again
                 detokenizer.resume(sample.output_token_ids)
-            cumulative_logprob = None
-            if params.logprobs is not None:
-                cumulative_logprob = delivered_logprob.get(sample.sample_index, 0.0)
+            cumulative_logprob = sample.resumed_cumulative_logprob if params.logprobs is not None else None
             state.samples[sample.request_id] = _Sample(
                 sample.sample_index, sample, detokenizer, token_ids=list(sample.output_token_ids),
                 logprobs=[] if params.logprobs is not None else None, cumulative_logprob=cumulative_logprob)

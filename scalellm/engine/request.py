@@ -55,6 +55,9 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    resumed_cumulative_logprob: float = 0.0
+    """The sum of the logprobs of the output tokens it started with (delivered before a failover, as
+    reported with them); the reported cumulative logprob continues from it."""
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache when the request was first scheduled."""

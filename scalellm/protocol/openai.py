@@ -208,9 +208,8 @@ _SAMPLING_DEFAULTS = {name: default for name, (_, default) in SAMPLING_FIELDS.it
 
 def _sampling_values(body: dict) -> dict:
     values = dict(_SAMPLING_DEFAULTS)
-    for name in SAMPLING_FIELDS:
+    for name, (schema, default) in SAMPLING_FIELDS.items():
         if name in body:  # the fields a request leaves out keep their defaults unchecked
-            schema, default = SAMPLING_FIELDS[name]
             kinds, what = _KINDS[schema["type"]]
             value = _get(body, name, kinds, default, what)
             values[name] = value if value is default else _bounded(name, value, schema)
