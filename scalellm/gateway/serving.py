@@ -96,6 +96,7 @@ class InferenceService:
         self.model = model
         self.guards = guards or GuardPolicy()
         self.gate = AdmissionGate(config.max_queue)
+        metrics.track_in_flight(lambda: self.gate.num_in_flight)
         self.rate_limiter = RateLimiter(config.rate_limit_rpm) if config.rate_limit_rpm else None
         self.token_limiter = TokenRateLimiter()
         self.fair_share = FairShare(config.max_concurrent) if config.max_concurrent else None
@@ -136,7 +137,6 @@ class InferenceService:
         except OpenAIError as error:
             return self._send_error(conn, error, record)
         record.admitted_time = time.time()
-        self.metrics.in_flight.inc()
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
                 return await self._serve(request, conn, route, record)
@@ -151,7 +151,6 @@ class InferenceService:
             return self._send_error(conn, error, record)
         finally:
             self.gate.leave()
-            self.metrics.in_flight.dec()
 
     def _parse(self, request: Request, route: str) -> ParsedRequest:
         limit, chars = self.model.max_model_len, self.config.prefix_affinity_chars
@@ -243,7 +242,11 @@ class InferenceService:
 
     def _resumable(self, parsed: ParsedRequest, record: RequestRecord, tried: set[int], attempt: tuple):
         """The attempt (one prompt's request) as a ResumingStream (failover.py): when its replica fails
-        after output, its unfinished samples continue on a replica not in `tried`."""
+        after output, its unfinished samples continue on a replica not in `tried`. A non-streamed
+        attempt is returned as it is: its first output is its last (final_only), and a failure before
+        it is retried whole (_start, _run)."""
+        if not parsed.stream:
+            return attempt
 
         async def resume(samples: list[ResumedSample], failed: Dispatch):
             tried.add(failed.replica.index)

@@ -233,9 +233,9 @@ _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class _Inbox:
-    """One request's items from the Session reader, in order. An asyncio.Queue without what this use
-    never needs (bounds, putters, join): each chunk costs an append and, when the request's task is
-    waiting, one future's result."""
+    """Items in order, for one consumer task: a request's from the Session reader, or the Session
+    writer's. An asyncio.Queue without what this use never needs (bounds, putters, join): each item
+    costs an append and, when the consumer is waiting, one future's result."""
 
     __slots__ = ("_items", "_loop", "_waiter")
 
@@ -258,6 +258,15 @@ class _Inbox:
             await self._waiter
         return self._items.popleft()
 
+    async def get_all(self) -> list:
+        """Every item queued, once there is at least one."""
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        items = list(self._items)
+        self._items.clear()
+        return items
+
 
 class _Session:
     """One Session call: sends requests and cancellations, and sorts the replica's messages into the
@@ -275,8 +284,8 @@ class _Session:
         self.ended = False
         self._aborted = False
         self._inboxes: dict[str, _Inbox] = {}
-        self._outgoing: asyncio.Queue = asyncio.Queue()
         self._loop = loop = asyncio.get_running_loop()
+        self._outgoing = _Inbox(loop)
         self._reader = loop.create_task(self._read())
         self._writer = loop.create_task(self._write())
 
@@ -310,10 +319,7 @@ class _Session:
         try:
             outgoing = self._outgoing
             while True:
-                items = [await outgoing.get()]
-                while not outgoing.empty():
-                    items.append(outgoing.get_nowait())
-                for message in _messages(items):
+                for message in _messages(await outgoing.get_all()):
                     await self.call.write(message)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             self.call.cancel()  # the reader then ends every request still registered

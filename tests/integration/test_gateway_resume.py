@@ -29,7 +29,9 @@ class FailingReplica:
     sample. With `stagger`, sample i starts at chunk i (the samples' progress differs); `stop_after`
     ends sample i with "stop" after that many tokens. Fails with a 503 once it has sent `fail_after`
     chunks, having left out a finish due in the last of them if `lose_finish`. Honours
-    resumed_samples as a replica does: only those run, each from its delivered count."""
+    resumed_samples as a replica does: only those run, each from its delivered count; and final_only:
+    one output at the end, so that a failure reaches the gateway before any output, as unavailable
+    (as the replica client reports a Session call that ended before the request's first output)."""
 
     def __init__(self, address: str, fail_after: int | None = None, lose_finish: bool = False,
                  stagger: bool = False, stop_after: dict[int, int] | None = None) -> None:
@@ -41,6 +43,25 @@ class FailingReplica:
     async def generate(self, request_id, prompt, params, gateway_receive_time, timeout_s=None,
                        resumed_samples=(), final_only=False):
         self.resumed_with.append([(s.index, list(s.token_ids), s.cumulative_logprob) for s in resumed_samples])
+        chunks = self._chunks(request_id, prompt, params, resumed_samples)
+        if not final_only:
+            async for output in chunks:
+                yield output
+            return
+        folded: dict[int, CompletionOutput] = {}
+        try:
+            async for output in chunks:
+                for sample in output.outputs:
+                    into = folded.setdefault(sample.index, CompletionOutput(sample.index))
+                    into.text += sample.text
+                    into.token_ids += sample.token_ids
+                    into.cumulative_logprob, into.finish_reason = sample.cumulative_logprob, sample.finish_reason
+        except ReplicaError as error:
+            raise ReplicaUnavailable(error.message) from None
+        yield RequestOutput(request_id, [folded[i] for i in sorted(folded)], finished=output.finished,
+                            num_prompt_tokens=7)
+
+    async def _chunks(self, request_id, prompt, params, resumed_samples):
         if resumed_samples:
             positions = {s.index: len(s.token_ids) for s in resumed_samples}
         else:
@@ -119,7 +140,8 @@ def test_a_replica_failing_mid_stream_is_resumed_on_another(stream):
         text, usage, finish = body["choices"][0]["text"], body["usage"], body["choices"][0]["finish_reason"]
     assert text == EXPECTED and finish == "length"
     assert usage["prompt_tokens"] == 7 and usage["completion_tokens"] == 6
-    assert second.resumed_with == [[(0, [100, 101], -1.0)]]  # the delivered token ids, once
+    # Streamed, the delivered token ids, once; not streamed, nothing was delivered: it runs again whole.
+    assert second.resumed_with == ([[(0, [100, 101], -1.0)]] if stream else [[]])
 
 
 def test_finish_lost_after_the_last_token_ends_the_stream_without_a_resume():
@@ -173,7 +195,7 @@ def test_n_samples_resume_only_the_unfinished_each_after_its_own_tokens(stream):
     # Sample i starts at chunk i; sample 1 stops after 2 tokens (in chunk 3); the replica fails after
     # chunk 3, when samples 0 and 2 had 3 and 1 tokens delivered.
     first = FailingReplica("a:1", fail_after=3, stagger=True, stop_after={1: 2})
-    second = FailingReplica("b:2")
+    second = FailingReplica("b:2", stop_after={1: 2})  # the same model: run whole, sample 1 stops too
     with gateway([first, second]) as gw:
         answer = post(gw.app.port, {"prompt": "w", "n": 3, "max_tokens": 6, "stream": stream,
                                     **({"stream_options": {"include_usage": True}} if stream else {})})
@@ -181,7 +203,7 @@ def test_n_samples_resume_only_the_unfinished_each_after_its_own_tokens(stream):
     assert texts == {0: words("w", 0, 6), 1: words("w", 1, 2), 2: words("w", 2, 6)}
     assert finishes == {0: "length", 1: "stop", 2: "length"}
     assert usage["prompt_tokens"] == 7 and usage["completion_tokens"] == 6 + 2 + 6
-    assert second.resumed_with == [[(0, [100, 101, 102], -1.5), (2, [100], -0.5)]]
+    assert second.resumed_with == ([[(0, [100, 101, 102], -1.5), (2, [100], -0.5)]] if stream else [[]])
 
 
 def test_a_sample_whose_finish_alone_was_lost_is_finished_and_the_others_resume():
@@ -209,9 +231,14 @@ def test_each_prompt_of_a_completions_request_resumes_on_its_own(stream):
     assert texts == {2 * p + i: words(prompt, i, 6) for p, prompt in enumerate("pqr") for i in range(2)}
     assert finishes == dict.fromkeys(range(6), "length")
     assert usage["prompt_tokens"] == 3 * 7 and usage["completion_tokens"] == 6 * 6
-    assert replicas[0].resumed_with == [[]]
     resumes = [r for replica in replicas[1:] for r in replica.resumed_with if r]
-    assert resumes == [[(0, [100, 101], -1.0), (1, [100], -0.5)]]
+    if stream:
+        assert replicas[0].resumed_with == [[]]
+        assert resumes == [[(0, [100, 101], -1.0), (1, [100], -0.5)]]
+    else:  # nothing reaches the gateway before the end: each prompt that failed on "a:1" ran again whole
+        num_failed = len(replicas[0].resumed_with)
+        assert num_failed >= 1 and resumes == []
+        assert sum(len(replica.resumed_with) for replica in replicas) == 3 + num_failed
 
 
 def test_a_prompt_with_no_replica_left_ends_the_merged_stream_with_an_error_event():
