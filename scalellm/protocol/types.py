@@ -89,36 +89,44 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        _check(isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1")
-        _check(_finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be -1, 0 or a positive integer")
-        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty must be > 0")
-        _check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+        for ok, message in self._checks():
+            if not ok:
+                raise ValueError(message)
+
+    def _checks(self):
+        """(condition, message when it is false), in order: a generator, so each condition is evaluated
+        only when the ones before it held."""
+        yield isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"
+        yield _finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"
+        yield _finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]"
+        yield isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be -1, 0 or a positive integer"
+        yield _finite(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]"
+        yield _finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"
+        yield (_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
                "presence_penalty must be in [-2, 2]")
-        _check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+        yield (_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
                "frequency_penalty must be in [-2, 2]")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        yield (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                "max_tokens must be an integer >= 1")
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be >= 0")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int)
-                                         and 0 <= self.logprobs <= self.MAX_LOGPROBS),
-               f"logprobs must be between 0 and {self.MAX_LOGPROBS}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+        yield isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens must be >= 0"
+        yield (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
+               _LOGPROBS_RANGE)
+        yield all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"
+        yield (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids must be non-negative integers")
-        if self.seed is not None:
-            _check(isinstance(self.seed, int), "seed must be an integer")
-        _check(self.structured is None or isinstance(self.structured, StructuredOutput),
+        yield self.seed is None or isinstance(self.seed, int), "seed must be an integer"
+        yield (self.structured is None or isinstance(self.structured, StructuredOutput),
                "structured must be a StructuredOutput")
-        _check(self.priority is None or (isinstance(self.priority, int) and -MAX_PRIORITY - 1 <= self.priority
-                                         <= MAX_PRIORITY), f"priority must be an integer in [{-MAX_PRIORITY - 1}, {MAX_PRIORITY}]")
+        yield (self.priority is None or (isinstance(self.priority, int)
+                                         and -MAX_PRIORITY - 1 <= self.priority <= MAX_PRIORITY), _PRIORITY_RANGE)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+_LOGPROBS_RANGE = f"logprobs must be between 0 and {SamplingParams.MAX_LOGPROBS}"
+_PRIORITY_RANGE = f"priority must be an integer in [{-MAX_PRIORITY - 1}, {MAX_PRIORITY}]"
 
 
 def _finite(x: float) -> bool:

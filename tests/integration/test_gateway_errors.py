@@ -99,3 +99,27 @@ def test_full_queue_is_a_fast_429():
         assert orjson.loads(body)["error"]["code"] == "queue_full"
         slow.join(5)
         assert request(gw.app.port, "POST", CHAT, GOOD)[0] == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_past_its_deadline_gets_a_504_or_an_error_event_and_the_gateway_serves_on(stream):
+    replica = FakeReplica("a:1", num_chunks=40, delay_s=0.05)  # 2 s of output against a 0.4 s deadline
+    config = GatewayConfig(replica_addresses=("a:1",), port=0, request_timeout_s=0.4)
+    slow = orjson.dumps({"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40,
+                         "stream": stream})
+    with GatewayThread(config, [replica]) as gw:
+        status, _, raw = request(gw.app.port, "POST", CHAT, slow)  # returns: the body ends, no hang
+        if stream:  # the head had gone out: the stream ends with an error event, then [DONE]
+            assert status == 200
+            events = [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
+            assert len(events) > 2 and events[-1] == b"[DONE]"
+            error = orjson.loads(events[-2])["error"]
+        else:
+            assert status == 504
+            error = orjson.loads(raw)["error"]
+        assert error["code"] == "timeout" and "longer than 0.4 s" in error["message"]
+        assert gw.call(lambda: (replica.num_active, replica.num_closed_early)) == (0, 1)  # aborted at the replica
+        assert request(gw.app.port, "POST", CHAT, GOOD)[0] == 200
+        assert gw.call(lambda: gw.app.service.gate.num_in_flight) == 0
+        assert b'scalellm:gateway_requests_total{route="/v1/chat/completions",status="504"} 1.0' in \
+            request(gw.app.port, "GET", "/metrics")[2]
