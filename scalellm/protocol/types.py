@@ -209,7 +209,7 @@ class RequestMetrics:
     (its trace spans), not sent to the gateway."""
 
 
-@dataclass
+@dataclass(slots=True)  # made per request and step on the replica and the gateway
 class CompletionOutput:
     """One sample of a request. In a stream (delta mode) text, token_ids and logprobs are only the new part."""
 
@@ -229,7 +229,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)  # made per request and step on the replica and the gateway
 class RequestOutput:
     """What the engine reports about a request: the whole result, or in a stream one step's increment."""
 

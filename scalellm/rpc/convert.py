@@ -258,11 +258,10 @@ def decode_output(request_id: str, chunk: Any) -> RequestOutput:
             gateway_receive_time=m.gateway_receive_time, replica_receive_time=m.replica_receive_time,
             queued_time=m.queued_time, scheduled_time=m.scheduled_time, first_token_time=m.first_token_time,
             last_token_time=m.last_token_time, num_cached_tokens=m.num_cached_tokens)
-    return RequestOutput(
-        request_id=request_id, outputs=[_decode_completion(d) for d in chunk.outputs],
-        finished=chunk.finished, prompt=chunk.prompt if chunk.HasField("prompt") else None,
-        prompt_token_ids=list(chunk.prompt_token_ids), num_prompt_tokens=chunk.num_prompt_tokens,
-        metrics=metrics)
+    # Positional arguments and [:] copies of repeated fields: this runs once per request and step.
+    return RequestOutput(request_id, [_decode_completion(d) for d in chunk.outputs], chunk.finished,
+                         chunk.prompt if chunk.HasField("prompt") else None, chunk.prompt_token_ids[:],
+                         chunk.num_prompt_tokens, metrics)
 
 
 def _decode_completion(d: Any) -> CompletionOutput:
@@ -273,12 +272,13 @@ def _decode_completion(d: Any) -> CompletionOutput:
                                          else None)
                      for e in position.entries}
                     for position in d.logprobs.positions]
-    kind = d.WhichOneof("stop_reason")
-    stop_reason = d.stop_string if kind == "stop_string" else d.stop_token_id if kind else None
-    return CompletionOutput(
-        index=d.index, text=d.text, token_ids=list(d.token_ids),
-        cumulative_logprob=d.cumulative_logprob if d.HasField("cumulative_logprob") else None,
-        logprobs=logprobs, finish_reason=_FINISH_FROM_PB[d.finish_reason], stop_reason=stop_reason)
+    finish_reason, stop_reason = _FINISH_FROM_PB[d.finish_reason], None
+    if finish_reason is not None:  # a stop reason comes with a finish
+        kind = d.WhichOneof("stop_reason")
+        stop_reason = d.stop_string if kind == "stop_string" else d.stop_token_id if kind else None
+    return CompletionOutput(d.index, d.text, d.token_ids[:],
+                            d.cumulative_logprob if d.HasField("cumulative_logprob") else None,
+                            logprobs, finish_reason, stop_reason)
 
 
 def num_generated_tokens(chunk: Any) -> int:

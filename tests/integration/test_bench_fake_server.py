@@ -273,7 +273,7 @@ def test_breakdown_from_reported_timings(server):
     assert stages["gateway in"]["median_ms"] == pytest.approx(1.0, abs=0.01)
     assert stages["prefill"]["median_ms"] == pytest.approx((TTFT_S - 0.010) * 1000, abs=0.01)
     assert stages["decode"]["median_ms"] == pytest.approx((NUM_TOKENS - 1) * ITL_S * 1000, abs=0.01)
-    assert 0 <= stages["after last token"]["median_ms"] < TOLERANCE_S * 1000
+    assert 0 <= stages["after last token"]["median_ms"] < SLOW_DONE_S / 2 * 1000  # a held-back [DONE] fails
     assert stages["client -> gateway"]["count"] == 4
 
 
