@@ -1,4 +1,6 @@
-"""Summarize benchmarks/gateway/ab.sh: each system's median over the interleaved repeats, with the spread.
+"""Summarize benchmarks/gateway/ab.sh: each system's median over the interleaved repeats, with the spread;
+then the router CPU per request as ratios taken within each repeat (against vllm-router, and each
+scalellm variant against the first), which a machine whose load drifts between repeats moves less.
 
     python benchmarks/gateway/ab_summarize.py OUT SYSTEM...    # OUT holds SYSTEM-MODE-rN/results.json
 """
@@ -17,7 +19,7 @@ COLUMNS = (("router CPU ms/req", "server_cpu_ms_per_request", 3), ("E2E p50 ms",
 def repeats(out: Path, system: str, mode: str, key: str) -> list[float]:
     """The metric of every repeat of (system, mode), in repeat order."""
     values = []
-    for path in sorted(out.glob(f"{system}-{mode}-r*/results.json")):
+    for path in sorted(out.glob(f"{system}-{mode}-r*/results.json"), key=lambda p: int(p.parent.name.rsplit("-r", 1)[1])):
         metric = json.loads(path.read_text())["aggregates"][0]["metrics"].get(key)
         if metric is not None and metric.get("median") is not None:
             values.append(metric["median"])
@@ -46,7 +48,22 @@ def main(out: Path, systems: list[str]) -> None:
             failed = max(repeats(out, system, mode, "failed"), default=0)
             lines.append(f"| {system} | " + " | ".join(cells) + f" | {added} | {failed:.0f} |")
         lines.append("")
+        lines += ratio_lines(out, systems, mode)
     print("\n".join(lines))
+
+
+def ratio_lines(out: Path, systems: list[str], mode: str) -> list[str]:
+    """Router CPU per request over another system's in the same repeat: median (range) over repeats."""
+    key = "server_cpu_ms_per_request"
+    variants = [system for system in systems if system not in ("direct", "vllm-router")]
+    pairs = [(system, "vllm-router") for system in variants if "vllm-router" in systems]
+    pairs += [(system, variants[0]) for system in variants[1:]]
+    lines = []
+    for system, base in pairs:
+        ratios = [a / b for a, b in zip(repeats(out, system, mode, key), repeats(out, base, mode, key)) if b]
+        if ratios:
+            lines.append(f"- CPU per request, {system} / {base} within each repeat: {cell(ratios, 2)}")
+    return lines + [""] if lines else []
 
 
 if __name__ == "__main__":
