@@ -376,9 +376,10 @@ class InferenceService:
             parsed, record.request_id, created_now(), model)
         builder.add(first)
         last = first
-        async for output in stream:
-            builder.add(output)
-            last = output
+        if not first.finished:  # a final_only request's first output is its last
+            async for output in stream:
+                builder.add(output)
+                last = output
         body = builder.render(self._timings(record, last.metrics))
         self._account(record, builder, last)
         conn.send_response(200, body)

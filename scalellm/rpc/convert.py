@@ -99,10 +99,11 @@ def encode_request(request_id: str, prompt: PromptInput, params: SamplingParams,
                    final_only: bool = False) -> Any:
     """Build a GenerateRequest. Raises ValueError for chat content that is not text."""
     request = pb.GenerateRequest(request_id=request_id, params=_encode_params(params),
-                                 gateway_receive_time=gateway_receive_time, final_only=final_only,
-                                 resumed_samples=[pb.ResumedSample(index=s.index, token_ids=s.token_ids,
-                                                                   cumulative_logprob=s.cumulative_logprob)
-                                                  for s in resumed_samples])
+                                 gateway_receive_time=gateway_receive_time, final_only=final_only)
+    if resumed_samples:
+        request.resumed_samples.extend(pb.ResumedSample(index=s.index, token_ids=s.token_ids,
+                                                        cumulative_logprob=s.cumulative_logprob)
+                                       for s in resumed_samples)
     if isinstance(prompt, str):
         request.text = prompt
     elif isinstance(prompt, ChatPrompt):
