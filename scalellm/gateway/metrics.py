@@ -38,11 +38,11 @@ STAGES = ("admit", "parse", "route", "wait_first_chunk", "stream", "tokenize", "
 class GatewayMetrics:
     """All gateway metrics. The series a request updates (some two dozen per request) are `LoopSeries`,
     kept without prometheus_client's per-update lock: every update and every scrape runs on the event
-    loop's thread. The rest are prometheus_client's own metrics; label children are cached."""
+    loop's thread. The rest, updated rarely or off the loop, are prometheus_client's own metrics."""
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self._series = series = LoopSeries()
+        series = LoopSeries()
         registry.register(series)
         self._requests = series.counter("scalellm:gateway_requests", "HTTP requests by route and status",
                                         ("route", "status"))
@@ -96,14 +96,6 @@ class GatewayMetrics:
         self.shape_changes = Counter("scalellm:shape_changes", "Changes of the deployment shape",
                                      registry=registry)
         self._shape: tuple[str, str] | None = None
-        self._children: dict = {}
-
-    def _child(self, metric, *labels):
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def track_in_flight(self, count: Callable[[], int]) -> None:
         """Read the inference requests in flight from `count` at each scrape."""
@@ -124,7 +116,7 @@ class GatewayMetrics:
         self._failed.child(address).inc()
 
     def set_replica_healthy(self, address: str, healthy: bool) -> None:
-        self._child(self._healthy, address).set(1 if healthy else 0)
+        self._healthy.labels(address).set(1 if healthy else 0)  # on failures and probes, not per request
         self._dispatched.child(address)  # a replica's counters exist, at 0, from its first probe
         self._failed.child(address)
 
@@ -133,7 +125,6 @@ class GatewayMetrics:
         self._replica_loads.forget(address)
         self._dispatched.remove(address)
         self._failed.remove(address)
-        self._children.pop((id(self._healthy), (address,)), None)
         try:
             self._healthy.remove(address)
         except KeyError:
