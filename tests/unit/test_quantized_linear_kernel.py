@@ -63,7 +63,7 @@ needs_kernel = pytest.mark.skipif(kernel_op() is None, reason="no AVX512-VNNI or
 
 @needs_kernel
 @pytest.mark.parametrize("type_name", KERNEL_TYPES)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 130])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 12, 15, 130])
 def test_kernel_matches_its_contract(type_name, m):
     op = kernel_op()
     codes = make_tensor(type_name, 37, 512, seed=m).codes()  # 37 outputs: a partial channel block

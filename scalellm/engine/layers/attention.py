@@ -7,6 +7,9 @@ block_size + offset. A step's tokens are laid out as
     [ d0 d1 ... d(B-1) | p0 p0 p0 ... | p1 p1 ... ]
       one-token queries   prefill chunks (several tokens each)
 
+(with the C++ kernel, chunks of up to 512 tokens are laid out as rows of one-token queries too, and
+a step of only those has no prefill span: step_inputs.py).
+
 Every layer first writes the step's new K/V into their slots, then attends, so a request may read
 KV written in the same step by another (shared prefix blocks).
 """
@@ -38,15 +41,17 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     """[T] the slot where each new token's K/V is written."""
     num_decode_tokens: int
-    """The first num_decode_tokens tokens are one-token queries."""
+    """The first num_decode_tokens tokens attend as one query row each (the decode path): one-token
+    queries, and with the "cpp" backend the tokens of short multi-token chunks too, each over the keys
+    up to its own position (step_inputs.py)."""
     block_size: int = 16
     decode_block_table: torch.Tensor | None = None
-    """[B, max_blocks] the blocks of each one-token query's context, padded with block 0."""
+    """[B, max_blocks] the blocks of each row's context, padded with block 0."""
     decode_mask: torch.Tensor | None = None
     """[B, 1, 1, max_blocks * block_size] bool, False on padding (and outside a sliding window);
     built for the "torch" decode backend only."""
     decode_context_lens: torch.Tensor | None = None
-    """[B] long, the context length of each one-token query (its position + 1)."""
+    """[B] long, the context length of each row (its position + 1)."""
     decode_sliding_window: int = 0
     """Keys a one-token query sees, counting itself; <= 0: the whole context."""
     decode_backend: str = "torch"

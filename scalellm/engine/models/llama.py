@@ -111,7 +111,8 @@ class LlamaForCausalLM(nn.Module):
             config.vocab_size, config.hidden_size, options)
         self.logits_head = LogitsHead(self.lm_head, options.quant, tied=config.tie_word_embeddings)
         self.fused_decode: FusedDecodeLayers | None = None
-        """Set by enable_fused_decode: decode-only steps then run the layers as one C++ call."""
+        """Set by enable_fused_decode: steps whose tokens all attend as one-query rows then run the
+        layers as one C++ call, unless the step must stop between layers (core lending)."""
 
     def make_mlp(self, config: ModelConfig, layer_index: int, options: LayerOptions) -> nn.Module:
         """The feed-forward block of layer `layer_index`."""
@@ -121,7 +122,8 @@ class LlamaForCausalLM(nn.Module):
         """token_ids, positions [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(token_ids)
         rope = self.rotary.cos_sin(positions, x.dtype)
-        if self.fused_decode is not None and self.fused_decode.applies_to(ctx.attention, x.shape[0]):
+        if (self.fused_decode is not None and ctx.between_layers is None
+                and self.fused_decode.applies_to(ctx.attention, x.shape[0])):
             x, residual = self.fused_decode(x, rope, ctx.attention, ctx.kv_caches)
         else:
             residual = None

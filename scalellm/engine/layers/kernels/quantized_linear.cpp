@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "avx512_bf16.h"
@@ -58,45 +59,63 @@ using scalellm_avx512::tail_mask;
 constexpr int64_t kChannels = 16;
 constexpr int64_t kActBlock = 32;
 
+// The activations rounded to int8, with their per-block scales and per-group sums, laid out for the
+// micro kernel: rows in tiles of kTileRows, and within a tile, block by block (group by group for the
+// sums), the tile's rows side by side. A kernel tile of up to kTileRows rows inside one row tile then
+// reads every value it needs at a constant offset from one pointer per group, which keeps the
+// compiler from holding a pointer (and a register) per row. Rows past M in the last tile are never read
+// (nor written: the buffers are left uninitialized, which matters at one or two rows).
+constexpr int64_t kTileRows = 8;
+
 struct Activations {
-  std::vector<int8_t> q;          // [M, K]
-  std::vector<float> scales;      // [M, K / 32]
-  std::vector<int32_t> sums;      // [M, K / group]
-  std::vector<float> scaled_sums;  // [M, K / group]: d * s
+  int64_t blocks, groups;
+  std::unique_ptr<int8_t[]> q;           // [tiles, K / 32, kTileRows, 32]
+  std::unique_ptr<float[]> scales;       // [tiles, K / 32, kTileRows]: d
+  std::unique_ptr<int32_t[]> sums;       // [tiles, K / group, kTileRows]: s
+  std::unique_ptr<float[]> scaled_sums;  // [tiles, K / group, kTileRows]: d * s
+
+  // Offsets of row `row`'s values of block b / group g.
+  int64_t q_at(int64_t row, int64_t b) const {
+    return ((row / kTileRows * blocks + b) * kTileRows + row % kTileRows) * kActBlock;
+  }
+  int64_t scale_at(int64_t row, int64_t b) const { return (row / kTileRows * blocks + b) * kTileRows + row % kTileRows; }
+  int64_t sum_at(int64_t row, int64_t g) const { return (row / kTileRows * groups + g) * kTileRows + row % kTileRows; }
 };
 
 template <typename T>
 Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
   Activations a;
-  const int64_t blocks = k / kActBlock, groups = k / group;
-  a.q.resize(m * k);
-  a.scales.resize(m * blocks);
-  a.sums.resize(m * groups);
-  a.scaled_sums.resize(m * groups);
+  a.blocks = k / kActBlock;
+  a.groups = k / group;
+  const int64_t rows = (m + kTileRows - 1) / kTileRows * kTileRows;
+  a.q.reset(new int8_t[rows * k]);
+  a.scales.reset(new float[rows * a.blocks]);
+  a.sums.reset(new int32_t[rows * a.groups]);
+  a.scaled_sums.reset(new float[rows * a.groups]);
   for (int64_t row = 0; row < m; ++row) {
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = 0; b < a.blocks; ++b) {
       const T* src = x + row * k + b * kActBlock;
       const __m512 v0 = load16(src), v1 = load16(src + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       const float d = amax / 127.0f;
       const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.0f / d : 0.f);
-      int8_t* dst = a.q.data() + row * k + b * kActBlock;
+      int8_t* dst = a.q.get() + a.q_at(row, b);
       const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round half to even
       const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
-      a.scales[row * blocks + b] = d;
+      a.scales[a.scale_at(row, b)] = d;
       const int32_t sum0 = _mm512_reduce_add_epi32(q0), sum1 = _mm512_reduce_add_epi32(q1);
       if (group == 32) {
-        a.sums[row * groups + b] = sum0 + sum1;
+        a.sums[a.sum_at(row, b)] = sum0 + sum1;
       } else {
-        a.sums[row * groups + 2 * b] = sum0;
-        a.sums[row * groups + 2 * b + 1] = sum1;
+        a.sums[a.sum_at(row, 2 * b)] = sum0;
+        a.sums[a.sum_at(row, 2 * b + 1)] = sum1;
       }
     }
-    for (int64_t g = 0; g < groups; ++g)
-      a.scaled_sums[row * groups + g] = a.scales[row * blocks + g * group / kActBlock] *
-                                        static_cast<float>(a.sums[row * groups + g]);
+    for (int64_t g = 0; g < a.groups; ++g)
+      a.scaled_sums[a.sum_at(row, g)] = a.scales[a.scale_at(row, g * group / kActBlock)] *
+                                        static_cast<float>(a.sums[a.sum_at(row, g)]);
   }
   return a;
 }
@@ -150,35 +169,46 @@ inline void load_codes(const uint8_t* src, __m512i* codes) {
   }
 }
 
-// y for tokens [m0, m0 + TOKENS) x channel blocks [b0, b0 + BLOCKS).
+// Four activation bytes read as one int32, broadcast straight from memory into vpdpbusd's operand.
+typedef int32_t Int32Alias __attribute__((may_alias));
+
+// sum + codes . (four bytes at `x`, in every 32-bit lane), the bytes broadcast by vpdpbusd's own memory
+// operand: the compilers load and broadcast them in a separate instruction otherwise.
+inline __m512i dpbusd_broadcast(__m512i sum, __m512i codes, const Int32Alias* x) {
+  asm("vpdpbusd %[x]%{1to16%}, %[codes], %[sum]" : [sum] "+v"(sum) : [codes] "v"(codes), [x] "m"(*x));
+  return sum;
+}
+
+// y for tokens [m0, m0 + TOKENS) x channel blocks [b0, b0 + BLOCKS); the tokens lie in one row tile.
 template <int BITS, int GROUP, bool MINIMUMS, int TOKENS, int BLOCKS, typename T>
 void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
   constexpr int kSteps = GROUP / 4;
   const Activations& a = *p.a;
-  const int64_t act_blocks = p.k / kActBlock;
   __m512 out[TOKENS][BLOCKS];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int t = 0; t < TOKENS; ++t)
 #pragma GCC unroll 4
     for (int b = 0; b < BLOCKS; ++b) out[t][b] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.groups; ++g) {
+    // This group's values of token m0: token m0 + t's are kActBlock bytes (one value) further per t.
+    const int8_t* x = a.q.get() + a.q_at(m0, g * GROUP / kActBlock) + g * GROUP % kActBlock;
+    const float* d = a.scales.get() + a.scale_at(m0, g * GROUP / kActBlock);
+    const int32_t* sums = a.sums.get() + a.sum_at(m0, g);
+    const float* scaled_sums = a.scaled_sums.get() + a.sum_at(m0, g);
     __m512i acc[TOKENS][BLOCKS];
 #pragma GCC unroll 4
     for (int b = 0; b < BLOCKS; ++b) {
       __m512i codes[kSteps];
       load_codes<BITS, kSteps>(p.packed + ((b0 + b) * p.groups + g) * p.group_bytes, codes);
-#pragma GCC unroll 4
-      for (int t = 0; t < TOKENS; ++t) {
-        const int8_t* x = a.q.data() + (m0 + t) * p.k + g * GROUP;
-        // symmetric codes: start from -zero_point * s so the sum is already sum (code - zero_point) * xq
-        __m512i sum = MINIMUMS ? _mm512_setzero_si512()
-                               : _mm512_set1_epi32(-p.zero_point * a.sums[(m0 + t) * p.groups + g]);
 #pragma GCC unroll 8
-        for (int s = 0; s < kSteps; ++s) {
-          int32_t four;
-          std::memcpy(&four, x + 4 * s, 4);
-          sum = _mm512_dpbusd_epi32(sum, codes[s], _mm512_set1_epi32(four));
-        }
+      for (int t = 0; t < TOKENS; ++t) {
+        const auto* fours = reinterpret_cast<const Int32Alias*>(x + t * kActBlock);
+        // symmetric codes: start from -zero_point * s so the sum is already sum (code - zero_point) * xq
+        __m512i sum = MINIMUMS ? _mm512_setzero_si512() : _mm512_set1_epi32(-p.zero_point * sums[t]);
+#pragma GCC unroll 8
+        for (int s = 0; s < kSteps; ++s)
+          sum = BLOCKS == 1 ? dpbusd_broadcast(sum, codes[s], fours + s)
+                            : _mm512_dpbusd_epi32(sum, codes[s], _mm512_set1_epi32(fours[s]));
         acc[t][b] = sum;
       }
     }
@@ -189,13 +219,10 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
       __m512 mins;
       if constexpr (MINIMUMS)
         mins = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.minimums + at)));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int t = 0; t < TOKENS; ++t) {
-        const int64_t row = m0 + t;
-        const float d = a.scales[row * act_blocks + g * GROUP / kActBlock];
-        out[t][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][b]), _mm512_mul_ps(ws, _mm512_set1_ps(d)), out[t][b]);
-        if constexpr (MINIMUMS)
-          out[t][b] = _mm512_fmadd_ps(mins, _mm512_set1_ps(a.scaled_sums[row * p.groups + g]), out[t][b]);
+        out[t][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][b]), _mm512_mul_ps(ws, _mm512_set1_ps(d[t])), out[t][b]);
+        if constexpr (MINIMUMS) out[t][b] = _mm512_fmadd_ps(mins, _mm512_set1_ps(scaled_sums[t]), out[t][b]);
       }
     }
   }
@@ -206,7 +233,7 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
     if (count <= 0) break;
     const __mmask16 mask = tail_mask(count);
     const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + n) : _mm512_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < TOKENS; ++t) store16(y + (m0 + t) * p.n + n, _mm512_add_ps(out[t][b], bias), mask);
   }
 }
@@ -220,13 +247,20 @@ void channel_tile(const Problem& p, int64_t b0, int64_t blocks, T* y) {
   }
   int64_t m0 = 0;
   if constexpr (BLOCKS <= 2) {
-    for (; m0 + 4 <= p.m; m0 += 4) tile<BITS, GROUP, MINIMUMS, 4, BLOCKS>(p, m0, b0, y);
-    switch (p.m - m0) {
-      case 3: return tile<BITS, GROUP, MINIMUMS, 3, BLOCKS>(p, m0, b0, y);
-      case 2: return tile<BITS, GROUP, MINIMUMS, 2, BLOCKS>(p, m0, b0, y);
-      case 1: return tile<BITS, GROUP, MINIMUMS, 1, BLOCKS>(p, m0, b0, y);
-      default: return;
+    for (int64_t b = b0; b < b0 + BLOCKS; ++b) {
+      for (m0 = 0; m0 + 8 <= p.m; m0 += 8) tile<BITS, GROUP, MINIMUMS, 8, 1>(p, m0, b, y);
+      if (m0 + 4 <= p.m) {
+        tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y);
+        m0 += 4;
+      }
+      switch (p.m - m0) {
+        case 3: tile<BITS, GROUP, MINIMUMS, 3, 1>(p, m0, b, y); break;
+        case 2: tile<BITS, GROUP, MINIMUMS, 2, 1>(p, m0, b, y); break;
+        case 1: tile<BITS, GROUP, MINIMUMS, 1, 1>(p, m0, b, y); break;
+        default: break;
+      }
     }
+    return;
   } else {  // few tokens: more channel blocks in flight hide vpdpbusd's latency
     for (; m0 + 2 <= p.m; m0 += 2) tile<BITS, GROUP, MINIMUMS, 2, BLOCKS>(p, m0, b0, y);
     if (m0 < p.m) tile<BITS, GROUP, MINIMUMS, 1, BLOCKS>(p, m0, b0, y);
