@@ -1,4 +1,6 @@
-"""Every decoder layer of a decode-only step as one C++ call (layers/kernels/decode_layers.cpp).
+"""Every decoder layer of a step whose tokens all attend as one-query rows, as one C++ call
+(layers/kernels/decode_layers.cpp): decode steps, and with the C++ kernel steps whose prompt chunks
+are short enough to be laid out as rows too (step_inputs.py).
 
 With one token per request a layer is some 15 small ops, and the Python around each (module calls,
 views, dispatch) costs as much as a small op itself: several milliseconds per step for a 30-layer
@@ -9,7 +11,8 @@ for bit the Python layers'.
 It applies to Llama-family models (GatedMLP feed-forward, no experts) in bfloat16 on the CPU, on one
 rank, with the C++ decode attention, and with int8 (fused kernel), GGUF-quantized (quantized kernel)
 or unquantized projections.
-Steps that carry a prefill chunk, and every other configuration, run the Python layers.
+Steps that carry a prefill span (a chunk past step_inputs.PAGED_CHUNK_MAX_TOKENS), steps that stop
+between layers (a prefill step lending cores), and every other configuration run the Python layers.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class FusedDecodeLayers:
                    first.input_layernorm.eps)
 
     def applies_to(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        """True for a step whose tokens are all one-token queries."""
+        """True for a step whose tokens all attend as one-query rows."""
         return meta.num_decode_tokens == num_tokens and not meta.prefills and meta.decode_backend == "cpp"
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
