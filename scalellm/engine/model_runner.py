@@ -13,7 +13,7 @@ import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.loader.base import ModelFiles
-from scalellm.engine.layers.attention import resolve_decode_backend
+from scalellm.engine.layers.attention import resolve_decode_backend, row_chunk_limit
 from scalellm.engine.layers.options import LayerOptions
 from scalellm.engine.layers.partition import max_local_kv_heads, partition_heads
 from scalellm.engine.models import ForwardContext, model_class
@@ -38,6 +38,7 @@ class ModelRunner:
         self.group = group or SingleRank()
         self.block_size = config.block_size
         self.decode_backend = resolve_decode_backend(config.attention_backend, device, dtype)
+        self.row_chunk_limit = row_chunk_limit(self.decode_backend, c.head_dim)
         self.num_kv_heads = partition_heads(c.num_heads, c.num_kv_heads, self.group.world_size,
                                             self.group.rank).kv.size
         self.quantization = resolve_quantization(config.quantization, files, device, self.group.world_size)
@@ -89,7 +90,8 @@ class ModelRunner:
                 ) -> ModelRunnerOutput:
         """Run the forward pass for the scheduled chunks and sample where a chunk reaches its end
         (on rank 0; the other ranks return no tokens). `between_layers`: see ForwardContext."""
-        inputs = build_step_inputs(scheduled, self.block_size, self.group_windows, self.device, self.decode_backend)
+        inputs = build_step_inputs(scheduled, self.block_size, self.group_windows, self.device, self.decode_backend,
+                                   self.row_chunk_limit)
         ctx = self._context(inputs, self.kv_caches)
         ctx.between_layers = between_layers
         hidden = self.model(inputs.token_ids, inputs.positions, ctx)  # [T, hidden]

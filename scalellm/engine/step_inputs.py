@@ -6,7 +6,7 @@ group, interleaved in block_ids; one group: table = block_ids):
 
     position p  ->  slot = table[p // block_size] * block_size + p % block_size
 
-With the C++ paged kernel ("cpp" decode backend) a chunk of up to PAGED_CHUNK_MAX_TOKENS tokens
+A chunk of up to `row_chunk_limit` tokens (layers/attention.py: with the C++ paged kernel, up to 512)
 needs no attention of its own: its token at position p is a query row of its own over the keys
 [0, p] of its request's table, as a one-token query is. When every chunk of a step is that short,
 the whole step is laid out as one-token rows (num_decode_tokens = all tokens, no prefill spans), so
@@ -21,13 +21,6 @@ import torch
 
 from scalellm.engine.layers.attention import AttentionMetadata, PrefillSpan
 from scalellm.engine.outputs import ScheduledChunk, SchedulerOutput
-
-PAGED_CHUNK_MAX_TOKENS = 512
-"""The longest chunk the paged kernel attends for (see the module doc). A row costs its context
-length, so a chunk costs about n^2 / 2 key visits: on a 2-core AVX-512 CPU (SmolLM2's 9 heads over 3
-KV heads, bfloat16) the kernel took 196 us at 105 tokens and 4.3 ms at 512 against SDPA's 337 us and
-4.6 ms; SDPA's blocked loop is the better one past that."""
-
 
 @dataclass
 class StepInputs:
@@ -44,10 +37,10 @@ class StepInputs:
 
 
 def build_step_inputs(output: SchedulerOutput, block_size: int, group_windows: tuple[int | None, ...],
-                      device: torch.device, decode_backend: str = "torch") -> StepInputs:
+                      device: torch.device, decode_backend: str = "torch", row_chunk_limit: int = 1) -> StepInputs:
     """group_windows: per KV cache group, its sliding window or None; a chunk's block_ids interleave
-    the groups' tables (entry row * num_groups + group)."""
-    if decode_backend == "cpp" and all(c.num_new_tokens <= PAGED_CHUNK_MAX_TOKENS for c in output.chunks):
+    the groups' tables (entry row * num_groups + group). row_chunk_limit: see the module doc."""
+    if all(c.num_new_tokens <= row_chunk_limit for c in output.chunks):
         decodes, prefills = list(output.chunks), []  # every token a one-query row
     else:
         decodes = [c for c in output.chunks if c.num_new_tokens == 1]

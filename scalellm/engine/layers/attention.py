@@ -7,8 +7,8 @@ block_size + offset. A step's tokens are laid out as
     [ d0 d1 ... d(B-1) | p0 p0 p0 ... | p1 p1 ... ]
       one-token queries   prefill chunks (several tokens each)
 
-(with the C++ kernel, chunks of up to 512 tokens are laid out as rows of one-token queries too, and
-a step of only those has no prefill span: step_inputs.py).
+(with the C++ kernel, short chunks are laid out as rows of one-token queries too, and a step of only
+those has no prefill span: row_chunk_limit, step_inputs.py).
 
 Every layer first writes the step's new K/V into their slots, then attends, so a request may read
 KV written in the same step by another (shared prefix blocks).
@@ -43,7 +43,7 @@ class AttentionMetadata:
     num_decode_tokens: int
     """The first num_decode_tokens tokens attend as one query row each (the decode path): one-token
     queries, and with the "cpp" backend the tokens of short multi-token chunks too, each over the keys
-    up to its own position (step_inputs.py)."""
+    up to its own position (row_chunk_limit)."""
     block_size: int = 16
     decode_block_table: torch.Tensor | None = None
     """[B, max_blocks] the blocks of each row's context, padded with block 0."""
@@ -106,6 +106,25 @@ def _decode_attention_cpp(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 DECODE_BACKENDS = {"torch": _decode_attention, "cpp": _decode_attention_cpp}
 """Decode attention implementations, by AttentionMetadata.decode_backend."""
+
+
+PAGED_ROW_MAX_TOKENS = 512
+"""The longest chunk whose tokens the C++ kernel attends as one-query rows (see row_chunk_limit)."""
+
+
+def row_chunk_limit(decode_backend: str, head_dim: int) -> int:
+    """The longest chunk whose tokens attend as one-query rows of the decode path, each over the keys
+    up to its own position (step_inputs.py), rather than as a prefill span through SDPA.
+
+    One token, except with the C++ kernel where it keeps the queries in registers (head_dim 64 or
+    128): there PAGED_ROW_MAX_TOKENS. A row costs its context, so a chunk of n tokens costs about
+    n^2 / 2 key visits; on a 2-core AVX-512 CPU in bfloat16 the kernel took 196 us at 105 tokens and
+    4.3 ms at 512 (SmolLM2: 9 heads over 3 KV heads, head_dim 64) against SDPA's 337 us and 4.6 ms,
+    and 692 us and 9.9 ms against 1,120 us and 10.5 ms (Qwen2.5-1.5B: 12 over 2, head_dim 128). SDPA's
+    blocked loop wins past that, and at once for other head dims (Gemma 3's 256: 726 against 430 us
+    at 105 tokens), where the kernel takes its generic loop.
+    """
+    return PAGED_ROW_MAX_TOKENS if decode_backend == "cpp" and head_dim in (64, 128) else 1
 
 
 def resolve_decode_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:

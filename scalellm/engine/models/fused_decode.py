@@ -11,7 +11,7 @@ for bit the Python layers'.
 It applies to Llama-family models (GatedMLP feed-forward, no experts) in bfloat16 on the CPU, on one
 rank, with the C++ decode attention, and with int8 (fused kernel), GGUF-quantized (quantized kernel)
 or unquantized projections.
-Steps that carry a prefill span (a chunk past step_inputs.PAGED_CHUNK_MAX_TOKENS), steps that stop
+Steps that carry a prefill span (a chunk past attention.row_chunk_limit), steps that stop
 between layers (a prefill step lending cores), and every other configuration run the Python layers.
 """
 
