@@ -34,9 +34,8 @@ class FusedDecodeLayers:
         self.op = op
         self.weights = weights
         self.num_heads, self.num_kv_heads, self.eps = num_heads, num_kv_heads, eps
-        self._caches_of: list | None = None  # the (K, V) list the split lists below were made from
-        self._k_caches: list[torch.Tensor] = []
-        self._v_caches: list[torch.Tensor] = []
+        self._caches_of: list | None = None  # the (K, V) list `_layers` holds
+        self._layers = None  # torch.classes.scalellm.DecodeLayers: the tensors, handed to C++ once
 
     @classmethod
     def build(cls, model: torch.nn.Module, decode_backend: str) -> FusedDecodeLayers | None:
@@ -72,13 +71,13 @@ class FusedDecodeLayers:
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, hidden] (the embeddings) -> (the last layer's output, the residual stream before it)."""
         if kv_caches is not self._caches_of:
-            self._k_caches = [k for k, _ in kv_caches]
-            self._v_caches = [v for _, v in kv_caches]
+            self._layers = torch.classes.scalellm.DecodeLayers(self.weights, [k for k, _ in kv_caches],
+                                                               [v for _, v in kv_caches])
             self._caches_of = kv_caches
         cos, sin = rope
-        return self.op(x, cos, sin, self.weights, self._k_caches, self._v_caches, meta.slot_mapping,
-                       meta.decode_block_table, meta.decode_context_lens, meta.block_size,
-                       meta.decode_sliding_window, self.num_heads, self.num_kv_heads, self.eps)
+        return self.op(self._layers, x, cos, sin, meta.slot_mapping, meta.decode_block_table,
+                       meta.decode_context_lens, meta.block_size, meta.decode_sliding_window, self.num_heads,
+                       self.num_kv_heads, self.eps)
 
 
 def _operands(linear: torch.nn.Module) -> list[torch.Tensor] | None:

@@ -7,7 +7,7 @@ context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` r
 `load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul` (a
 NormRotaryOps; see norm_rotary.cpp); `load_token_bitmask()` `apply_token_bitmask_(logits, bitmask,
 rows)`, grammar bitmasks applied to logits in place (token_bitmask.cpp); `load_decode_layers()` one op that runs a Llama-family model's
-decoder layers for a decode-only step by calling the others (decode_layers.cpp). Each is None when
+decoder layers for a step of one-query rows by calling the others (decode_layers.cpp). Each is None when
 its kernel cannot be built (no C++ compiler, no ninja, a compile error); `kernel_load_error(name)`
 then says why. The kernels share the AVX-512 bfloat16 loads and stores of avx512_bf16.h.
 
@@ -97,8 +97,9 @@ def load_norm_rotary() -> NormRotaryOps | None:
 
 
 def load_decode_layers() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
-    """The compiled op that runs every decoder layer of a decode-only step, or None when it or one of
-    the kernels it calls cannot be built (see decode_layers.cpp)."""
+    """The compiled op that runs every decoder layer of a step of one-query rows, or None when it or one
+    of the kernels it calls cannot be built (see decode_layers.cpp). Its first argument is a
+    torch.classes.scalellm.DecodeLayers holding the model's tensors and caches, made once."""
     if load_paged_attention() is None or load_int8_linear() is None or load_norm_rotary() is None:
         return None
     return _build_kernel("decode_layers")[0]
