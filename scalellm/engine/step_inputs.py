@@ -22,6 +22,7 @@ import torch
 from scalellm.engine.layers.attention import AttentionMetadata, PrefillSpan
 from scalellm.engine.outputs import ScheduledChunk, SchedulerOutput
 
+
 @dataclass
 class StepInputs:
     token_ids: torch.Tensor

@@ -53,7 +53,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None
     """[B] long, the context length of each row (its position + 1)."""
     decode_sliding_window: int = 0
-    """Keys a one-token query sees, counting itself; <= 0: the whole context."""
+    """Keys a row sees, counting itself; <= 0: the whole context."""
     decode_backend: str = "torch"
     """How one-token queries attend: a key of DECODE_BACKENDS."""
     prefills: list[PrefillSpan] = field(default_factory=list)
