@@ -42,11 +42,11 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, group_windows: t
     """group_windows: per KV cache group, its sliding window or None; a chunk's block_ids interleave
     the groups' tables (entry row * num_groups + group). row_chunk_limit: see the module doc."""
     if all(c.num_new_tokens <= row_chunk_limit for c in output.chunks):
-        decodes, prefills = list(output.chunks), []  # every token a one-query row
+        row_chunks, prefills = list(output.chunks), []  # every token a one-query row
     else:
-        decodes = [c for c in output.chunks if c.num_new_tokens == 1]
+        row_chunks = [c for c in output.chunks if c.num_new_tokens == 1]
         prefills = [c for c in output.chunks if c.num_new_tokens > 1]
-    ordered = decodes + prefills
+    ordered = row_chunks + prefills
     token_ids: list[int] = []
     positions: list[int] = []
     sample_chunks, sample_indices = [], []
@@ -62,7 +62,7 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, group_windows: t
         torch.arange(len(ordered)), torch.tensor([c.num_new_tokens for c in ordered]))
     all_tables = _block_table(ordered, block_size)  # [N, max_blocks * num_groups]
     num_groups = len(group_windows)
-    num_row_tokens = sum(c.num_new_tokens for c in decodes)
+    num_row_tokens = sum(c.num_new_tokens for c in row_chunks)
 
     def metadata(group: int, window: int | None) -> AttentionMetadata:
         tables = all_tables[:, group::num_groups]  # [N, max_blocks]
@@ -70,12 +70,12 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, group_windows: t
         meta = AttentionMetadata(slot_mapping=slot_mapping.to(device), num_decode_tokens=num_row_tokens,
                                  block_size=block_size, decode_sliding_window=window or 0,
                                  decode_backend=decode_backend)
-        if decodes:
+        if row_chunks:
             meta.decode_block_table, meta.decode_context_lens, meta.decode_mask = _decode_context(
                 tables[row_of_token[:num_row_tokens]], positions_t[:num_row_tokens], block_size, window, device,
                 with_mask=decode_backend == "torch")
         offset = num_row_tokens
-        for row, chunk in enumerate(prefills, start=len(decodes)):
+        for row, chunk in enumerate(prefills, start=len(row_chunks)):
             meta.prefills.append(_prefill_span(chunk, tables[row], offset, block_size, window, device))
             offset += chunk.num_new_tokens
         return meta

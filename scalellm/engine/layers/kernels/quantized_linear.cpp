@@ -27,8 +27,9 @@
 // codes as a low-nibble plane (steps 2p and 2p+1 in the low and high nibbles of 64 bytes), then the
 // high bits at the same byte positions: 5 bits, bit 4 of step s at bit s of one 64-byte plane (8 steps);
 // 6 bits, bits 4-5 of step s at bits 2 (s % 4) .. +1 of plane s / 4 (64 bytes per 4 steps).
-// The micro kernel holds up to 4 tokens x 4 channel blocks of accumulators; channel tiles are split
-// over the intra-op threads, so each weight byte is read once per 4 tokens.
+// The micro kernel holds 1-2 tokens x 4 channel blocks of accumulators while tokens are few
+// (decode), and up to 8 tokens x 1 channel block for batches; channel tiles are split over the
+// intra-op threads, so each weight byte is read once per 8 tokens of a batch.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -37,9 +38,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <memory>
-#include <vector>
 
 #include "avx512_bf16.h"
 
@@ -173,7 +172,8 @@ inline void load_codes(const uint8_t* src, __m512i* codes) {
 typedef int32_t Int32Alias __attribute__((may_alias));
 
 // sum + codes . (four bytes at `x`, in every 32-bit lane), the bytes broadcast by vpdpbusd's own memory
-// operand: the compilers load and broadcast them in a separate instruction otherwise.
+// operand: the compilers load and broadcast them in a separate instruction otherwise. Tiles of one
+// channel block use it; with several blocks the compiler's broadcast register serves them all.
 inline __m512i dpbusd_broadcast(__m512i sum, __m512i codes, const Int32Alias* x) {
   asm("vpdpbusd %[x]%{1to16%}, %[codes], %[sum]" : [sum] "+v"(sum) : [codes] "v"(codes), [x] "m"(*x));
   return sum;
@@ -269,7 +269,7 @@ void channel_tile(const Problem& p, int64_t b0, int64_t blocks, T* y) {
 
 template <int BITS, int GROUP, bool MINIMUMS, typename T>
 void run_all(const Problem& p, int64_t num_blocks, T* y) {
-  // 4 channel blocks per tile while tokens are few (decode), 2 with 4-token tiles (prefill).
+  // 4 channel blocks per task while tokens are few (decode), 2 for batches (8-token tiles, a block at a time).
   const int64_t per_tile = p.m <= 2 ? 4 : 2;
   const int64_t num_tiles = (num_blocks + per_tile - 1) / per_tile;
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
