@@ -53,36 +53,45 @@ class GGUFTensor:
 
 def pack(codes: GroupCodes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GroupCodes [N, K] -> (packed uint8, scales float16, minimums float16 or None): the kernel's layout
-    (see quantized_linear.cpp), N padded to a multiple of 16 with zero codes and scales."""
+    (see quantized_linear.cpp), N padded to a multiple of 64 with zero codes and scales."""
     num_out, num_in = codes.codes.shape
-    padded = -(-num_out // 16) * 16
+    padded = -(-num_out // 64) * 64
+    blocks = padded // 16
     steps = codes.group // 4
     groups = num_in // codes.group
     c = np.zeros((padded, num_in), np.uint8)
     c[:num_out] = codes.codes
     # [NB, 16, groups, steps, 4] -> [NB, groups, steps, 16 * 4]: one 64-byte vpdpbusd operand per step
-    c = c.reshape(padded // 16, 16, groups, steps, 4).transpose(0, 2, 3, 1, 4).reshape(padded // 16, groups, steps, 64)
+    c = c.reshape(blocks, 16, groups, steps, 4).transpose(0, 2, 3, 1, 4).reshape(blocks, groups, steps, 64)
     if codes.bits == 8:
-        planes = [c.reshape(padded // 16, groups, -1)]
+        planes = [c.reshape(blocks, groups, -1)]
     else:
-        low = (c & 0x0F).reshape(padded // 16, groups, steps // 2, 2, 64)
-        planes = [(low[:, :, :, 0] | (low[:, :, :, 1] << 4)).reshape(padded // 16, groups, -1)]
+        low = (c & 0x0F).reshape(blocks, groups, steps // 2, 2, 64)
+        planes = [(low[:, :, :, 0] | (low[:, :, :, 1] << 4)).reshape(blocks, groups, -1)]
         if codes.bits > 4:  # the high bits of each step at its byte positions (see quantized_linear.cpp)
             width = codes.bits - 4
             per_byte = 8 // width  # steps per high-bit plane
-            high = (c >> 4).reshape(padded // 16, groups, steps // per_byte, per_byte, 64)
+            high = (c >> 4).reshape(blocks, groups, steps // per_byte, per_byte, 64)
             shifts = (np.arange(per_byte, dtype=np.uint8) * width).reshape(per_byte, 1)
-            planes.append(np.bitwise_or.reduce(high << shifts, axis=3).reshape(padded // 16, groups, -1))
-    packed = np.ascontiguousarray(np.concatenate(planes, axis=-1))
-    return (torch.from_numpy(packed), _group_halves(codes.scales, padded),
-            None if codes.minimums is None else _group_halves(codes.minimums, padded))
+            planes.append(np.bitwise_or.reduce(high << shifts, axis=3).reshape(blocks, groups, -1))
+    side = 2 if codes.bits == 8 else 4  # channel blocks side by side per group (measured: quantized_linear.cpp)
+    packed = _side_by_side(np.concatenate(planes, axis=-1), side)
+    return (torch.from_numpy(packed), _group_halves(codes.scales, padded, side),
+            None if codes.minimums is None else _group_halves(codes.minimums, padded, side))
 
 
-def _group_halves(values: np.ndarray, padded: int) -> torch.Tensor:
-    """float32 [N, groups] -> float16 [ceil(N/16), groups, 16], zero padded."""
+def _side_by_side(per_block: np.ndarray, side: int) -> np.ndarray:
+    """[NB, groups, X] per channel block -> [NB / side, groups, side * X]: each group's `side` blocks together."""
+    blocks, groups, width = per_block.shape
+    return np.ascontiguousarray(per_block.reshape(blocks // side, side, groups, width).transpose(0, 2, 1, 3)
+                                .reshape(blocks // side, groups, side * width))
+
+
+def _group_halves(values: np.ndarray, padded: int, side: int) -> torch.Tensor:
+    """float32 [N, groups] -> float16 [padded / 16 / side, groups, 16 side] (zero padded), laid out as the codes."""
     out = np.zeros((padded, values.shape[1]), np.float16)
     out[:values.shape[0]] = values
-    return torch.from_numpy(np.ascontiguousarray(out.reshape(padded // 16, 16, -1).transpose(0, 2, 1)))
+    return torch.from_numpy(_side_by_side(out.reshape(padded // 16, 16, -1).transpose(0, 2, 1), side))
 
 
 class GGUFQuantized(QuantizationMethod):
