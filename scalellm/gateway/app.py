@@ -3,7 +3,8 @@
 Routes:
     POST /v1/chat/completions, POST /v1/completions, POST /v1/responses   (API key when configured)
     GET  /v1/models, GET /v1/models/{id}                                (API key when configured)
-    GET  /health    200 when at least one replica is routable and the gateway is not draining, else 503
+    GET  /health    200 when at least one replica is routable, the served model is known (its name
+                    configured or a replica's answered) and the gateway is not draining, else 503
     GET  /metrics   Prometheus text (a key with the metrics scope when keys are configured)
     GET  /openapi.json   the OpenAPI document of these routes
 /health and /openapi.json never need a key: load balancers call them without one (see auth.py).
@@ -200,7 +201,8 @@ class GatewayApp:
 
     def _health(self, conn: HttpConnection) -> None:
         num_healthy = sum(1 for state in self.router.replicas if state.routable)
-        ok = num_healthy > 0 and not self.service.draining
+        # Ready once the model is known too: a client that saw 200 may list /v1/models at once.
+        ok = num_healthy > 0 and not self.service.draining and self.model.name is not None
         body = {"status": "ok" if ok else "unavailable", "healthy_replicas": num_healthy,
                 "replicas": len(self.router.replicas), "draining": self.service.draining}
         conn.send_response(200 if ok else 503, orjson.dumps(body))

@@ -1,6 +1,8 @@
 """The OpenAI API through the official client, against an in-process gateway with fake replicas."""
 
+import asyncio
 import http.client
+import time
 
 import openai
 import orjson
@@ -74,6 +76,31 @@ def test_models_health_metrics(gateway, client):
                  "scalellm:e2e_request_latency_seconds", "scalellm:generation_tokens_total",
                  "scalellm:gateway_replica_dispatched_total", "scalellm:kv_cache_usage_perc"):
         assert name in text, name
+
+
+def test_health_waits_for_the_model_name():
+    """/health says ready only once /v1/models can list the model: a client (a load balancer, the
+    bench) that saw 200 may ask for it at once."""
+    class SlowInfo(FakeReplica):
+        async def info(self, timeout_s=2.0):
+            await asyncio.sleep(0.5)
+            return await super().info(timeout_s)
+
+    with GatewayThread(GatewayConfig(port=0), [SlowInfo("r0")]) as gw:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.app.port, timeout=5)
+        statuses = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not statuses or statuses[-1] != 200):
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+            if statuses[-1] == 200:
+                conn.request("GET", "/v1/models")
+                models = orjson.loads(conn.getresponse().read())["data"]
+            time.sleep(0.05)
+        assert statuses[0] == 503 and statuses[-1] == 200
+        assert [m["id"] for m in models] == [FAKE_MODEL]
 
 
 def test_keep_alive_serves_many_requests_on_one_connection(gateway):
