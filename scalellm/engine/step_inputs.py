@@ -68,7 +68,7 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, group_windows: t
 
     def metadata(group: int, window: int | None) -> AttentionMetadata:
         tables = all_tables[:, group::num_groups]  # [N, max_blocks]
-        slot_mapping = _slots(tables[row_of_token], positions_a, block_size)
+        slot_mapping = _slots(tables, row_of_token, positions_a, block_size)
         meta = AttentionMetadata(slot_mapping=_tensor(slot_mapping, device), num_decode_tokens=num_row_tokens,
                                  block_size=block_size, decode_sliding_window=window or 0,
                                  decode_backend=decode_backend)
@@ -78,7 +78,7 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, group_windows: t
                 with_mask=decode_backend == "torch")
         offset = num_row_tokens
         for row, chunk in enumerate(prefills, start=len(row_chunks)):
-            meta.prefills.append(_prefill_span(chunk, tables[row], offset, block_size, window, device))
+            meta.prefills.append(_prefill_span(chunk, tables, row, offset, block_size, window, device))
             offset += chunk.num_new_tokens
         return meta
 
@@ -100,9 +100,9 @@ def _block_table(chunks: list[ScheduledChunk]) -> np.ndarray:
     return np.array([c.block_ids + [0] * (width - len(c.block_ids)) for c in chunks], dtype=np.int64)
 
 
-def _slots(tables: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
-    """tables [L, max_blocks] (each position's table), positions [L] -> slots [L]."""
-    return np.take_along_axis(tables, (positions // block_size)[:, None], 1)[:, 0] * block_size + positions % block_size
+def _slots(tables: np.ndarray, rows, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """tables [N, max_blocks], rows [L] (or one row for all), positions [L] -> slots [L]."""
+    return tables[rows, positions // block_size] * block_size + positions % block_size
 
 
 def _decode_context(tables: np.ndarray, positions: np.ndarray, block_size: int,
@@ -121,14 +121,14 @@ def _decode_context(tables: np.ndarray, positions: np.ndarray, block_size: int,
     return block_table, _tensor(context_lens, device), _tensor(valid[:, None, None, :], device)
 
 
-def _prefill_span(chunk: ScheduledChunk, table: np.ndarray, token_start: int, block_size: int,
+def _prefill_span(chunk: ScheduledChunk, tables: np.ndarray, row: int, token_start: int, block_size: int,
                   sliding_window: int | None, device: torch.device) -> PrefillSpan:
     start, num = chunk.start_position, chunk.num_new_tokens
     context_len = start + num
     # Within a window, keys before the first query's window are never read (their blocks may be gone).
     first_key = max(0, start - sliding_window + 1) if sliding_window is not None else 0
     key_positions = np.arange(first_key, context_len)
-    kv_slots = table[key_positions // block_size] * block_size + key_positions % block_size
+    kv_slots = _slots(tables, row, key_positions, block_size)
     mask = None
     if start > 0 or sliding_window is not None:
         query_positions = np.arange(start, context_len)[:, None]  # [n, 1]

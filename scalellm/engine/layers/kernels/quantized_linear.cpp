@@ -28,7 +28,9 @@
 // weights in 4 / S streams with about 1 KB per group each; with a stream per block, a token's pass
 // over a layer's small matrices took 5-25% longer (4 bits) and up to 60% for large ones (5 bits), the
 // short streams ending before the hardware prefetcher has ramped up, while for 8-bit codes 2 blocks
-// measured 5-10% faster than 1 and 4 blocks 10-20% slower. A block's group holds group/4 "steps"; step s is the 16 x 4 codes code[16 nb + j, group * g + 4 s + i] at
+// measured 5-10% faster than 1 and 4 blocks 10-20% slower.
+//
+// A block's group holds group/4 "steps"; step s is the 16 x 4 codes code[16 nb + j, group * g + 4 s + i] at
 // byte 4 j + i of a 64-byte vector: one vpdpbusd operand. 8-bit codes are stored as such; 4..6-bit
 // codes as a low-nibble plane (steps 2p and 2p+1 in the low and high nibbles of 64 bytes), then the
 // high bits at the same byte positions: 5 bits, bit 4 of step s at bit s of one 64-byte plane (8 steps);
@@ -135,10 +137,10 @@ struct Problem {
   int zero_point;
   int side_shift;  // log2 of S, the blocks side by side per group
 
+  // Block b's place among the S blocks side by side (0: the first).
+  int64_t side_of(int64_t b) const { return b & ((int64_t{1} << side_shift) - 1); }
   // Where block b's group g starts, in units of one block's group (group_bytes codes, 16 scales).
-  int64_t unit(int64_t b, int64_t g) const {
-    return (((b >> side_shift) * groups + g) << side_shift) + (b & ((int64_t{1} << side_shift) - 1));
-  }
+  int64_t unit(int64_t b, int64_t g) const { return (((b >> side_shift) * groups + g) << side_shift) + side_of(b); }
 };
 
 // The codes of one group's STEPS steps for one channel block, as unsigned bytes.
@@ -212,11 +214,12 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
       // A batch tile reads its block's groups S blocks apart, a stride the hardware prefetcher does not
       // follow. The first tile of a task's first block asks for all S blocks' codes 4 groups ahead into
       // L2, where the task's other tiles find them: at 8 and 16 tokens 8-10% faster than the
-      // block-by-block layout, where without it 4 and 8 tokens took 25% longer. Past the last group the
-      // address is another block's, or beyond the tensor, which a prefetch may be (it never faults).
-      if (m0 == 0 && (b0 & ((int64_t{1} << p.side_shift) - 1)) == 0) {
+      // block-by-block layout, where without it 4 and 8 tokens took 25-43% longer. Past the last group
+      // the address is another block's, or beyond the tensor, which a prefetch may be (it never faults).
+      if (m0 == 0 && p.side_of(b0) == 0) {
         const char* ahead = reinterpret_cast<const char*>(p.packed + p.unit(b0, g + 4) * p.group_bytes);
-        for (int64_t line = 0; line < (p.group_bytes << p.side_shift); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
+        for (int64_t line = 0; line < (p.group_bytes << p.side_shift); line += 64)
+          _mm_prefetch(ahead + line, _MM_HINT_T1);
       }
     }
 #pragma GCC unroll 4
