@@ -147,9 +147,11 @@ def check_starting(child: ChildProcess, deadline: float, timeout_s: float, shoul
 
 
 def freeze_loaded_objects() -> None:
-    """In a process that serves a loaded model: keep what loading made out of every later garbage
+    """In a serving process, once started: keep what loading made out of every later garbage
     collection. A tokenizer alone is a million or more objects that live as long as the process; a full
-    collection walks all of them (0.3 s on the 1.5B's), a stall in whichever step it falls on."""
+    collection walks all of them (0.3 s on the 1.5B's), a stall in whichever step it falls on. A gateway
+    holds no model, but its imports (gRPC, protobuf, the metrics and tracing libraries) are walked the
+    same way, a few times a second under load."""
     gc.collect()
     gc.freeze()
 

@@ -9,6 +9,7 @@ serve (no TLS, no connection limits, no header or body deadlines of ours).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 
 import uvicorn
@@ -25,6 +26,7 @@ class AsgiConnection:
 
     def __init__(self, send) -> None:
         self._send = send
+        self.loop = asyncio.get_running_loop()
         self._pending: list[dict] = []
         self.closed = False
         self.response_started = False

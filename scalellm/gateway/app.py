@@ -18,7 +18,7 @@ import signal
 import ssl
 import time
 import urllib.parse
-from typing import Callable, Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
 import orjson
 
@@ -33,6 +33,7 @@ from scalellm.gateway.openapi import openapi_document
 from scalellm.gateway.policies import create_policy
 from scalellm.gateway.router import Router
 from scalellm.gateway.serving import ROUTES, InferenceService, ModelInfo
+from scalellm.process import freeze_loaded_objects
 from scalellm.protocol.openai import OpenAIError
 
 logger = logging.getLogger("scalellm.gateway")
@@ -230,8 +231,15 @@ async def serve_until_signalled(config: GatewayConfig, clients: Sequence | None 
 
 def run_gateway(config: GatewayConfig) -> None:
     """Run the gateway in this process until SIGTERM/SIGINT (blocking); uses uvloop."""
+    run_gateway_process(serve_until_signalled(config))
+
+
+def run_gateway_process(main: Coroutine[Any, Any, None]) -> None:
+    """A gateway process's main coroutine on uvloop (blocking), after logging's setup, with what the
+    imports made kept out of the garbage collector's passes (it lives as long as the process)."""
     import uvloop
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uvloop.run(serve_until_signalled(config))
+    freeze_loaded_objects()
+    uvloop.run(main)

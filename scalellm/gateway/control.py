@@ -123,8 +123,6 @@ async def serve_supervised_gateway() -> None:
 
 def run_supervised_gateway() -> None:
     """Entry point of the gateway child of `scalellm serve` (blocking; uvloop)."""
-    import uvloop
+    from scalellm.gateway.app import run_gateway_process
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uvloop.run(serve_supervised_gateway())
+    run_gateway_process(serve_supervised_gateway())

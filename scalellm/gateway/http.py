@@ -121,6 +121,9 @@ class HttpConnection(asyncio.Protocol):
         self._connections = connections
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The connection's event loop, once connected: asyncio.get_running_loop() is a getpid system call
+        on Python 3.11, a few a request where this is read instead."""
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
@@ -143,6 +146,7 @@ class HttpConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self._transport = transport
+        self.loop = asyncio.get_running_loop()
         if not self._connections.add(self):
             self._reject(503, f"the server has too many open connections ({self._limits.max_connections}); "
                          "retry shortly")
@@ -245,7 +249,7 @@ class HttpConnection(asyncio.Protocol):
         self._keep_alive = keep_alive
         self.response_started = False
         self.deadline = math.inf
-        self._task = asyncio.get_running_loop().create_task(self._run(request))
+        self._task = self.loop.create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:
         try:
@@ -293,7 +297,7 @@ class HttpConnection(asyncio.Protocol):
         except (NotImplementedError, RuntimeError, OSError):
             self._transport.close()
             return
-        asyncio.get_running_loop().call_later(LINGER_S, self._transport.close)
+        self.loop.call_later(LINGER_S, self._transport.close)
 
     def close(self) -> None:
         """Close the connection (the handler's task, if any, gets cancelled)."""

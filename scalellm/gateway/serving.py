@@ -141,8 +141,8 @@ class InferenceService:
         record.admitted_time = time.time()
         # The deadline is a timer that cancels the request's task: a tenth of asyncio.timeout's cost
         # per request. record.expired tells its cancellation from a client that went away.
-        task = asyncio.current_task()
-        deadline = task.get_loop().call_later(self.config.request_timeout_s, _expire, task, record)
+        task = asyncio.current_task(conn.loop)
+        deadline = conn.loop.call_later(self.config.request_timeout_s, _expire, task, record)
         try:
             return await self._serve(request, conn, route, record)
         except OpenAIError as error:
@@ -349,24 +349,28 @@ class InferenceService:
         conn.start_stream(first_chunk=renderer.render(first))
         record.first_send_time = time.time()
         last = first
+        tail = b""  # the finished output's events: they leave with the stream's end, in one write
         try:
             async for output in stream:
-                conn.write(renderer.render(output))
+                if output.finished:
+                    tail = renderer.render(output)
+                else:
+                    conn.write(renderer.render(output))
                 last = output
                 if conn.write_paused:
                     await conn.drain()
         except (ReplicaError, OpenAIError) as exc:
             error = exc if isinstance(exc, OpenAIError) else OpenAIError(exc.status_code, exc.message,
                                                                           type="server_error")
-            conn.end_stream(error_event(error.body()))
+            conn.end_stream(tail + error_event(error.body()))
             self._account(record, renderer, last)
             return False
         except asyncio.CancelledError:
             if record.expired:  # the client gets an error event and the stream's end, not a cut stream
-                conn.end_stream(error_event(self._deadline_error().body()))
+                conn.end_stream(tail + error_event(self._deadline_error().body()))
                 self._account(record, renderer, last)
             raise
-        conn.end_stream(renderer.finish(self._timings(record, last.metrics)))
+        conn.end_stream(tail + renderer.finish(self._timings(record, last.metrics)))
         self._account(record, renderer, last)
         return True
 

@@ -102,7 +102,7 @@ class ReplicaClient:
         inbox = session.register(request_id)
         deadline = None
         if timeout_s is not None:
-            deadline = asyncio.get_running_loop().call_later(timeout_s, inbox.put_nowait, _DEADLINE)
+            deadline = session.loop.call_later(timeout_s, inbox.put_nowait, _DEADLINE)
         received = finished = False
         try:
             session.send(request)
@@ -284,14 +284,14 @@ class _Session:
         self.ended = False
         self._aborted = False
         self._inboxes: dict[str, _Inbox] = {}
-        self._loop = loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self._outgoing = _Inbox(loop)
         self._reader = loop.create_task(self._read())
         self._writer = loop.create_task(self._write())
 
     def register(self, request_id: str) -> _Inbox:
         """A new request's inbox (already holding _SessionEnded if the call is over)."""
-        inbox = _Inbox(self._loop)
+        inbox = _Inbox(self.loop)
         if self.ended:
             inbox.put_nowait(_SessionEnded(None, self._aborted))
         self._inboxes[request_id] = inbox
