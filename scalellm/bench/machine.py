@@ -172,7 +172,7 @@ def probe_machine(buffer_bytes: int = GIB, shapes=MATMUL_SHAPES, repeats: int = 
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    machine_before, own_before, start = machine_cpu(), time.process_time(), time.perf_counter()
+    machine_before, own_before, start = machine_cpu(), _own_cpu_s(), time.perf_counter()
     bandwidth = {"buffer_bytes": buffer_bytes,
                  "one_core_gb_s": read_bandwidth(buffer_bytes, 1, repeats) / 1e9,
                  "all_cores_gb_s": read_bandwidth(buffer_bytes, cores, repeats) / 1e9}
@@ -188,8 +188,14 @@ def probe_machine(buffer_bytes: int = GIB, shapes=MATMUL_SHAPES, repeats: int = 
     return {"probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
             "cores": cores, "torch": torch.__version__, "cpu": cpu_facts(cpuinfo),
             "memory_bandwidth": bandwidth, "matmul": matmul, "kernels": kernel_isa(),
-            "other_cpu_share": _other_share(machine_before, machine_cpu(), time.process_time() - own_before,
+            "other_cpu_share": _other_share(machine_before, machine_cpu(), _own_cpu_s() - own_before,
                                             time.perf_counter() - start)}
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and of its children that have ended (kernel_isa's)."""
+    times = os.times()
+    return time.process_time() + times.children_user + times.children_system
 
 
 def _other_share(before, after, own_cpu_s: float, seconds: float) -> float | None:

@@ -74,3 +74,13 @@ def test_probe_measures_a_real_machine(tmp_path):
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a probe"):
         machine.load_probe(path)
+
+
+def test_the_probe_counts_its_own_child_as_its_own_work():
+    """kernel_isa runs a child: its CPU must not be read as other work (a false 'not quiet' warning)."""
+    import subprocess
+    import sys
+
+    before = machine._own_cpu_s()
+    subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True)
+    assert machine._own_cpu_s() - before > 0.2
