@@ -28,6 +28,8 @@ from scalellm.bench.progress import ProgressLine
 from scalellm.bench.runner import BenchPlan, PointResult, run_plan
 
 RATIO_KEYS = ("output_throughput", "median_ttft_ms", "median_e2el_ms", "server_cpu_ms_per_request")
+MODEL_LIST_WAIT_S = 60.0
+"""How long a started system may list no model after its health check passes."""
 
 
 def check_systems(names: Sequence[str], custom: dict[str, str]) -> list[str]:
@@ -62,7 +64,7 @@ def measure_system(spec: LaunchSpec, options: PeerOptions, client: ClientConfig,
         info.update(argv=running.argv, log=str(log_path), **running.describe())
         print(f"[compare] starting {spec.name}: {' '.join(running.argv)}", file=sys.stderr, flush=True)
         running.wait_ready()
-        entry = model_entry(running.base_url, client.api_key)
+        entry = model_entry(running.base_url, client.api_key, wait_s=MODEL_LIST_WAIT_S)
         model = client.model or str(entry["id"])
         info.update(model=model, weight_format=entry.get("weight_format"))
         system_client = replace(client, base_url=running.base_url, model=model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 
@@ -13,9 +14,27 @@ def discover_model(base_url: str, api_key: str | None = None, timeout_s: float =
     return str(model_entry(base_url, api_key, timeout_s)["id"])
 
 
-def model_entry(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> dict:
+def model_entry(base_url: str, api_key: str | None = None, timeout_s: float = 10.0, wait_s: float = 0.0) -> dict:
     """The first entry of ``base_url``/v1/models (its ``id`` and whatever else the server reports,
-    e.g. ``weight_format``, which the roofline uses); RuntimeError if there is none."""
+    e.g. ``weight_format``, which the roofline uses); RuntimeError if there is none.
+
+    wait_s: ask again every half second for up to this long while the list is empty (a server whose
+    health check answers before it has loaded its model: the bench's compare waits for it)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _first_model(base_url, api_key, timeout_s)
+        except _NoModel:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model") from None
+            time.sleep(0.5)
+
+
+class _NoModel(Exception):
+    pass
+
+
+def _first_model(base_url: str, api_key: str | None, timeout_s: float) -> dict:
     request = urllib.request.Request(base_url + "/v1/models")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
@@ -27,5 +46,5 @@ def model_entry(base_url: str, api_key: str | None = None, timeout_s: float = 10
                            "is the server up? pass --model to skip this") from None
     models = listing.get("data") if isinstance(listing, dict) else None
     if not models or not isinstance(models[0], dict) or "id" not in models[0]:
-        raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model")
+        raise _NoModel
     return models[0]
