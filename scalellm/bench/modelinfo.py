@@ -21,20 +21,15 @@ def model_entry(base_url: str, api_key: str | None = None, timeout_s: float = 10
     wait_s: ask again every half second for up to this long while the list is empty (a server whose
     health check answers before it has loaded its model: the bench's compare waits for it)."""
     deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return _first_model(base_url, api_key, timeout_s)
-        except _NoModel:
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model") from None
-            time.sleep(0.5)
+    while (entry := _first_model(base_url, api_key, timeout_s)) is None:
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{base_url}/v1/models lists no model; pass --model")
+        time.sleep(0.5)
+    return entry
 
 
-class _NoModel(Exception):
-    pass
-
-
-def _first_model(base_url: str, api_key: str | None, timeout_s: float) -> dict:
+def _first_model(base_url: str, api_key: str | None, timeout_s: float) -> dict | None:
+    """The first entry of the listing, None when it lists no model."""
     request = urllib.request.Request(base_url + "/v1/models")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
@@ -46,5 +41,5 @@ def _first_model(base_url: str, api_key: str | None, timeout_s: float) -> dict:
                            "is the server up? pass --model to skip this") from None
     models = listing.get("data") if isinstance(listing, dict) else None
     if not models or not isinstance(models[0], dict) or "id" not in models[0]:
-        raise _NoModel
+        return None
     return models[0]
