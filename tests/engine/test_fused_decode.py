@@ -72,7 +72,7 @@ def test_fused_decode_equals_the_python_layers(kind, quantization, tmp_path, tok
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(kernel_op() is None, reason="the quantized kernel needs AVX512-VNNI")
+@pytest.mark.skipif(kernel_op() is None, reason="the quantized kernel needs AVX512-VNNI or AVX2")
 def test_fused_decode_equals_the_python_layers_on_gguf_weights():
     """The default model on its own Q4_1 weights: the fused op calls the quantized kernel as the layers do."""
     path = default_model_path()

@@ -8,7 +8,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from scalellm.engine.quantization.gguf import GGUFQuantized, GGUFTensor, kernel_op, pack
+from scalellm.engine.layers.kernels import load_quantized_linear_avx2
+from scalellm.engine.quantization.gguf import GGUFQuantized, GGUFTensor, kernel_isa, kernel_op, pack
 from scalellm.engine.quantization.gguf_blocks import KERNEL_TYPES, merge
 
 _K_BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -58,14 +59,25 @@ def run_kernel(op, x, codes, bias=None):
     return op(x, packed, scales, minimums, bias, codes.codes.shape[0], codes.bits, codes.group, codes.zero_point)
 
 
-needs_kernel = pytest.mark.skipif(kernel_op() is None, reason="no AVX512-VNNI or the kernel does not build")
+needs_kernel = pytest.mark.skipif(kernel_op() is None, reason="no AVX512-VNNI or AVX2, or the kernel does not build")
+
+
+@pytest.fixture(params=["native", "avx2"])
+def op(request):
+    """The op as built for this CPU, and on an AVX-512 CPU its AVX2 path built alone (-mno-avx512f)."""
+    if request.param == "native":
+        return kernel_op()
+    if kernel_isa() != "avx512-vnni":
+        pytest.skip("the native build is the AVX2 path here")
+    avx2 = load_quantized_linear_avx2()
+    assert avx2 is not None, "the AVX2 build failed on an AVX-512 CPU"
+    return avx2
 
 
 @needs_kernel
 @pytest.mark.parametrize("type_name", KERNEL_TYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 12, 15, 130])
-def test_kernel_matches_its_contract(type_name, m):
-    op = kernel_op()
+def test_kernel_matches_its_contract(op, type_name, m):
     codes = make_tensor(type_name, 101, 512, seed=m).codes()  # 101 outputs: a 64-channel group, a partial one
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
     bias = torch.randn(101)
@@ -76,9 +88,8 @@ def test_kernel_matches_its_contract(type_name, m):
 
 
 @needs_kernel
-def test_mixed_shards_merge_to_one_layout():
+def test_mixed_shards_merge_to_one_layout(op):
     """A fused q | k | v of Q4_K, Q4_K, Q6_K (Qwen2.5's layout) and of Q5_0, Q8_0 computes each part."""
-    op = kernel_op()
     for types in (["Q4_K", "Q4_K", "Q6_K"], ["Q5_0", "Q8_0"], ["Q4_1", "Q8_0"], ["Q5_K", "Q6_K"], ["Q5_0", "Q4_0"]):
         parts = [make_tensor(t, 24, 256, seed=i).codes() for i, t in enumerate(types)]
         x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
@@ -88,8 +99,7 @@ def test_mixed_shards_merge_to_one_layout():
 
 
 @needs_kernel
-def test_bfloat16_activations():
-    op = kernel_op()
+def test_bfloat16_activations(op):
     codes = make_tensor("Q4_K", 64, 256).codes()
     x = torch.randn(4, 256).bfloat16()
     out = run_kernel(op, x, codes)

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from scalellm.engine.quantization.base import QuantizationMethod
-from scalellm.engine.quantization.gguf import GGUFQuantized, cpu_has_vnni
+from scalellm.engine.quantization.gguf import GGUFQuantized, kernel_isa
 from scalellm.engine.quantization.gguf_blocks import KERNEL_TYPES
 from scalellm.engine.quantization.int8 import Int8Dynamic
 from scalellm.engine.quantization.unquantized import Unquantized
@@ -33,14 +33,14 @@ def get_quantization_method(name: str | None) -> QuantizationMethod:
 def resolve_quantization(name: str | None, files, device: torch.device, tensor_parallel_size: int = 1) -> str:
     """The method "auto" (the default) stands for, given the model files and the machine.
 
-    A GGUF whose linear weights are quantized keeps them ("gguf") on a CPU with AVX512-VNNI and one
-    rank; everything else keeps today's behaviour: weights in the model's dtype ("none"). Explicit
+    A GGUF whose linear weights are quantized keeps them ("gguf") on a CPU the kernel runs on
+    (AVX512-VNNI or AVX2) and one rank; everything else keeps today's behaviour: weights in the model's dtype ("none"). Explicit
     names are returned unchanged.
     """
     if name not in (None, "auto"):
         return name
-    if device.type == "cpu" and tensor_parallel_size == 1 and cpu_has_vnni() and _quantized_gguf(files):
-        logger.info("quantization auto: gguf (the file's quantized weights, AVX512-VNNI kernel)")
+    if device.type == "cpu" and tensor_parallel_size == 1 and kernel_isa() and _quantized_gguf(files):
+        logger.info("quantization auto: gguf (the file's quantized weights, %s kernel)", kernel_isa())
         return "gguf"
     logger.info("quantization auto: none (weights in the model's dtype)")
     return "none"

@@ -1,28 +1,28 @@
 """Linear weights kept in their GGUF quantization ("gguf"): the file's 4..8-bit codes, repacked once at
-load for the AVX512-VNNI kernel (kernels/quantized_linear.cpp), dequantized in registers at each call.
+load for the kernel (kernels/quantized_linear.cpp: AVX512-VNNI, or AVX2 where the CPU has no AVX-512),
+dequantized in registers at each call.
 
     GGUF rows (Q4_K, Q6_K, Q4_1, ...) ─ gguf_blocks.decode ─▶ codes + group scales ─ pack ─▶ kernel layout
-    y = quantized_linear(x, ...)        activations rounded to int8 per 32-block, int8 x uintN on vpdpbusd
+    y = quantized_linear(x, ...)        activations rounded to int8 per 32-block, int8 x uintN products
 
 Resident size per weight: the code bits plus a float16 scale (and minimum) per group of 16 or 32, i.e.
 4.5-5 bits for the 4-bit types, 7 for Q6_K, 8.5 for Q8_0 (the file's 4.5, 6.56 and 8.5).
 
 A layer falls back to dequantized weights in the model's dtype (a plain matrix multiply, the "none"
 method) when a shard of it came as float or of a type the kernel does not read, when its input is
-split over ranks, when the kernel cannot be built, or when the CPU lacks AVX512-VNNI
+split over ranks, when the kernel cannot be built, or when the CPU has neither AVX512-VNNI nor AVX2
 (`GGUFQuantized(use_kernel=False)` forces that path, which tests compare with the kernel).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scalellm.cpu import cpu_flags
 from scalellm.engine.quantization.base import QuantizationMethod
 from scalellm.engine.quantization.gguf_blocks import KERNEL_TYPES, GroupCodes, decode, merge
 
@@ -133,20 +133,18 @@ class GGUFQuantized(QuantizationMethod):
 
 
 def kernel_op():
-    """The compiled quantized_linear op where this CPU has AVX512-VNNI and it builds; else None."""
-    if not cpu_has_vnni():
+    """The compiled quantized_linear op where this CPU has a kernel ISA (kernel_isa) and it builds; else None."""
+    if kernel_isa() is None:
         return None
     from scalellm.engine.layers.kernels import load_quantized_linear
 
     return load_quantized_linear()
 
 
-@functools.cache
-def cpu_has_vnni() -> bool:
-    """AVX512-VNNI (and the AVX-512 F/BW it builds on) in /proc/cpuinfo's flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return {"avx512_vnni", "avx512f", "avx512bw"} <= set(flags)
+KERNEL_ISAS = {"avx512-vnni": {"avx512_vnni", "avx512f", "avx512bw"}, "avx2": {"avx2", "fma", "f16c"}}
+"""The kernel's instruction sets, the first a CPU has in full is the one -march=native builds."""
+
+
+def kernel_isa() -> str | None:
+    """The instruction set the quantized kernel runs on here (a key of KERNEL_ISAS), or None."""
+    return next((isa for isa, needs in KERNEL_ISAS.items() if needs <= cpu_flags()), None)

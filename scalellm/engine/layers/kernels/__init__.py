@@ -3,7 +3,8 @@
 `load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
 context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
 `int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
-`load_quantized_linear()` the linear op on weights kept in their GGUF codes (quantized_linear.cpp);
+`load_quantized_linear()` the linear op on weights kept in their GGUF codes (quantized_linear.cpp;
+`load_quantized_linear_avx2()` its AVX2 path alone);
 `load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul` (a
 NormRotaryOps; see norm_rotary.cpp); `load_token_bitmask()` `apply_token_bitmask_(logits, bitmask,
 rows)`, grammar bitmasks applied to logits in place (token_bitmask.cpp); `load_decode_layers()` one op that runs a Llama-family model's
@@ -39,6 +40,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from scalellm.cpu import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
@@ -49,8 +52,11 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     "paged_attention": ("paged_attention.cpp", "paged_decode_attention", []),
     # No fused multiply-add contraction: the epilogue must round like the unfused torch path.
     "int8_linear": ("int8_linear.cpp", "int8_linear", ["-ffp-contract=off"]),
-    # Weights in their GGUF codes (see quantization/gguf.py); AVX512-VNNI only.
+    # Weights in their GGUF codes (see quantization/gguf.py); AVX512-VNNI, or AVX2 without AVX-512.
     "quantized_linear": ("quantized_linear.cpp", "quantized_linear", []),
+    # Its AVX2 path built on an AVX-512 CPU too, so that tests cover it there.
+    "quantized_linear_avx2": ("quantized_linear.cpp", "quantized_linear_avx2",
+                              ["-mno-avx512f", "-DSCALELLM_OP=quantized_linear_avx2"]),
     # Rounding to bfloat16 between steps must match torch's chain of ops: no contraction either.
     "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off"]),
     # Calls the three above through the dispatcher: load them first (load_decode_layers does).
@@ -73,6 +79,11 @@ def load_int8_linear() -> Callable[..., torch.Tensor] | None:
 def load_quantized_linear() -> Callable[..., torch.Tensor] | None:
     """The compiled linear op on GGUF-quantized weights, or None when it cannot be built (warned once)."""
     return _build_kernel("quantized_linear")[0]
+
+
+def load_quantized_linear_avx2() -> Callable[..., torch.Tensor] | None:
+    """The same op built for AVX2 alone (its path for CPUs without AVX-512), or None; for tests."""
+    return _build_kernel("quantized_linear_avx2")[0]
 
 
 def load_token_bitmask() -> Callable[..., torch.Tensor] | None:
@@ -159,20 +170,10 @@ def _build_hash(source: Path, compiler: str, cflags: list[str]) -> str:
     digest = hashlib.sha256(source.read_bytes())
     for header in sorted(_DIR.glob("*.h")):  # the kernels' shared headers
         digest.update(b"\0" + header.read_bytes())
-    for part in (torch.__version__, platform.machine(), compiler, " ".join(cflags), _cpu_flags()):
+    flags = " ".join(sorted(cpu_flags())) or platform.processor()  # what -march=native compiles for
+    for part in (torch.__version__, platform.machine(), compiler, " ".join(cflags), flags):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (what -march=native compiles for); empty where /proc/cpuinfo is missing."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _ensure_ninja_on_path() -> None:

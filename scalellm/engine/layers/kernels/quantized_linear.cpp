@@ -1,6 +1,6 @@
 // Linear layer on weights kept in their GGUF quantization (4, 5, 6 or 8 bits per weight with a
 // float16 scale, and a minimum or an integer zero point, per group of 16 or 32 weights along K),
-// dequantized in registers, on AVX512-VNNI.
+// dequantized in registers: on AVX512-VNNI, or on AVX2 (with FMA and F16C) where the CPU has no AVX-512.
 //
 //   quantized_linear(x, packed, scales, minimums, bias, n, bits, group, zero_point) -> y [M, n]
 //
@@ -38,6 +38,14 @@
 // The micro kernel holds 1-2 tokens x 4 channel blocks of accumulators while tokens are few
 // (decode), and up to 8 tokens x 1 channel block for batches; channel tiles are split over the
 // intra-op threads, so each weight byte is read once per 8 tokens of a batch.
+//
+// The AVX2 path reads the same layout, a 64-byte step as two 32-byte halves (channels 0-7, 8-15 of the
+// block). It has no vpdpbusd: vpmaddubsw multiplies unsigned codes by the signed activation bytes and
+// adds pairs into int16 (at most 2 * 63 * 127 for codes under 8 bits, and two steps' pairs summed
+// stay below 2^15), then vpmaddwd by ones widens and adds pairs into int32: exact, as on VNNI. 8-bit
+// codes are made signed (code - 128) and multiplied as |w| by x with w's sign (vpsignb), at most
+// 2 * 128 * 127 per pair; the sum then starts from (128 - zero_point) * s. Batches run 4-token tiles
+// (16 ymm registers hold fewer accumulators than 32 zmm).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -47,22 +55,32 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 
 #include "avx512_bf16.h"
 
 #if SCALELLM_AVX512_BF16 && defined(__AVX512VNNI__)
 #define SCALELLM_VNNI 1
+#define SCALELLM_AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SCALELLM_VNNI 0
+#define SCALELLM_AVX2 1
+#include <immintrin.h>
 #else
 #define SCALELLM_VNNI 0
+#define SCALELLM_AVX2 0
 #endif
+
+// The op's name: a second build of this file for AVX2 alone (-mno-avx512f) registers it under another.
+#ifndef SCALELLM_OP
+#define SCALELLM_OP quantized_linear
+#endif
+#define SCALELLM_STR2(x) #x
+#define SCALELLM_STR(x) SCALELLM_STR2(x)
 
 namespace {
 
-#if SCALELLM_VNNI
-using scalellm_avx512::load16;
-using scalellm_avx512::store16;
-using scalellm_avx512::tail_mask;
-
+#if SCALELLM_VNNI || SCALELLM_AVX2
 constexpr int64_t kChannels = 16;
 constexpr int64_t kActBlock = 32;
 
@@ -88,6 +106,11 @@ struct Activations {
   int64_t scale_at(int64_t row, int64_t b) const { return (row / kTileRows * blocks + b) * kTileRows + row % kTileRows; }
   int64_t sum_at(int64_t row, int64_t g) const { return (row / kTileRows * groups + g) * kTileRows + row % kTileRows; }
 };
+
+#if SCALELLM_VNNI
+using scalellm_avx512::load16;
+using scalellm_avx512::store16;
+using scalellm_avx512::tail_mask;
 
 template <typename T>
 Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
@@ -126,6 +149,7 @@ Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
   }
   return a;
 }
+#endif
 
 struct Problem {
   const Activations* a;
@@ -143,6 +167,7 @@ struct Problem {
   int64_t unit(int64_t b, int64_t g) const { return (((b >> side_shift) * groups + g) << side_shift) + side_of(b); }
 };
 
+#if SCALELLM_VNNI
 // The codes of one group's STEPS steps for one channel block, as unsigned bytes.
 template <int BITS, int STEPS>
 inline void load_codes(const uint8_t* src, __m512i* codes) {
@@ -290,6 +315,187 @@ void channel_tile(const Problem& p, int64_t b0, T* y) {
   else tile<BITS, GROUP, MINIMUMS, 1, 4>(p, 0, b0, y);
 }
 
+#endif  // SCALELLM_VNNI
+#if SCALELLM_AVX2
+// The activations as on VNNI, in scalar code (the compiler vectorizes the block's maximum): the same
+// rounding (nearbyint under the default mode rounds half to even, as vcvtps2dq does).
+template <typename T>
+Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
+  Activations a;
+  a.blocks = k / kActBlock;
+  a.groups = k / group;
+  const int64_t rows = (m + kTileRows - 1) / kTileRows * kTileRows;
+  a.q.reset(new int8_t[rows * k]);
+  a.scales.reset(new float[rows * a.blocks]);
+  a.sums.reset(new int32_t[rows * a.groups]);
+  a.scaled_sums.reset(new float[rows * a.groups]);
+  for (int64_t row = 0; row < m; ++row) {
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      float v[kActBlock], amax = 0.f;
+      for (int i = 0; i < kActBlock; ++i) {
+        v[i] = static_cast<float>(x[row * k + b * kActBlock + i]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float d = amax / 127.0f, inv = d > 0.f ? 1.0f / d : 0.f;
+      int8_t* dst = a.q.get() + a.q_at(row, b);
+      int32_t half_sums[2] = {0, 0};
+      for (int i = 0; i < kActBlock; ++i) {
+        dst[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+        half_sums[i / 16] += dst[i];
+      }
+      a.scales[a.scale_at(row, b)] = d;
+      if (group == 32) {
+        a.sums[a.sum_at(row, b)] = half_sums[0] + half_sums[1];
+      } else {
+        a.sums[a.sum_at(row, 2 * b)] = half_sums[0];
+        a.sums[a.sum_at(row, 2 * b + 1)] = half_sums[1];
+      }
+    }
+    for (int64_t g = 0; g < a.groups; ++g)
+      a.scaled_sums[a.sum_at(row, g)] = a.scales[a.scale_at(row, g * group / kActBlock)] *
+                                        static_cast<float>(a.sums[a.sum_at(row, g)]);
+  }
+  return a;
+}
+
+// Half h (channels 8h .. 8h + 7) of step s of one channel block's group: 8 channels x 4 codes, as
+// unsigned bytes (codes under 8 bits) or as signed code - 128 (8 bits). Planes as on VNNI, each
+// 64-byte row read as two 32-byte halves.
+template <int BITS, int STEPS>
+inline __m256i load_step(const uint8_t* src, int s, int h) {
+  const auto at = [&](int64_t offset) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + offset + 32 * h));
+  };
+  if constexpr (BITS == 8) {
+    return _mm256_xor_si256(at(64 * s), _mm256_set1_epi8(static_cast<char>(0x80)));
+  } else {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i nibbles = at(64 * (s / 2));
+    __m256i codes = _mm256_and_si256(s % 2 ? _mm256_srli_epi16(nibbles, 4) : nibbles, low);
+    if constexpr (BITS == 5) {
+      const __m256i plane = at(32 * STEPS);
+      const __m256i moved = s <= 4 ? _mm256_slli_epi16(plane, 4 - s) : _mm256_srli_epi16(plane, s - 4);
+      codes = _mm256_or_si256(codes, _mm256_and_si256(moved, _mm256_set1_epi8(0x10)));
+    }
+    if constexpr (BITS == 6) {
+      const __m256i plane = at(32 * STEPS + 64 * (s / 4));
+      const int shift = 2 * (s % 4);
+      const __m256i moved = shift <= 4 ? _mm256_slli_epi16(plane, 4 - shift) : _mm256_srli_epi16(plane, shift - 4);
+      codes = _mm256_or_si256(codes, _mm256_and_si256(moved, _mm256_set1_epi8(0x30)));
+    }
+    return codes;
+  }
+}
+
+// The int16 pair sums of one step: codes . x for each channel's four codes, two int16 per channel.
+template <int BITS>
+inline __m256i step_pairs(__m256i codes, __m256i x) {
+  if constexpr (BITS == 8) return _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes));
+  return _mm256_maddubs_epi16(codes, x);
+}
+
+// Eight floats to y[0 .. count): float32, or bfloat16 rounded like at::BFloat16(float).
+template <typename T>
+inline void store8(T* y, __m256 v, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (count >= 8) return _mm256_storeu_ps(y, v);
+  }
+  alignas(32) float values[8];
+  _mm256_store_ps(values, v);
+  for (int64_t i = 0; i < std::min<int64_t>(count, 8); ++i) y[i] = static_cast<T>(values[i]);
+}
+
+// y for tokens [m0, m0 + TOKENS) x channel blocks [b0, b0 + BLOCKS); the tokens lie in one row tile.
+template <int BITS, int GROUP, bool MINIMUMS, int TOKENS, int BLOCKS, typename T>
+void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
+  constexpr int kSteps = GROUP / 4;
+  const Activations& a = *p.a;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 out[TOKENS][BLOCKS][2];
+  for (int t = 0; t < TOKENS; ++t)
+    for (int b = 0; b < BLOCKS; ++b) out[t][b][0] = out[t][b][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int8_t* x = a.q.get() + a.q_at(m0, g * GROUP / kActBlock) + g * GROUP % kActBlock;
+    const float* d = a.scales.get() + a.scale_at(m0, g * GROUP / kActBlock);
+    const int32_t* sums = a.sums.get() + a.sum_at(m0, g);
+    const float* scaled_sums = a.scaled_sums.get() + a.sum_at(m0, g);
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; ++b) {
+      const uint8_t* src = p.packed + p.unit(b0 + b, g) * p.group_bytes;
+      __m256i acc[TOKENS][2];
+      for (int t = 0; t < TOKENS; ++t)  // the sum starts from -zero_point * s (8 bits: codes less 128)
+        acc[t][0] = acc[t][1] = _mm256_set1_epi32(((BITS == 8 ? 128 : 0) - p.zero_point) * sums[t]);
+      // Two steps' pairs summed in int16 under 8 bits (see the header), one at a time for 8 bits.
+      constexpr int kFold = BITS == 8 ? 1 : 2;
+#pragma GCC unroll 8
+      for (int s = 0; s < kSteps; s += kFold) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          __m256i codes[kFold];
+          for (int f = 0; f < kFold; ++f) codes[f] = load_step<BITS, kSteps>(src, s + f, h);
+#pragma GCC unroll 4
+          for (int t = 0; t < TOKENS; ++t) {
+            const int32_t* fours = reinterpret_cast<const int32_t*>(x + t * kActBlock);
+            __m256i pairs = step_pairs<BITS>(codes[0], _mm256_set1_epi32(fours[s]));
+            if constexpr (kFold == 2)
+              pairs = _mm256_add_epi16(pairs, step_pairs<BITS>(codes[1], _mm256_set1_epi32(fours[s + 1])));
+            acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+      }
+      const int64_t at = p.unit(b0 + b, g) * kChannels;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.scales + at + 8 * h)));
+        __m256 mins;
+        if constexpr (MINIMUMS)
+          mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.minimums + at + 8 * h)));
+        for (int t = 0; t < TOKENS; ++t) {
+          out[t][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t][h]), _mm256_mul_ps(ws, _mm256_set1_ps(d[t])),
+                                         out[t][b][h]);
+          if constexpr (MINIMUMS) out[t][b][h] = _mm256_fmadd_ps(mins, _mm256_set1_ps(scaled_sums[t]), out[t][b][h]);
+        }
+      }
+    }
+  }
+  for (int b = 0; b < BLOCKS; ++b) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = (b0 + b) * kChannels + 8 * h;
+      const int64_t count = std::min<int64_t>(8, p.n - n);
+      if (count <= 0) break;
+      __m256 bias = _mm256_setzero_ps();
+      if (p.bias) {
+        alignas(32) float values[8] = {};
+        std::copy(p.bias + n, p.bias + n + count, values);
+        bias = _mm256_load_ps(values);
+      }
+      for (int t = 0; t < TOKENS; ++t) store8(y + (m0 + t) * p.n + n, _mm256_add_ps(out[t][b][h], bias), count);
+    }
+  }
+}
+
+// A task: every token for the four channel blocks [b0, b0 + 4): 4-token tiles a block at a time for
+// batches, 1-2 tokens across the four blocks for decodes.
+template <int BITS, int GROUP, bool MINIMUMS, typename T>
+void channel_tile(const Problem& p, int64_t b0, T* y) {
+  if (p.m > 2) {
+    for (int64_t b = b0; b < b0 + 4; ++b) {
+      int64_t m0 = 0;
+      for (; m0 + 4 <= p.m; m0 += 4) tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y);
+      switch (p.m - m0) {
+        case 3: tile<BITS, GROUP, MINIMUMS, 3, 1>(p, m0, b, y); break;
+        case 2: tile<BITS, GROUP, MINIMUMS, 2, 1>(p, m0, b, y); break;
+        case 1: tile<BITS, GROUP, MINIMUMS, 1, 1>(p, m0, b, y); break;
+        default: break;
+      }
+    }
+    return;
+  }
+  if (p.m == 2) tile<BITS, GROUP, MINIMUMS, 2, 4>(p, 0, b0, y);
+  else tile<BITS, GROUP, MINIMUMS, 1, 4>(p, 0, b0, y);
+}
+#endif  // SCALELLM_AVX2
+
 template <int BITS, int GROUP, bool MINIMUMS, typename T>
 void run_all(const Problem& p, int64_t num_blocks, T* y) {
   // num_blocks is a multiple of 4 (the layout's padding); tasks of four blocks over the intra-op threads.
@@ -336,7 +542,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
 at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                             const c10::optional<at::Tensor>& minimums, const c10::optional<at::Tensor>& bias,
                             int64_t n, int64_t bits, int64_t group, int64_t zero_point) {
-#if SCALELLM_VNNI
+#if SCALELLM_VNNI || SCALELLM_AVX2
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] matrix");
   TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
   TORCH_CHECK(group == 32 || (group == 16 && bits != 5), "group must be 32, or 16 for 4, 6 or 8 bits");
@@ -360,7 +566,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, const
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   return run<at::BFloat16>(x, packed, scales, minimums, bias, n, bits, group, zero_point);
 #else
-  TORCH_CHECK(false, "quantized_linear was built for a CPU without AVX512-VNNI; use the torch path");
+  TORCH_CHECK(false, "quantized_linear was built for a CPU without AVX512-VNNI or AVX2; use the torch path");
   return x;
 #endif
 }
@@ -368,10 +574,10 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& packed, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(scalellm, m) {
-  m.def("quantized_linear(Tensor x, Tensor packed, Tensor scales, Tensor? minimums, Tensor? bias, int n, "
+  m.def(SCALELLM_STR(SCALELLM_OP) "(Tensor x, Tensor packed, Tensor scales, Tensor? minimums, Tensor? bias, int n, "
         "int bits, int group, int zero_point) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(scalellm, CPU, m) {
-  m.impl("quantized_linear", &quantized_linear);
+  m.impl(SCALELLM_STR(SCALELLM_OP), &quantized_linear);
 }
