@@ -7,8 +7,9 @@
   per 64 bytes, far below what a core can issue, so the pass is bound by memory.
 * Matrix-multiply peak: torch matmuls in fp32, bf16 and int8 (``torch._int_mm``)
   at a few shapes on every core, best of several calls, in GFLOP/s (int8: GOP/s,
-  a multiply-add counted as two). int8 also times ScaleLLM's own VNNI kernel
-  where it builds; its peak is the better of the two. oneDNN's verbose log of one bf16 and one int8
+  a multiply-add counted as two). int8 also times ScaleLLM's own int8 kernel
+  (AVX512-VNNI, or the GGUF kernel's AVX2 path) where it builds; its peak is the better of the two.
+  A dtype whose call takes over SLOW_CALL_S (bf16 on a CPU without AVX512-BF16) stops at that shape. oneDNN's verbose log of one bf16 and one int8
   call is captured in a child process to report which kernel and ISA ran
   (AMX where the CPU has it, AVX-512 VNNI/BF16 otherwise).
 * How quiet the machine was: the cores other processes kept busy meanwhile
@@ -32,6 +33,9 @@ GIB = 1 << 30
 MATMUL_SHAPES = ((64, 2048, 2048), (256, 2048, 2048), (1024, 2048, 2048))
 """(M, K, N): a batched decode, a small prefill, a large prefill on a 2048-wide layer."""
 DTYPES = ("fp32", "bf16", "int8")
+SLOW_CALL_S = 1.0
+"""A product slower than this (a dtype with no vector path on this CPU: bf16 without AVX512-BF16 runs at
+well under 1 GFLOP/s) ends its dtype's series: the larger shapes would take minutes and no peak."""
 QUIET_SHARE = 0.1
 """More cores than this busy elsewhere during a probe, on average, and its figures are not the machine's."""
 CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
@@ -89,21 +93,34 @@ def matmul_rate(dtype: str, m: int, k: int, n: int, repeats: int = 5) -> float:
 
 
 def int8_kernel_rate(m: int, k: int, n: int, repeats: int = 5) -> float | None:
-    """Operations per second of ScaleLLM's own W8A8 kernel (kernels/int8_linear.cpp, AVX512-VNNI) on
-    one [M, K] x [K, N] product; None where it cannot be built. torch's int8 matmul is not the
-    fastest int8 path on every CPU, and a peak must be the best this machine reaches."""
+    """Operations per second of ScaleLLM's own int8 products on one [M, K] x [K, N] product: the W8A8
+    kernel (kernels/int8_linear.cpp) on AVX512-VNNI CPUs, the GGUF kernel over 8-bit codes (its AVX2
+    path, kernels/quantized_linear.cpp) on AVX2 CPUs; None where neither runs vectorized. torch's int8
+    matmul is not the fastest int8 path on every CPU, and a peak must be the best this machine reaches."""
+    import numpy as np
     import torch
 
     from scalellm.engine.layers.kernels import load_int8_linear
+    from scalellm.engine.quantization.gguf import kernel_isa, kernel_op, pack
+    from scalellm.engine.quantization.gguf_blocks import GroupCodes
     from scalellm.engine.quantization.int8 import pack_for_vnni, quantize_rows
 
-    fused = load_int8_linear()
+    isa = kernel_isa()
+    fused = load_int8_linear() if isa == "avx512-vnni" else kernel_op() if isa == "avx2" else None
     if fused is None:
         return None
-    weight_q, scales = quantize_rows(torch.randn(n, k) * 0.05)
-    packed, compensation = pack_for_vnni(weight_q)
-    x = torch.randn(m, k).bfloat16()
-    seconds = best_seconds(lambda: fused(x, packed, compensation, scales, None, n), repeats)
+    if isa == "avx512-vnni":
+        weight_q, scales = quantize_rows(torch.randn(n, k) * 0.05)
+        packed, compensation = pack_for_vnni(weight_q)
+        x = torch.randn(m, k).bfloat16()
+        seconds = best_seconds(lambda: fused(x, packed, compensation, scales, None, n), repeats)
+    else:
+        rng = np.random.default_rng(0)
+        codes = GroupCodes(rng.integers(0, 256, (n, k), dtype=np.uint8), np.full((n, k // 32), 1e-3, np.float32),
+                           None, 8, 32, 128)
+        packed, scales, _ = pack(codes)
+        x = torch.randn(m, k)
+        seconds = best_seconds(lambda: fused(x, packed, scales, None, None, n, 8, 32, 128), repeats)
     return rate(matmul_flops(m, k, n), seconds)
 
 
@@ -179,10 +196,11 @@ def probe_machine(buffer_bytes: int = GIB, shapes=MATMUL_SHAPES, repeats: int = 
     matmul: dict = {}
     torch.set_num_threads(cores)
     for dtype in DTYPES:
-        by_shape = {f"{m}x{k}x{n}": matmul_rate(dtype, m, k, n, repeats) / 1e9 for m, k, n in shapes}
-        matmul[dtype] = {"gflop_s_by_shape": by_shape, "peak_gflop_s": max(by_shape.values())}
-    kernel = {f"{m}x{k}x{n}": int8_kernel_rate(m, k, n, repeats) for m, k, n in shapes}
-    if all(value is not None for value in kernel.values()):
+        by_shape = rates_by_shape(lambda m, k, n: matmul_rate(dtype, m, k, n, repeats), shapes)
+        matmul[dtype] = {"gflop_s_by_shape": {shape: r / 1e9 for shape, r in by_shape.items()},
+                         "peak_gflop_s": max(by_shape.values()) / 1e9}
+    kernel = rates_by_shape(lambda m, k, n: int8_kernel_rate(m, k, n, repeats), shapes)
+    if kernel and all(value is not None for value in kernel.values()):
         matmul["int8"]["kernel_gflop_s_by_shape"] = {shape: value / 1e9 for shape, value in kernel.items()}
         matmul["int8"]["peak_gflop_s"] = max(matmul["int8"]["peak_gflop_s"], *(v / 1e9 for v in kernel.values()))
     return {"probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
@@ -190,6 +208,17 @@ def probe_machine(buffer_bytes: int = GIB, shapes=MATMUL_SHAPES, repeats: int = 
             "memory_bandwidth": bandwidth, "matmul": matmul, "kernels": kernel_isa(),
             "other_cpu_share": _other_share(machine_before, machine_cpu(), _own_cpu_s() - own_before,
                                             time.perf_counter() - start)}
+
+
+def rates_by_shape(measure, shapes) -> dict:
+    """{"MxKxN": measure(m, k, n)} over the shapes in order, ending after one whose call took longer
+    than SLOW_CALL_S (or that measure could not time: None)."""
+    out: dict = {}
+    for m, k, n in shapes:
+        value = out[f"{m}x{k}x{n}"] = measure(m, k, n)
+        if value is None or matmul_flops(m, k, n) / value > SLOW_CALL_S:
+            break
+    return out
 
 
 def _own_cpu_s() -> float:

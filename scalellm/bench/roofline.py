@@ -212,7 +212,7 @@ def infer_weight_kind(system: str, argv: Sequence[str]) -> tuple[str, str]:
             "float32", "fp32"):
         return "fp32", "--dtype float32 on its command line"
     return "gguf", ("assumed: scalellm's default (quantization auto) keeps a GGUF's own quantization on "
-                    "AVX512-VNNI CPUs (pass --weights NAME=FORMAT when it picked otherwise)")
+                    "AVX512-VNNI and AVX2 CPUs (pass --weights NAME=FORMAT when it picked otherwise)")
 
 
 LOGGED_QUANTIZATION = re.compile(r"quantization auto: (\w+)")
