@@ -36,7 +36,7 @@
 // high bits at the same byte positions: 5 bits, bit 4 of step s at bit s of one 64-byte plane (8 steps);
 // 6 bits, bits 4-5 of step s at bits 2 (s % 4) .. +1 of plane s / 4 (64 bytes per 4 steps).
 // The micro kernel holds 1-2 tokens x 4 channel blocks of accumulators while tokens are few
-// (decode), and up to 8 tokens x 1 channel block for batches; channel tiles are split over the
+// (decode), and up to 8 tokens (4 on AVX2) x 1 channel block for batches; channel tiles are split over the
 // intra-op threads, so each weight byte is read once per 8 tokens of a batch.
 //
 // The AVX2 path reads the same layout, a 64-byte step as two 32-byte halves (channels 0-7, 8-15 of the
@@ -44,8 +44,7 @@
 // adds pairs into int16 (at most 2 * 63 * 127 for codes under 8 bits, and two steps' pairs summed
 // stay below 2^15), then vpmaddwd by ones widens and adds pairs into int32: exact, as on VNNI. 8-bit
 // codes are made signed (code - 128) and multiplied as |w| by x with w's sign (vpsignb), at most
-// 2 * 128 * 127 per pair; the sum then starts from (128 - zero_point) * s. Batches run 4-token tiles
-// (16 ymm registers hold fewer accumulators than 32 zmm).
+// 2 * 128 * 127 per pair; the sum then starts from (128 - zero_point) * s.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -289,32 +288,6 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
   }
 }
 
-// A task: every token of the problem for the four channel blocks [b0, b0 + 4) (one group of 64
-// channels in the layout): 8-token tiles a block at a time for batches, 1-2 tokens across the four
-// blocks for decodes (more blocks in flight hide vpdpbusd's latency).
-template <int BITS, int GROUP, bool MINIMUMS, typename T>
-void channel_tile(const Problem& p, int64_t b0, T* y) {
-  int64_t m0 = 0;
-  if (p.m > 2) {
-    for (int64_t b = b0; b < b0 + 4; ++b) {
-      for (m0 = 0; m0 + 8 <= p.m; m0 += 8) tile<BITS, GROUP, MINIMUMS, 8, 1>(p, m0, b, y);
-      if (m0 + 4 <= p.m) {
-        tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y);
-        m0 += 4;
-      }
-      switch (p.m - m0) {
-        case 3: tile<BITS, GROUP, MINIMUMS, 3, 1>(p, m0, b, y); break;
-        case 2: tile<BITS, GROUP, MINIMUMS, 2, 1>(p, m0, b, y); break;
-        case 1: tile<BITS, GROUP, MINIMUMS, 1, 1>(p, m0, b, y); break;
-        default: break;
-      }
-    }
-    return;
-  }
-  if (p.m == 2) tile<BITS, GROUP, MINIMUMS, 2, 4>(p, 0, b0, y);
-  else tile<BITS, GROUP, MINIMUMS, 1, 4>(p, 0, b0, y);
-}
-
 #endif  // SCALELLM_VNNI
 #if SCALELLM_AVX2
 // The activations as on VNNI, in scalar code (the compiler vectorizes the block's maximum): the same
@@ -474,14 +447,24 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
   }
 }
 
-// A task: every token for the four channel blocks [b0, b0 + 4): 4-token tiles a block at a time for
-// batches, 1-2 tokens across the four blocks for decodes.
+#endif  // SCALELLM_AVX2
+
+// Tokens per batch tile: 8 on AVX512-VNNI, 4 on AVX2 (16 ymm registers hold fewer accumulators).
+constexpr int64_t kBatchTile = SCALELLM_VNNI ? 8 : 4;
+
+// A task: every token of the problem for the four channel blocks [b0, b0 + 4) (one group of 64
+// channels in the layout): batch tiles a block at a time for batches, 1-2 tokens across the four
+// blocks for decodes (more blocks in flight hide the multiply-adds' latency).
 template <int BITS, int GROUP, bool MINIMUMS, typename T>
 void channel_tile(const Problem& p, int64_t b0, T* y) {
   if (p.m > 2) {
     for (int64_t b = b0; b < b0 + 4; ++b) {
       int64_t m0 = 0;
-      for (; m0 + 4 <= p.m; m0 += 4) tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y);
+      for (; m0 + kBatchTile <= p.m; m0 += kBatchTile) tile<BITS, GROUP, MINIMUMS, kBatchTile, 1>(p, m0, b, y);
+      if (kBatchTile > 4 && m0 + 4 <= p.m) {
+        tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y);
+        m0 += 4;
+      }
       switch (p.m - m0) {
         case 3: tile<BITS, GROUP, MINIMUMS, 3, 1>(p, m0, b, y); break;
         case 2: tile<BITS, GROUP, MINIMUMS, 2, 1>(p, m0, b, y); break;
@@ -494,7 +477,6 @@ void channel_tile(const Problem& p, int64_t b0, T* y) {
   if (p.m == 2) tile<BITS, GROUP, MINIMUMS, 2, 4>(p, 0, b0, y);
   else tile<BITS, GROUP, MINIMUMS, 1, 4>(p, 0, b0, y);
 }
-#endif  // SCALELLM_AVX2
 
 template <int BITS, int GROUP, bool MINIMUMS, typename T>
 void run_all(const Problem& p, int64_t num_blocks, T* y) {
