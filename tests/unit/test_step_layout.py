@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scalellm.engine.layers import attention
 from scalellm.engine.layers.attention import PAGED_ROW_MAX_TOKENS, paged_attention, row_chunk_limit
 from scalellm.engine.layers.kernels import load_paged_attention, paged_attention_load_error
 from scalellm.engine.outputs import ScheduledChunk, SchedulerOutput
@@ -59,7 +60,10 @@ def test_rows_and_spans_attend_alike(window, row_limit):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_rows_only_where_the_kernel_keeps_the_queries_in_registers():
+def test_rows_only_where_the_kernel_keeps_the_queries_in_registers(monkeypatch):
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
     assert row_chunk_limit("cpp", 64) == row_chunk_limit("cpp", 128) == PAGED_ROW_MAX_TOKENS
     assert row_chunk_limit("cpp", 256) == 1  # the generic loop: SDPA is faster for prompts there
     assert row_chunk_limit("torch", 64) == 1
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert row_chunk_limit("cpp", 64) == 1  # no AVX-512: the kernel has only its generic loop

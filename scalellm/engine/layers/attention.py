@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from scalellm.cpu import cpu_flags
+
 
 @dataclass
 class PrefillSpan:
@@ -117,14 +119,17 @@ def row_chunk_limit(decode_backend: str, head_dim: int) -> int:
     up to its own position (step_inputs.py), rather than as a prefill span through SDPA.
 
     One token, except with the C++ kernel where it keeps the queries in registers (head_dim 64 or
-    128): there PAGED_ROW_MAX_TOKENS. A row costs its context, so a chunk of n tokens costs about
+    128, on an AVX-512 CPU): there PAGED_ROW_MAX_TOKENS. A row costs its context, so a chunk of n tokens costs about
     n^2 / 2 key visits; on a 2-core AVX-512 CPU in bfloat16 the kernel took 196 us at 105 tokens and
     4.3 ms at 512 (SmolLM2: 9 heads over 3 KV heads, head_dim 64) against SDPA's 337 us and 4.6 ms,
     and 692 us and 9.9 ms against 1,120 us and 10.5 ms (Qwen2.5-1.5B: 12 over 2, head_dim 128). SDPA's
     blocked loop wins past that, and at once for other head dims (Gemma 3's 256: 726 against 430 us
-    at 105 tokens), where the kernel takes its generic loop.
+    at 105 tokens), where the kernel takes its generic loop. A CPU without AVX-512 has only that loop:
+    there a test serving an 8,000-token prompt of Qwen2.5-0.5B (test_real_models.py) was still in its
+    512-token row chunks after 3.5 minutes, and took 2.9 minutes in all with the chunks through SDPA.
     """
-    return PAGED_ROW_MAX_TOKENS if decode_backend == "cpp" and head_dim in (64, 128) else 1
+    registers = decode_backend == "cpp" and head_dim in (64, 128) and {"avx512f", "avx512bw"} <= cpu_flags()
+    return PAGED_ROW_MAX_TOKENS if registers else 1
 
 
 def resolve_decode_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
