@@ -111,42 +111,21 @@ using scalellm_avx512::load16;
 using scalellm_avx512::store16;
 using scalellm_avx512::tail_mask;
 
+// One block of 32 activations rounded to int8 into dst; returns its scale d, the sums of its two
+// halves of 16 in half_sums.
 template <typename T>
-Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
-  Activations a;
-  a.blocks = k / kActBlock;
-  a.groups = k / group;
-  const int64_t rows = (m + kTileRows - 1) / kTileRows * kTileRows;
-  a.q.reset(new int8_t[rows * k]);
-  a.scales.reset(new float[rows * a.blocks]);
-  a.sums.reset(new int32_t[rows * a.groups]);
-  a.scaled_sums.reset(new float[rows * a.groups]);
-  for (int64_t row = 0; row < m; ++row) {
-    for (int64_t b = 0; b < a.blocks; ++b) {
-      const T* src = x + row * k + b * kActBlock;
-      const __m512 v0 = load16(src), v1 = load16(src + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float d = amax / 127.0f;
-      const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.0f / d : 0.f);
-      int8_t* dst = a.q.get() + a.q_at(row, b);
-      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round half to even
-      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
-      a.scales[a.scale_at(row, b)] = d;
-      const int32_t sum0 = _mm512_reduce_add_epi32(q0), sum1 = _mm512_reduce_add_epi32(q1);
-      if (group == 32) {
-        a.sums[a.sum_at(row, b)] = sum0 + sum1;
-      } else {
-        a.sums[a.sum_at(row, 2 * b)] = sum0;
-        a.sums[a.sum_at(row, 2 * b + 1)] = sum1;
-      }
-    }
-    for (int64_t g = 0; g < a.groups; ++g)
-      a.scaled_sums[a.sum_at(row, g)] = a.scales[a.scale_at(row, g * group / kActBlock)] *
-                                        static_cast<float>(a.sums[a.sum_at(row, g)]);
-  }
-  return a;
+inline float round_block(const T* src, int8_t* dst, int32_t* half_sums) {
+  const __m512 v0 = load16(src), v1 = load16(src + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = amax / 127.0f;
+  const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.0f / d : 0.f);
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round half to even
+  const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
+  half_sums[0] = _mm512_reduce_add_epi32(q0);
+  half_sums[1] = _mm512_reduce_add_epi32(q1);
+  return d;
 }
 #endif
 
@@ -290,45 +269,22 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
 
 #endif  // SCALELLM_VNNI
 #if SCALELLM_AVX2
-// The activations as on VNNI, in scalar code (the compiler vectorizes the block's maximum): the same
+// round_block as on VNNI, in scalar code (the compiler vectorizes the block's maximum): the same
 // rounding (nearbyint under the default mode rounds half to even, as vcvtps2dq does).
 template <typename T>
-Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
-  Activations a;
-  a.blocks = k / kActBlock;
-  a.groups = k / group;
-  const int64_t rows = (m + kTileRows - 1) / kTileRows * kTileRows;
-  a.q.reset(new int8_t[rows * k]);
-  a.scales.reset(new float[rows * a.blocks]);
-  a.sums.reset(new int32_t[rows * a.groups]);
-  a.scaled_sums.reset(new float[rows * a.groups]);
-  for (int64_t row = 0; row < m; ++row) {
-    for (int64_t b = 0; b < a.blocks; ++b) {
-      float v[kActBlock], amax = 0.f;
-      for (int i = 0; i < kActBlock; ++i) {
-        v[i] = static_cast<float>(x[row * k + b * kActBlock + i]);
-        amax = std::max(amax, std::fabs(v[i]));
-      }
-      const float d = amax / 127.0f, inv = d > 0.f ? 1.0f / d : 0.f;
-      int8_t* dst = a.q.get() + a.q_at(row, b);
-      int32_t half_sums[2] = {0, 0};
-      for (int i = 0; i < kActBlock; ++i) {
-        dst[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
-        half_sums[i / 16] += dst[i];
-      }
-      a.scales[a.scale_at(row, b)] = d;
-      if (group == 32) {
-        a.sums[a.sum_at(row, b)] = half_sums[0] + half_sums[1];
-      } else {
-        a.sums[a.sum_at(row, 2 * b)] = half_sums[0];
-        a.sums[a.sum_at(row, 2 * b + 1)] = half_sums[1];
-      }
-    }
-    for (int64_t g = 0; g < a.groups; ++g)
-      a.scaled_sums[a.sum_at(row, g)] = a.scales[a.scale_at(row, g * group / kActBlock)] *
-                                        static_cast<float>(a.sums[a.sum_at(row, g)]);
+inline float round_block(const T* src, int8_t* dst, int32_t* half_sums) {
+  float v[kActBlock], amax = 0.f;
+  for (int i = 0; i < kActBlock; ++i) {
+    v[i] = static_cast<float>(src[i]);
+    amax = std::max(amax, std::fabs(v[i]));
   }
-  return a;
+  const float d = amax / 127.0f, inv = d > 0.f ? 1.0f / d : 0.f;
+  half_sums[0] = half_sums[1] = 0;
+  for (int i = 0; i < kActBlock; ++i) {
+    dst[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+    half_sums[i / 16] += dst[i];
+  }
+  return d;
 }
 
 // Half h (channels 8h .. 8h + 7) of step s of one channel block's group: 8 channels x 4 codes, as
@@ -448,6 +404,34 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
 }
 
 #endif  // SCALELLM_AVX2
+
+template <typename T>
+Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
+  Activations a;
+  a.blocks = k / kActBlock;
+  a.groups = k / group;
+  const int64_t rows = (m + kTileRows - 1) / kTileRows * kTileRows;
+  a.q.reset(new int8_t[rows * k]);
+  a.scales.reset(new float[rows * a.blocks]);
+  a.sums.reset(new int32_t[rows * a.groups]);
+  a.scaled_sums.reset(new float[rows * a.groups]);
+  for (int64_t row = 0; row < m; ++row) {
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      int32_t half_sums[2];
+      a.scales[a.scale_at(row, b)] = round_block(x + row * k + b * kActBlock, a.q.get() + a.q_at(row, b), half_sums);
+      if (group == 32) {
+        a.sums[a.sum_at(row, b)] = half_sums[0] + half_sums[1];
+      } else {
+        a.sums[a.sum_at(row, 2 * b)] = half_sums[0];
+        a.sums[a.sum_at(row, 2 * b + 1)] = half_sums[1];
+      }
+    }
+    for (int64_t g = 0; g < a.groups; ++g)
+      a.scaled_sums[a.sum_at(row, g)] = a.scales[a.scale_at(row, g * group / kActBlock)] *
+                                        static_cast<float>(a.sums[a.sum_at(row, g)]);
+  }
+  return a;
+}
 
 // Tokens per batch tile: 8 on AVX512-VNNI, 4 on AVX2 (16 ymm registers hold fewer accumulators).
 constexpr int64_t kBatchTile = SCALELLM_VNNI ? 8 : 4;
