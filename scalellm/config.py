@@ -54,7 +54,7 @@ class EngineConfig:
     "auto" is "cpp" where it applies and builds, else "torch"."""
     fused_decode: bool = True
     """Run a decode-only step's decoder layers as one C++ op where it applies (Llama-family models in
-    bfloat16 on the CPU, one rank, C++ decode attention); the same arithmetic as the Python layers
+    float32 or bfloat16 on the CPU, one rank, C++ decode attention); the same arithmetic as the Python layers
     without their per-op overhead. False always runs the Python layers."""
     tensor_parallel_size: int = 1
     """Processes (ranks) one engine runs on: rank 0 is this process (scheduler, sampling), ranks 1..N-1

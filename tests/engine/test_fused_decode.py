@@ -1,5 +1,5 @@
-"""The fused decode layers (one C++ op for a decode-only step) give bit for bit what the Python layers
-give: the same tokens and the same logprobs, over steps that mix decodes and prefill chunks."""
+"""The fused decode layers (one C++ op for a decode-only step), in float32 and bfloat16, give bit for bit
+what the Python layers give: the same tokens and the same logprobs, over steps that mix decodes and prefill chunks."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def prompts(seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in (1, 4, 19, 40, 70, 7)]
 
 
-def run(model_dir: str, quantization: str | None, fused: bool, **config) -> tuple[list, int]:
+def run(model_dir: str, quantization: str | None, fused: bool, dtype: str = "bfloat16", **config) -> tuple[list, int]:
     """(per request: token ids and logprobs, number of steps the fused op ran); a request arrives every
     third step, so steps alternate between decode-only and mixed."""
-    engine = LLMEngine(EngineConfig(model=model_dir, dtype="bfloat16", quantization=quantization,
+    engine = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, quantization=quantization,
                                     fused_decode=fused, kv_cache_gib=0.01, block_size=16,
                                     max_num_batched_tokens=32, **config))
     model = engine.core.executor.runner.model
@@ -58,13 +58,16 @@ def run(model_dir: str, quantization: str | None, fused: bool, **config) -> tupl
     return [results[str(i)] for i in range(len(prompts()))], calls
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama3-rope"])
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_fused_decode_equals_the_python_layers(kind, quantization, tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("kind,quantization,dtype", [
+    ("llama", None, "bfloat16"), ("llama", "int8", "bfloat16"), ("llama", None, "float32"),
+    ("qwen2", None, "bfloat16"), ("qwen2", "int8", "bfloat16"), ("qwen2", "int8", "float32"),
+    ("llama3-rope", None, "bfloat16"), ("llama3-rope", "int8", "bfloat16"), ("llama3-rope", None, "float32"),
+])
+def test_fused_decode_equals_the_python_layers(kind, quantization, dtype, tmp_path, tokenizer_dir):
     model_dir = str(tmp_path / kind)
     make_tiny_model(kind, model_dir, tokenizer_dir)
-    expected, _ = run(model_dir, quantization, fused=False)
-    got, calls = run(model_dir, quantization, fused=True)
+    expected, _ = run(model_dir, quantization, fused=False, dtype=dtype)
+    got, calls = run(model_dir, quantization, fused=True, dtype=dtype)
     assert calls > 10, "decode-only steps should have run through the fused op"
     for want, have in zip(expected, got):
         assert have[0] == want[0]
@@ -74,10 +77,11 @@ def test_fused_decode_equals_the_python_layers(kind, quantization, tmp_path, tok
 @pytest.mark.slow
 @pytest.mark.skipif(kernel_op() is None, reason="the quantized kernel needs AVX512-VNNI or AVX2")
 def test_fused_decode_equals_the_python_layers_on_gguf_weights():
-    """The default model on its own Q4_1 weights: the fused op calls the quantized kernel as the layers do."""
+    """The default model on its own Q4_1 weights, in the dtype it is served in here: the fused op calls the
+    quantized kernel as the layers do."""
     path = default_model_path()
-    expected, _ = run(path, "gguf", fused=False)
-    got, calls = run(path, "gguf", fused=True)
+    expected, _ = run(path, "gguf", fused=False, dtype="auto")
+    got, calls = run(path, "gguf", fused=True, dtype="auto")
     assert calls > 10
     assert got == expected
 
@@ -85,7 +89,7 @@ def test_fused_decode_equals_the_python_layers_on_gguf_weights():
 def test_fused_decode_does_not_apply_where_the_op_cannot_run(tmp_path, tokenizer_dir):
     model_dir = str(tmp_path / "llama")
     make_tiny_model("llama", model_dir, tokenizer_dir)
-    for config in (dict(dtype="float32"), dict(dtype="bfloat16", attention_backend="torch")):
+    for config in (dict(dtype="float16"), dict(dtype="bfloat16", attention_backend="torch")):
         engine = LLMEngine(EngineConfig(model=model_dir, kv_cache_gib=0.01, **config))
         assert engine.core.executor.runner.model.fused_decode is None, config
     moe_dir = str(tmp_path / "mixtral")

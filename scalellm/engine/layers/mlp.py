@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalellm.engine.layers.kernels import FUSED_DTYPES, load_norm_rotary
 from scalellm.engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from scalellm.engine.layers.options import LayerOptions
 from scalellm.engine.layers.partition import Slice, balanced_slice
@@ -28,16 +29,14 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, options, input_slice=rows,
                                            reduce_results=reduce_results)
         self.fused_silu_and_mul = None
-        """bfloat16 on the CPU: one C++ op for silu(gate) * up (kernels/norm_rotary.cpp), same rounding."""
-        if options.dtype == torch.bfloat16:
-            from scalellm.engine.layers.kernels import load_norm_rotary
-
+        """float32 or bfloat16 on the CPU: one C++ op for silu(gate) * up (kernels/norm_rotary.cpp)."""
+        if options.dtype in FUSED_DTYPES:
             ops = load_norm_rotary()
             self.fused_silu_and_mul = ops.silu_and_mul if ops is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 I_r]: gate, then up
-        if self.fused_silu_and_mul is not None and gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu":
+        if self.fused_silu_and_mul is not None and gate_up.dtype in FUSED_DTYPES and gate_up.device.type == "cpu":
             return self.down_proj(self.fused_silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalellm.engine.layers.kernels import FUSED_DTYPES, load_norm_rotary
+
 
 class RMSNorm(nn.Module):
     """y = weight * rmsnorm(x); with a residual: (rmsnorm(x + residual) * weight, x + residual).
 
-    bfloat16 on the CPU runs as one C++ op (kernels/norm_rotary.cpp) that rounds where the torch
-    ops do; float32 keeps the torch ops, whose arithmetic the parity tests pin to transformers'.
+    float32 and bfloat16 on the CPU run as one C++ op (kernels/norm_rotary.cpp) that rounds where the
+    torch ops do (only its sum of squares is ordered otherwise); other dtypes keep the torch ops.
     """
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
@@ -19,8 +21,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.fused = None
-        if dtype == torch.bfloat16 and self.weight.device.type == "cpu":
-            from scalellm.engine.layers.kernels import load_norm_rotary
+        if dtype in FUSED_DTYPES and self.weight.device.type == "cpu":
 
             ops = load_norm_rotary()
             self.fused = ops.add_rms_norm if ops is not None else None
@@ -30,7 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x [T, H] -> normed [T, H]; with `residual` [T, H]: (normed x + residual, x + residual)."""
-        if self.fused is not None and x.dtype == torch.bfloat16:
+        if self.fused is not None and x.dtype == self.weight.dtype and x.device.type == "cpu":
             normed, total = self.fused(x, residual, self.weight, self.eps)
             return normed if residual is None else (normed, total)
         if residual is None:

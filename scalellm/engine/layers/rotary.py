@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from scalellm.engine.layers.kernels import FUSED_DTYPES, load_norm_rotary
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     """The rotary frequencies [head_dim // 2], adjusted by the rope scaling rule."""
@@ -49,12 +51,10 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] rotated by position (rotate-half layout).
 
-    bfloat16 on the CPU is rotated in place by one C++ op (kernels/norm_rotary.cpp, same rounding as
-    the torch ops below); other dtypes and devices get a new tensor.
+    float32 and bfloat16 on the CPU are rotated in place by one C++ op (kernels/norm_rotary.cpp, same
+    rounding as the torch ops below); other dtypes and devices get a new tensor.
     """
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(-1) == 1:
-        from scalellm.engine.layers.kernels import load_norm_rotary
-
+    if x.dtype in FUSED_DTYPES and x.device.type == "cpu" and x.stride(-1) == 1:
         ops = load_norm_rotary()
         if ops is not None:
             return ops.rotary_(x, cos, sin)

@@ -8,8 +8,8 @@ model, which is most of what separates one request's decode step from the time t
 The C++ op runs the same scalellm ops in the same order on the same tensors, so its result is bit
 for bit the Python layers'.
 
-It applies to Llama-family models (GatedMLP feed-forward, no experts) in bfloat16 on the CPU, on one
-rank, with the C++ decode attention, and with int8 (fused kernel), GGUF-quantized (quantized kernel)
+It applies to Llama-family models (GatedMLP feed-forward, no experts) in float32 or bfloat16 on the
+CPU, on one rank, with the C++ decode attention, and with int8 (fused kernel), GGUF-quantized (quantized kernel)
 or unquantized projections.
 Steps that carry a prefill span (a chunk past attention.row_chunk_limit), steps that stop
 between layers (a prefill step lending cores), and every other configuration run the Python layers.
@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from scalellm.engine.layers.attention import AttentionMetadata
+from scalellm.engine.layers.kernels import FUSED_DTYPES
 from scalellm.engine.layers.mlp import GatedMLP
 from scalellm.engine.quantization.unquantized import Unquantized
 
@@ -40,7 +41,8 @@ class FusedDecodeLayers:
     @classmethod
     def build(cls, model: torch.nn.Module, decode_backend: str) -> FusedDecodeLayers | None:
         """For a loaded LlamaForCausalLM: the fused layers, or None where they do not apply."""
-        if decode_backend != "cpp" or model.norm.weight.dtype != torch.bfloat16 or model.norm.weight.device.type != "cpu":
+        if (decode_backend != "cpp" or model.norm.weight.dtype not in FUSED_DTYPES
+                or model.norm.weight.device.type != "cpu"):
             return None
         weights: list[torch.Tensor] = []
         for layer in model.layers:

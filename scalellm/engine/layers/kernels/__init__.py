@@ -5,8 +5,8 @@ context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` r
 `int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
 `load_quantized_linear()` the linear op on weights kept in their GGUF codes (quantized_linear.cpp;
 `load_quantized_linear_avx2()` its AVX2 path alone);
-`load_norm_rotary()` the fused bfloat16 `add_rms_norm`, `rotary_` and `silu_and_mul` (a
-NormRotaryOps; see norm_rotary.cpp); `load_token_bitmask()` `apply_token_bitmask_(logits, bitmask,
+`load_norm_rotary()` the fused `add_rms_norm`, `rotary_` and `silu_and_mul` in float32 or bfloat16
+(FUSED_DTYPES; a NormRotaryOps; see norm_rotary.cpp); `load_token_bitmask()` `apply_token_bitmask_(logits, bitmask,
 rows)`, grammar bitmasks applied to logits in place (token_bitmask.cpp); `load_decode_layers()` one op that runs a Llama-family model's
 decoder layers for a step of one-query rows by calling the others (decode_layers.cpp). Each is None when
 its kernel cannot be built (no C++ compiler, no ninja, a compile error); `kernel_load_error(name)`
@@ -57,7 +57,7 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     # Its AVX2 path built on an AVX-512 CPU too, so that tests cover it there.
     "quantized_linear_avx2": ("quantized_linear.cpp", "quantized_linear_avx2",
                               ["-mno-avx512f", "-DSCALELLM_OP=quantized_linear_avx2"]),
-    # Rounding to bfloat16 between steps must match torch's chain of ops: no contraction either.
+    # Rounding between steps must match torch's chain of ops: no contraction either.
     "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off"]),
     # Calls the three above through the dispatcher: load them first (load_decode_layers does).
     "decode_layers": ("decode_layers.cpp", "decode_layers", []),
@@ -91,8 +91,12 @@ def load_token_bitmask() -> Callable[..., torch.Tensor] | None:
     return _build_kernel("token_bitmask")[0]
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes the ops of norm_rotary.cpp, and so the fused decode layers, take."""
+
+
 class NormRotaryOps(NamedTuple):
-    """The fused bfloat16 ops of norm_rotary.cpp (their contracts are in its comment block)."""
+    """The fused ops of norm_rotary.cpp (their contracts are in its comment block)."""
 
     add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary_: Callable[..., torch.Tensor]
@@ -100,7 +104,7 @@ class NormRotaryOps(NamedTuple):
 
 
 def load_norm_rotary() -> NormRotaryOps | None:
-    """The fused bfloat16 ops of norm_rotary.cpp, or None when it cannot be built (warned once)."""
+    """The fused ops of norm_rotary.cpp, or None when it cannot be built (warned once)."""
     add_rms_norm = _build_kernel("norm_rotary")[0]
     if add_rms_norm is None:
         return None

@@ -1,6 +1,8 @@
-// Fused bfloat16 element-wise ops of a decoder layer, for the CPU: each replaces a chain of torch
-// ops (one dispatch each) by one pass, rounding to bfloat16 after every step exactly where the
-// torch chain does, so only the order of the float sum in the norm's mean differs from torch.
+// Fused element-wise ops of a decoder layer, for the CPU, in float32 or bfloat16: each replaces a
+// chain of torch ops (one dispatch each) by one pass, rounding to the dtype after every step exactly
+// where the torch chain does (for float32: after every operation), so only the order of the float
+// sum in the norm's mean and the exponential of silu differ from torch. Written below for bfloat16;
+// float32 is the same with every bf16(.) left out.
 //
 //   add_rms_norm(x, residual, weight, eps) -> (out, sum)     x, residual [T, H]; weight [H]
 //       sum = bf16(x + residual)                               (residual undefined: sum = x)
@@ -13,9 +15,11 @@
 //   silu_and_mul(x) -> out                                     x [T, 2I] = [gate | up], out [T, I]
 //       out = bf16(bf16(silu(gate)) * up)                      silu(g) = g / (1 + exp(-g)) in float
 //       The exponential is a polynomial of its own, within 2 float ulps of torch's: a result can
-//       differ from torch's by one bfloat16 ulp when the float value lies at a rounding boundary.
+//       differ from torch's by one bfloat16 ulp when the float value lies at a rounding boundary
+//       (in float32, by a few ulps).
 //
-// Rows are split over the intra-op thread pool.
+// Rows are split over the intra-op thread pool. bfloat16 rows use AVX-512 where the CPU has it
+// (avx512_bf16.h); every other row is portable C++ the compiler vectorizes for the CPU.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -94,57 +98,116 @@ void silu_mul_row(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
     store16(out + i, _mm512_mul_ps(silu, load16(up + i, mask)), mask);
   }
 }
-#else
-void silu_mul_row(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
+#endif
+
+// The portable rows, for float32 everywhere and for bfloat16 where the AVX-512 rows above are not
+// built. rounded<T>(v) is the value T(v) as float: a rounding to bfloat16, nothing for float32. The
+// loops are plain float arithmetic (no calls, no contraction) that the compiler vectorizes.
+template <typename T>
+inline float rounded(float v) {
+  return static_cast<float>(T(v));
+}
+
+// exp(x) in float: the same reduction and degree-7 polynomial as exp16, with 2^k made from its
+// exponent bits in two factors (so k = 128 overflows to inf as expf does). Below -87 it gives 0
+// (expf: under 1.7e-38), which leaves 1 + exp(-g) unchanged.
+inline float exp_float(float x) {
+  x = std::fmin(std::fmax(x, -87.f), 89.f);
+  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, to nearest even
+  const float k = (x * 1.44269504f + shifter) - shifter;
+  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.f / 5040;
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = p * r + c;
+  const int32_t bits = (static_cast<int32_t>(k) + 126) << 23;  // 2^(k - 1); 0 when k = -126
+  float half_scale;
+  std::memcpy(&half_scale, &bits, sizeof bits);
+  return p * half_scale * 2.f;
+}
+
+template <typename T>
+void silu_mul_row_generic(const T* gate, const T* up, int64_t n, T* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float g = static_cast<float>(gate[i]);
-    const float silu = static_cast<float>(bf16(g / (1.f + std::exp(-g))));
-    out[i] = bf16(silu * static_cast<float>(up[i]));
+    const float silu = rounded<T>(g / (1.f + exp_float(-g)));
+    out[i] = T(silu * static_cast<float>(up[i]));
   }
 }
 
-void norm_row(const bf16* x, const bf16* residual, const bf16* weight, float eps, int64_t h, bf16* out,
-              bf16* sum_out) {
-  float squares = 0.f;
-  for (int64_t i = 0; i < h; ++i) {
-    float v = static_cast<float>(x[i]);
-    if (residual != nullptr) {
-      sum_out[i] = bf16(v + static_cast<float>(residual[i]));
-      v = static_cast<float>(sum_out[i]);
+template <typename T>
+void norm_row_generic(const T* x, const T* residual, const T* weight, float eps, int64_t h, T* out, T* sum_out) {
+  constexpr int64_t kParts = 16;  // independent partial sums of squares, summed at the end
+  float parts[kParts] = {};
+  const T* source = residual != nullptr ? sum_out : x;
+  if (residual != nullptr)
+    for (int64_t i = 0; i < h; ++i) sum_out[i] = T(static_cast<float>(x[i]) + static_cast<float>(residual[i]));
+  int64_t i = 0;
+  for (; i + kParts <= h; i += kParts)
+    for (int64_t j = 0; j < kParts; ++j) {
+      const float v = static_cast<float>(source[i + j]);
+      parts[j] += v * v;
     }
-    squares += v * v;
-  }
+  for (; i < h; ++i) parts[i % kParts] += static_cast<float>(source[i]) * static_cast<float>(source[i]);
+  float squares = 0.f;
+  for (const float part : parts) squares += part;
   const float inv_rms = 1.f / std::sqrt(squares / static_cast<float>(h) + eps);
-  const bf16* source = residual != nullptr ? sum_out : x;
-  for (int64_t i = 0; i < h; ++i) {
-    const float normed = static_cast<float>(bf16(static_cast<float>(source[i]) * inv_rms));
-    out[i] = bf16(static_cast<float>(weight[i]) * normed);
-  }
+  for (int64_t i = 0; i < h; ++i)
+    out[i] = T(static_cast<float>(weight[i]) * rounded<T>(static_cast<float>(source[i]) * inv_rms));
 }
 
-void rotate_row(bf16* x, const bf16* cos, const bf16* sin, int64_t half) {
+template <typename T>
+void rotate_row_generic(T* x, const T* cos, const T* sin, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
     const float a = static_cast<float>(x[i]), b = static_cast<float>(x[half + i]);
-    const float first = static_cast<float>(bf16(a * static_cast<float>(cos[i]))) +
-                        static_cast<float>(bf16(-b * static_cast<float>(sin[i])));
-    const float second = static_cast<float>(bf16(b * static_cast<float>(cos[half + i]))) +
-                         static_cast<float>(bf16(a * static_cast<float>(sin[half + i])));
-    x[i] = bf16(first);
-    x[half + i] = bf16(second);
+    const float first = rounded<T>(a * static_cast<float>(cos[i])) + rounded<T>(-b * static_cast<float>(sin[i]));
+    const float second =
+        rounded<T>(b * static_cast<float>(cos[half + i])) + rounded<T>(a * static_cast<float>(sin[half + i]));
+    x[i] = T(first);
+    x[half + i] = T(second);
   }
 }
+
+// The row functions for T: the AVX-512 ones for bfloat16 where built, the portable ones otherwise.
+template <typename T>
+struct Rows {
+  static void norm(const T* x, const T* residual, const T* weight, float eps, int64_t h, T* out, T* sum_out) {
+    norm_row_generic(x, residual, weight, eps, h, out, sum_out);
+  }
+  static void rotate(T* x, const T* cos, const T* sin, int64_t half) { rotate_row_generic(x, cos, sin, half); }
+  static void silu_mul(const T* gate, const T* up, int64_t n, T* out) { silu_mul_row_generic(gate, up, n, out); }
+};
+
+#if SCALELLM_AVX512_BF16
+template <>
+struct Rows<bf16> {
+  static void norm(const bf16* x, const bf16* residual, const bf16* weight, float eps, int64_t h, bf16* out,
+                   bf16* sum_out) {
+    norm_row(x, residual, weight, eps, h, out, sum_out);
+  }
+  static void rotate(bf16* x, const bf16* cos, const bf16* sin, int64_t half) { rotate_row(x, cos, sin, half); }
+  static void silu_mul(const bf16* gate, const bf16* up, int64_t n, bf16* out) { silu_mul_row(gate, up, n, out); }
+};
 #endif
+
+// Calls body(T{}) with T the C++ type of `dtype`: float32 or bfloat16, else an error naming `what`.
+template <typename Body>
+void on_dtype(at::ScalarType dtype, const char* what, Body body) {
+  if (dtype == at::kFloat)
+    body(float{});
+  else if (dtype == at::kBFloat16)
+    body(bf16{});
+  else
+    TORCH_CHECK(false, what, " must be float32 or bfloat16, got ", dtype);
+}
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const c10::optional<at::Tensor>& residual_in,
                                                 const at::Tensor& weight_in, double eps) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu(),
-              "x must be a bfloat16 CPU matrix [T, H]");
-  TORCH_CHECK(weight_in.scalar_type() == at::kBFloat16 && weight_in.numel() == x_in.size(1),
-              "weight must be bfloat16 [H]");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "x must be a CPU matrix [T, H]");
+  TORCH_CHECK(weight_in.scalar_type() == x_in.scalar_type() && weight_in.numel() == x_in.size(1),
+              "weight must be [H] in x's dtype");
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   at::Tensor residual, sum;
   if (residual_in.has_value()) {
-    TORCH_CHECK(residual_in->sizes() == x.sizes() && residual_in->scalar_type() == at::kBFloat16,
+    TORCH_CHECK(residual_in->sizes() == x.sizes() && residual_in->scalar_type() == x.scalar_type(),
                 "residual must match x");
     residual = residual_in->contiguous();
     sum = at::empty_like(x);
@@ -153,49 +216,59 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const c1
   }
   at::Tensor out = at::empty_like(x);
   const int64_t rows = x.size(0), h = x.size(1);
-  const bf16* x_ptr = x.data_ptr<bf16>();
-  const bf16* residual_ptr = residual.defined() ? residual.data_ptr<bf16>() : nullptr;
-  bf16* sum_ptr = sum.data_ptr<bf16>();
-  bf16* out_ptr = out.data_ptr<bf16>();
-  const bf16* weight_ptr = weight.data_ptr<bf16>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      norm_row(x_ptr + r * h, residual_ptr ? residual_ptr + r * h : nullptr, weight_ptr, static_cast<float>(eps), h,
-               out_ptr + r * h, sum_ptr + r * h);
+  on_dtype(x.scalar_type(), "x", [&](auto zero) {
+    using T = decltype(zero);
+    const T* x_ptr = x.data_ptr<T>();
+    const T* residual_ptr = residual.defined() ? residual.data_ptr<T>() : nullptr;
+    T* sum_ptr = sum.data_ptr<T>();
+    T* out_ptr = out.data_ptr<T>();
+    const T* weight_ptr = weight.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        Rows<T>::norm(x_ptr + r * h, residual_ptr ? residual_ptr + r * h : nullptr, weight_ptr,
+                      static_cast<float>(eps), h, out_ptr + r * h, sum_ptr + r * h);
+    });
   });
   return {out, sum};
 }
 
 at::Tensor rotary_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin_in) {
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.stride(2) == 1,
-              "x must be a bfloat16 CPU tensor [T, heads, D] with contiguous D");
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu() && x.stride(2) == 1,
+              "x must be a CPU tensor [T, heads, D] with contiguous D");
   const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2);
   TORCH_CHECK(dim % 2 == 0, "head_dim must be even");
   const at::Tensor cos = cos_in.reshape({tokens, dim}).contiguous(), sin = sin_in.reshape({tokens, dim}).contiguous();
-  TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16, "cos/sin must be bfloat16");
-  bf16* base = x.data_ptr<bf16>();
-  const bf16* cos_ptr = cos.data_ptr<bf16>();
-  const bf16* sin_ptr = sin.data_ptr<bf16>();
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "cos/sin must be in x's dtype");
   const int64_t token_stride = x.stride(0), head_stride = x.stride(1);
-  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t h = 0; h < heads; ++h)
-        rotate_row(base + t * token_stride + h * head_stride, cos_ptr + t * dim, sin_ptr + t * dim, dim / 2);
+  on_dtype(x.scalar_type(), "x", [&](auto zero) {
+    using T = decltype(zero);
+    T* base = x.data_ptr<T>();
+    const T* cos_ptr = cos.data_ptr<T>();
+    const T* sin_ptr = sin.data_ptr<T>();
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < heads; ++h)
+          Rows<T>::rotate(base + t * token_stride + h * head_stride, cos_ptr + t * dim, sin_ptr + t * dim, dim / 2);
+    });
   });
   return x;
 }
 
 at::Tensor silu_and_mul(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16 && x_in.device().is_cpu() &&
-                  x_in.size(1) % 2 == 0,
-              "x must be a bfloat16 CPU matrix [T, 2I]");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu() && x_in.size(1) % 2 == 0,
+              "x must be a CPU matrix [T, 2I]");
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), n = x.size(1) / 2;
   at::Tensor out = at::empty({rows, n}, x.options());
-  const bf16* x_ptr = x.data_ptr<bf16>();
-  bf16* out_ptr = out.data_ptr<bf16>();
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) silu_mul_row(x_ptr + r * 2 * n, x_ptr + r * 2 * n + n, n, out_ptr + r * n);
+  on_dtype(x.scalar_type(), "x", [&](auto zero) {
+    using T = decltype(zero);
+    const T* x_ptr = x.data_ptr<T>();
+    T* out_ptr = out.data_ptr<T>();
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        Rows<T>::silu_mul(x_ptr + r * 2 * n, x_ptr + r * 2 * n + n, n, out_ptr + r * n);
+    });
   });
   return out;
 }
