@@ -57,8 +57,10 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     # Its AVX2 path built on an AVX-512 CPU too, so that tests cover it there.
     "quantized_linear_avx2": ("quantized_linear.cpp", "quantized_linear_avx2",
                               ["-mno-avx512f", "-DSCALELLM_OP=quantized_linear_avx2"]),
-    # Rounding between steps must match torch's chain of ops: no contraction either.
-    "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off"]),
+    # Rounding between steps must match torch's chain of ops: no contraction either. Neither of the
+    # other two flags changes a result; without them GCC leaves the float32 rows' loops scalar.
+    "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off", "-fno-trapping-math",
+                                                        "-fno-math-errno"]),
     # Calls the three above through the dispatcher: load them first (load_decode_layers does).
     "decode_layers": ("decode_layers.cpp", "decode_layers", []),
     # Grammar bitmasks onto logits (structured outputs), AVX-512 or scalar.

@@ -102,7 +102,8 @@ void silu_mul_row(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
 
 // The portable rows, for float32 everywhere and for bfloat16 where the AVX-512 rows above are not
 // built. rounded<T>(v) is the value T(v) as float: a rounding to bfloat16, nothing for float32. The
-// loops are plain float arithmetic (no calls, no contraction) that the compiler vectorizes.
+// loops are plain float arithmetic (no calls, no contraction) that the compiler vectorizes (built
+// with -fno-trapping-math: kernels/__init__.py).
 template <typename T>
 inline float rounded(float v) {
   return static_cast<float>(T(v));
@@ -112,7 +113,7 @@ inline float rounded(float v) {
 // exponent bits in two factors (so k = 128 overflows to inf as expf does). Below -87 it gives 0
 // (expf: under 1.7e-38), which leaves 1 + exp(-g) unchanged.
 inline float exp_float(float x) {
-  x = std::fmin(std::fmax(x, -87.f), 89.f);
+  x = x < -87.f ? -87.f : (x > 89.f ? 89.f : x);  // not fmin/fmax: library calls
   const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, to nearest even
   const float k = (x * 1.44269504f + shifter) - shifter;
   const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
