@@ -215,17 +215,19 @@ def infer_weight_kind(system: str, argv: Sequence[str]) -> tuple[str, str]:
                     "AVX512-VNNI and AVX2 CPUs (pass --weights NAME=FORMAT when it picked otherwise)")
 
 
-LOGGED_QUANTIZATION = re.compile(r"quantization auto: (\w+)")
-LOGGED_KINDS = {"gguf": "gguf", "int8": "int8", "none": "bf16"}
+LOGGED_QUANTIZATION = re.compile(r"quantization auto: (\w+)(?: \(weights in (\w+)\))?")
+LOGGED_KINDS = {"gguf": "gguf", "int8": "int8", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def weight_format_from_log(lines: Sequence[str]) -> str | None:
-    """The weight format a scalellm server says it picked ("quantization auto: gguf"); "none" is read
-    as bf16, the model dtype auto picks on AVX512-BF16 CPUs."""
+    """The weight format a scalellm server says it picked ("quantization auto: gguf", "quantization
+    auto: none (weights in float32)"); a "none" that names no dtype is read as bf16."""
     for line in lines:
         match = LOGGED_QUANTIZATION.search(line)
-        if match and match.group(1) in LOGGED_KINDS:
-            return LOGGED_KINDS[match.group(1)]
+        if match:
+            kind = (match.group(2) or "bfloat16") if match.group(1) == "none" else match.group(1)
+            if kind in LOGGED_KINDS:
+                return LOGGED_KINDS[kind]
     return None
 
 

@@ -41,7 +41,7 @@ class ModelRunner:
         self.row_chunk_limit = row_chunk_limit(self.decode_backend, c.head_dim)
         self.num_kv_heads = partition_heads(c.num_heads, c.num_kv_heads, self.group.world_size,
                                             self.group.rank).kv.size
-        self.quantization = resolve_quantization(config.quantization, files, device, self.group.world_size)
+        self.quantization = resolve_quantization(config.quantization, files, device, self.group.world_size, dtype)
         self.weights = f"quantization {self.quantization}, dtype {str(dtype).removeprefix('torch.')}"
         quant = get_quantization_method(self.quantization)
         options = LayerOptions(dtype, quant, self.group, config.enable_expert_parallel)

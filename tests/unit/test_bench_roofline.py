@@ -88,6 +88,8 @@ def test_served_format_from_flag_server_or_command_line():
     assert kind == "gguf" and why.startswith("assumed")
     log = ["2026 INFO quantization auto: none (weights in the model's dtype)"]
     assert roofline.weight_format_from_log(log) == "bf16"
+    assert roofline.weight_format_from_log(["2026 INFO quantization auto: none (weights in float32)"]) == "fp32"
+    assert roofline.weight_format_from_log(["quantization auto: none (weights in bfloat16)"]) == "bf16"
     assert roofline.weight_format_from_log(["quantization auto: gguf (the file's ...)"]) == "gguf"
     assert roofline.weight_format_from_log(["nothing"]) is None
 

@@ -30,19 +30,20 @@ def get_quantization_method(name: str | None) -> QuantizationMethod:
         raise ValueError(f"unknown quantization {name!r}; choose from {', '.join(QUANTIZATION_METHODS)}") from None
 
 
-def resolve_quantization(name: str | None, files, device: torch.device, tensor_parallel_size: int = 1) -> str:
+def resolve_quantization(name: str | None, files, device: torch.device, tensor_parallel_size: int = 1,
+                         dtype: torch.dtype = torch.float32) -> str:
     """The method "auto" (the default) stands for, given the model files and the machine.
 
     A GGUF whose linear weights are quantized keeps them ("gguf") on a CPU the kernel runs on
     (AVX512-VNNI or AVX2) and one rank; everything else keeps today's behaviour: weights in the model's dtype ("none"). Explicit
-    names are returned unchanged.
+    names are returned unchanged. The choice is logged, with the dtype of unquantized weights.
     """
     if name not in (None, "auto"):
         return name
     if device.type == "cpu" and tensor_parallel_size == 1 and kernel_isa() and _quantized_gguf(files):
         logger.info("quantization auto: gguf (the file's quantized weights, %s kernel)", kernel_isa())
         return "gguf"
-    logger.info("quantization auto: none (weights in the model's dtype)")
+    logger.info("quantization auto: none (weights in %s)", str(dtype).removeprefix("torch."))
     return "none"
 
 
