@@ -22,7 +22,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.fused = None
         if dtype in FUSED_DTYPES and self.weight.device.type == "cpu":
-
             ops = load_norm_rotary()
             self.fused = ops.add_rms_norm if ops is not None else None
 
@@ -31,7 +30,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x [T, H] -> normed [T, H]; with `residual` [T, H]: (normed x + residual, x + residual)."""
-        if self.fused is not None and x.dtype == self.weight.dtype and x.device.type == "cpu":
+        if self.fused is not None and x.dtype == self.weight.dtype:
             normed, total = self.fused(x, residual, self.weight, self.eps)
             return normed if residual is None else (normed, total)
         if residual is None:

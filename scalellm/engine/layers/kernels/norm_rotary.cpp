@@ -101,7 +101,7 @@ void silu_mul_row(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
 #endif
 
 // The portable rows, for float32 everywhere and for bfloat16 where the AVX-512 rows above are not
-// built. rounded<T>(v) is the value T(v) as float: a rounding to bfloat16, nothing for float32. The
+// built (where they are, those non-template overloads are the ones a bfloat16 call picks). rounded<T>(v) is the value T(v) as float: a rounding to bfloat16, nothing for float32. The
 // loops are plain float arithmetic (no calls, no contraction) that the compiler vectorizes (built
 // with -fno-trapping-math: kernels/__init__.py).
 template <typename T>
@@ -126,7 +126,7 @@ inline float exp_float(float x) {
 }
 
 template <typename T>
-void silu_mul_row_generic(const T* gate, const T* up, int64_t n, T* out) {
+void silu_mul_row(const T* gate, const T* up, int64_t n, T* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float g = static_cast<float>(gate[i]);
     const float silu = rounded<T>(g / (1.f + exp_float(-g)));
@@ -135,7 +135,7 @@ void silu_mul_row_generic(const T* gate, const T* up, int64_t n, T* out) {
 }
 
 template <typename T>
-void norm_row_generic(const T* x, const T* residual, const T* weight, float eps, int64_t h, T* out, T* sum_out) {
+void norm_row(const T* x, const T* residual, const T* weight, float eps, int64_t h, T* out, T* sum_out) {
   constexpr int64_t kParts = 16;  // independent partial sums of squares, summed at the end
   float parts[kParts] = {};
   const T* source = residual != nullptr ? sum_out : x;
@@ -156,7 +156,7 @@ void norm_row_generic(const T* x, const T* residual, const T* weight, float eps,
 }
 
 template <typename T>
-void rotate_row_generic(T* x, const T* cos, const T* sin, int64_t half) {
+void rotate_row(T* x, const T* cos, const T* sin, int64_t half) {
   for (int64_t i = 0; i < half; ++i) {
     const float a = static_cast<float>(x[i]), b = static_cast<float>(x[half + i]);
     const float first = rounded<T>(a * static_cast<float>(cos[i])) + rounded<T>(-b * static_cast<float>(sin[i]));
@@ -166,28 +166,6 @@ void rotate_row_generic(T* x, const T* cos, const T* sin, int64_t half) {
     x[half + i] = T(second);
   }
 }
-
-// The row functions for T: the AVX-512 ones for bfloat16 where built, the portable ones otherwise.
-template <typename T>
-struct Rows {
-  static void norm(const T* x, const T* residual, const T* weight, float eps, int64_t h, T* out, T* sum_out) {
-    norm_row_generic(x, residual, weight, eps, h, out, sum_out);
-  }
-  static void rotate(T* x, const T* cos, const T* sin, int64_t half) { rotate_row_generic(x, cos, sin, half); }
-  static void silu_mul(const T* gate, const T* up, int64_t n, T* out) { silu_mul_row_generic(gate, up, n, out); }
-};
-
-#if SCALELLM_AVX512_BF16
-template <>
-struct Rows<bf16> {
-  static void norm(const bf16* x, const bf16* residual, const bf16* weight, float eps, int64_t h, bf16* out,
-                   bf16* sum_out) {
-    norm_row(x, residual, weight, eps, h, out, sum_out);
-  }
-  static void rotate(bf16* x, const bf16* cos, const bf16* sin, int64_t half) { rotate_row(x, cos, sin, half); }
-  static void silu_mul(const bf16* gate, const bf16* up, int64_t n, bf16* out) { silu_mul_row(gate, up, n, out); }
-};
-#endif
 
 // Calls body(T{}) with T the C++ type of `dtype`: float32 or bfloat16, else an error naming `what`.
 template <typename Body>
@@ -226,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const c1
     const T* weight_ptr = weight.data_ptr<T>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        Rows<T>::norm(x_ptr + r * h, residual_ptr ? residual_ptr + r * h : nullptr, weight_ptr,
+        norm_row(x_ptr + r * h, residual_ptr ? residual_ptr + r * h : nullptr, weight_ptr,
                       static_cast<float>(eps), h, out_ptr + r * h, sum_ptr + r * h);
     });
   });
@@ -250,7 +228,7 @@ at::Tensor rotary_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin
     at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         for (int64_t h = 0; h < heads; ++h)
-          Rows<T>::rotate(base + t * token_stride + h * head_stride, cos_ptr + t * dim, sin_ptr + t * dim, dim / 2);
+          rotate_row(base + t * token_stride + h * head_stride, cos_ptr + t * dim, sin_ptr + t * dim, dim / 2);
     });
   });
   return x;
@@ -268,7 +246,7 @@ at::Tensor silu_and_mul(const at::Tensor& x_in) {
     T* out_ptr = out.data_ptr<T>();
     at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        Rows<T>::silu_mul(x_ptr + r * 2 * n, x_ptr + r * 2 * n + n, n, out_ptr + r * n);
+        silu_mul_row(x_ptr + r * 2 * n, x_ptr + r * 2 * n + n, n, out_ptr + r * n);
     });
   });
   return out;
