@@ -49,8 +49,7 @@ def test_default_keeps_the_files_quantization():
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             assert linear.quantized_op is not None and linear.weight is None
     assert model.logits_head.quantized.quantized_op is not None
-    if model.norm.weight.dtype == torch.bfloat16:  # the fused layers are bfloat16-only (float32 on AVX2 CPUs)
-        assert model.fused_decode is not None  # decode steps run the quantized op inside the fused layers
+    assert model.fused_decode is not None  # decode steps run the quantized op inside the fused layers
     file_bytes = sum(int(t.n_bytes) for t in GGUFReader(default_model_path()).tensors)
     assert resident_bytes(model) < MEMORY_RATIO * file_bytes, (resident_bytes(model), file_bytes)
 

@@ -132,11 +132,19 @@ def test_responses_create_and_stream(server):
                                      max_output_tokens=40, temperature=0)
     call = [item for item in called.output if item.type == "function_call"][0]
     assert call.name == "get_weather" and "city" in json.loads(call.arguments)
+    # Room to finish: the stream ends in response.completed, whose text is the deltas'.
     with client.responses.stream(model=model, input="Say hello.", instructions="Answer in three words.",
-                                 max_output_tokens=8, temperature=0) as stream:
+                                 max_output_tokens=64, temperature=0) as stream:
         deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
         final = stream.get_final_response()
-    assert deltas and "".join(deltas) == final.output_text
+    assert deltas and "".join(deltas) == final.output_text and final.status == "completed"
+    # Cut short: response.incomplete, with the reason, as OpenAI ends such a stream (the SDK's
+    # get_final_response takes only response.completed, so the events are read as they come).
+    with client.responses.stream(model=model, input="Say hello.", max_output_tokens=2, temperature=0) as stream:
+        last = list(stream)[-1]
+    assert last.type == "response.incomplete" and last.response.status == "incomplete"
+    assert last.response.incomplete_details.reason == "max_output_tokens"
+    assert last.response.usage.output_tokens == 2 and last.response.output_text
     with pytest.raises(openai.BadRequestError, match="stores no responses"):
         client.responses.create(model=model, input="hi", previous_response_id="resp_123")
 
