@@ -6,16 +6,25 @@ import pytest
 import torch
 from torch import nn
 
-from scalellm.engine.layers.kernels import kernel_load_error, load_int8_linear
+from scalellm.engine.layers.kernels import kernel_load_error, load_int8_linear, load_int8_linear_path
+from scalellm.engine.quantization.gguf import kernel_isa
 from scalellm.engine.quantization.int8 import Int8Dynamic, int8_linear, pack_for_vnni, quantize_rows
 
 
-@pytest.fixture(scope="module")
-def op():
+@pytest.fixture(scope="module", params=["native", "avx2", "portable"])
+def op(request):
+    """The op as built for this CPU, and each path the native build does not take, built alone."""
     fused = load_int8_linear()
     if fused is None:
         pytest.skip(f"the C++ int8 kernel cannot be built here: {kernel_load_error('int8_linear')}")
-    return fused
+    if request.param == "native":
+        return fused
+    native = {"avx512-vnni": "vnni", "avx2": "avx2", None: "portable"}[kernel_isa()]
+    if request.param == native or (request.param == "avx2" and native == "portable"):
+        pytest.skip(f"the native build is the {native} path here")
+    path = load_int8_linear_path(request.param)
+    assert path is not None, f"the {request.param} build failed: {kernel_load_error('int8_linear_' + request.param)}"
+    return path
 
 
 # (N, K): the default model's projections, plus ragged sizes that exercise every padding path.

@@ -52,6 +52,11 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     "paged_attention": ("paged_attention.cpp", "paged_decode_attention", []),
     # No fused multiply-add contraction: the epilogue must round like the unfused torch path.
     "int8_linear": ("int8_linear.cpp", "int8_linear", ["-ffp-contract=off"]),
+    # Its AVX2 and portable paths built alone, so that tests cover each on CPUs that have more.
+    "int8_linear_avx2": ("int8_linear.cpp", "int8_linear_avx2",
+                         ["-ffp-contract=off", "-mno-avx512f", "-DSCALELLM_OP=int8_linear_avx2"]),
+    "int8_linear_portable": ("int8_linear.cpp", "int8_linear_portable",
+                             ["-ffp-contract=off", "-mno-avx2", "-DSCALELLM_OP=int8_linear_portable"]),
     # Weights in their GGUF codes (see quantization/gguf.py); AVX512-VNNI, or AVX2 without AVX-512.
     "quantized_linear": ("quantized_linear.cpp", "quantized_linear", []),
     # Its AVX2 path built on an AVX-512 CPU too, so that tests cover it there.
@@ -76,6 +81,11 @@ def load_paged_attention() -> Callable[..., torch.Tensor] | None:
 def load_int8_linear() -> Callable[..., torch.Tensor] | None:
     """The compiled fused W8A8 linear op, or None when it cannot be built (warned once)."""
     return _build_kernel("int8_linear")[0]
+
+
+def load_int8_linear_path(path: str) -> Callable[..., torch.Tensor] | None:
+    """The same op built for one of its paths alone ("avx2" or "portable"), or None; for tests."""
+    return _build_kernel(f"int8_linear_{path}")[0]
 
 
 def load_quantized_linear() -> Callable[..., torch.Tensor] | None:

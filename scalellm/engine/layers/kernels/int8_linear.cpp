@@ -1,5 +1,5 @@
 // Fused W8A8 linear layer for the CPU: per-token activation quantization, an int8 x int8 matrix
-// product on AVX512-VNNI, and the dequantization epilogue, in one op.
+// product on AVX512-VNNI (or AVX2), and the dequantization epilogue, in one op.
 //
 // What it computes, for x [M, K] (float32 or bfloat16) and an int8 weight W [N, K] with one
 // float scale per output channel s_w [N]:
@@ -26,6 +26,13 @@
 // 16 channels at a time, and the activations are quantized 16 at a time: the same IEEE operations
 // in the same order as the scalar code, so vectorizing changes no bit. Channel tiles are split over
 // the intra-op threads.
+//
+// The AVX2 path (CPUs without AVX512-VNNI) reads the same layout, a 64-byte step as two 32-byte
+// halves (channels 0-7, 8-15), in tiles of 1-2 tokens x 64 channels (decode) or 4 tokens x 16. It has
+// no vpdpbusd: vpmaddubsw multiplies |W| (unsigned) by q carrying W's sign (vpsignb) and adds pairs
+// into int16, at most 2 * 127 * 127 < 2^15 (weights and activations lie in [-127, 127]), then
+// vpmaddwd by ones widens and adds pairs into int32. It takes q itself (the stored byte less 128), so
+// its sums need no compensation: the same exact integers, handed to the scalar epilogue.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,9 +48,22 @@
 
 #if SCALELLM_AVX512_BF16 && defined(__AVX512VNNI__)
 #define SCALELLM_VNNI 1
+#define SCALELLM_AVX2 0
+#elif defined(__AVX2__)
+#define SCALELLM_VNNI 0
+#define SCALELLM_AVX2 1
+#include <immintrin.h>
 #else
 #define SCALELLM_VNNI 0
+#define SCALELLM_AVX2 0
 #endif
+
+// The op's name: builds of this file for one path alone (tests) register it under another.
+#ifndef SCALELLM_OP
+#define SCALELLM_OP int8_linear
+#endif
+#define SCALELLM_STR2(x) #x
+#define SCALELLM_STR(x) SCALELLM_STR2(x)
 
 namespace {
 
@@ -108,13 +128,13 @@ struct Problem {
   int64_t m, n, k_padded;
 };
 
-// y[m, n0:n0+count] for one token, from exact integer sums `sums` [count].
+// y[m, n0:n0+count] for one token, from the exact integer sums of q . W `sums` [count].
 template <typename T>
 void epilogue(const Problem& p, int64_t m, int64_t n0, int64_t count, const int32_t* sums, T* y) {
   float row[kChannels * kTileBlocks];
   const float xs = p.x_scales[m];
   for (int64_t j = 0; j < count; ++j) {
-    float v = static_cast<float>(sums[j] - p.compensation[n0 + j]) * xs * p.w_scales[n0 + j];
+    float v = static_cast<float>(sums[j]) * xs * p.w_scales[n0 + j];
     row[j] = p.bias ? v + p.bias[n0 + j] : v;
   }
   store_row(y + m * p.n + n0, row, count);
@@ -174,6 +194,63 @@ void tile_blocks(const Problem& p, int64_t m0, int64_t b0, int64_t blocks, T* y)
   }
 }
 
+#elif SCALELLM_AVX2
+// Sums of tokens [m0, m0+TOKENS) x channel blocks [b0, b0+BLOCKS), then the epilogue per token.
+template <int TOKENS, int BLOCKS, typename T>
+void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
+  const int64_t depth = p.k_padded / kDepth;
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i acc[TOKENS][BLOCKS][2];
+  for (int t = 0; t < TOKENS; ++t)
+    for (int b = 0; b < BLOCKS; ++b) acc[t][b][0] = acc[t][b][1] = _mm256_setzero_si256();
+  const int8_t* w = p.packed + b0 * depth * 64;
+  const uint8_t* x = p.x_u8 + m0 * p.k_padded;
+  for (int64_t d = 0; d < depth; ++d, w += 64, x += kDepth) {
+    __m256i q[TOKENS];  // the token's four activations, signed again, in every lane
+#pragma GCC unroll 4
+    for (int t = 0; t < TOKENS; ++t)
+      q[t] = _mm256_xor_si256(_mm256_set1_epi32(*reinterpret_cast<const int32_t*>(x + t * p.k_padded)), flip);
+#pragma GCC unroll 4
+    for (int b = 0; b < BLOCKS; ++b)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * depth * 64 + 32 * h));
+        const __m256i magnitude = _mm256_abs_epi8(wv);
+#pragma GCC unroll 4
+        for (int t = 0; t < TOKENS; ++t) {
+          const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(q[t], wv));
+          acc[t][b][h] = _mm256_add_epi32(acc[t][b][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+  }
+  const int64_t n0 = b0 * kChannels;
+  const int64_t count = std::min<int64_t>(kChannels * BLOCKS, p.n - n0);
+  for (int t = 0; t < TOKENS; ++t) {
+    alignas(32) int32_t sums[kChannels * BLOCKS];
+    for (int b = 0; b < BLOCKS; ++b)
+      for (int h = 0; h < 2; ++h)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums + b * kChannels + 8 * h), acc[t][b][h]);
+    epilogue(p, m0 + t, n0, count, sums, y);
+  }
+}
+
+// 1-2 tokens across the tile's blocks (decode); 3-4 tokens one block at a time (16 ymm registers).
+template <int TOKENS, typename T>
+void tile_blocks(const Problem& p, int64_t m0, int64_t b0, int64_t blocks, T* y) {
+  if constexpr (TOKENS <= 2) {
+    switch (blocks) {
+      case 4: return tile<TOKENS, 4>(p, m0, b0, y);
+      case 3: return tile<TOKENS, 3>(p, m0, b0, y);
+      case 2: return tile<TOKENS, 2>(p, m0, b0, y);
+      default: return tile<TOKENS, 1>(p, m0, b0, y);
+    }
+  } else {
+    for (int64_t b = b0; b < b0 + blocks; ++b) tile<TOKENS, 1>(p, m0, b, y);
+  }
+}
+#endif
+
+#if SCALELLM_VNNI || SCALELLM_AVX2
 template <typename T>
 void channel_tile(const Problem& p, int64_t b0, int64_t blocks, T* y) {
   int64_t m0 = 0;
@@ -186,7 +263,7 @@ void channel_tile(const Problem& p, int64_t b0, int64_t blocks, T* y) {
   }
 }
 #else
-// Portable fallback with the same arithmetic (used where the compiler targets no AVX512-VNNI).
+// Portable fallback with the same arithmetic (where the compiler targets neither AVX512-VNNI nor AVX2).
 template <typename T>
 void channel_tile(const Problem& p, int64_t b0, int64_t blocks, T* y) {
   const int64_t depth = p.k_padded / kDepth;
@@ -197,7 +274,7 @@ void channel_tile(const Problem& p, int64_t b0, int64_t blocks, T* y) {
     const uint8_t* x = p.x_u8 + m * p.k_padded;
     for (int64_t j = 0; j < count; ++j) {
       const int64_t block = (n0 + j) / kChannels, lane = (n0 + j) % kChannels;
-      int32_t sum = 0;
+      int32_t sum = -p.compensation[n0 + j];  // x holds q + 128
       for (int64_t d = 0; d < depth; ++d)
         for (int64_t i = 0; i < kDepth; ++i)
           sum += static_cast<int32_t>(x[d * kDepth + i]) *
@@ -256,10 +333,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(scalellm, m) {
-  m.def("int8_linear(Tensor x, Tensor packed, Tensor compensation, Tensor w_scales, Tensor? bias, "
-        "int n) -> Tensor");
+  m.def(SCALELLM_STR(SCALELLM_OP) "(Tensor x, Tensor packed, Tensor compensation, Tensor w_scales, "
+        "Tensor? bias, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(scalellm, CPU, m) {
-  m.impl("int8_linear", &int8_linear);
+  m.impl(SCALELLM_STR(SCALELLM_OP), &int8_linear);
 }
