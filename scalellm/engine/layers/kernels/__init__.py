@@ -2,7 +2,8 @@
 
 `load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
 context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
-`int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp);
+`int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp;
+`load_int8_linear_path("avx2" | "portable")` one of its paths alone);
 `load_quantized_linear()` the linear op on weights kept in their GGUF codes (quantized_linear.cpp;
 `load_quantized_linear_avx2()` its AVX2 path alone);
 `load_norm_rotary()` the fused `add_rms_norm`, `rotary_` and `silu_and_mul` in float32 or bfloat16
