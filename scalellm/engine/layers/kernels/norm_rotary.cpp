@@ -101,9 +101,10 @@ void silu_mul_row(const bf16* gate, const bf16* up, int64_t n, bf16* out) {
 #endif
 
 // The portable rows, for float32 everywhere and for bfloat16 where the AVX-512 rows above are not
-// built (where they are, those non-template overloads are the ones a bfloat16 call picks). rounded<T>(v) is the value T(v) as float: a rounding to bfloat16, nothing for float32. The
-// loops are plain float arithmetic (no calls, no contraction) that the compiler vectorizes (built
-// with -fno-trapping-math: kernels/__init__.py).
+// built (where they are, those non-template overloads are the ones a bfloat16 call picks).
+// rounded<T>(v) is the value T(v) as float: a rounding to bfloat16, nothing for float32. The loops
+// are plain float arithmetic (no calls, no contraction) that the compiler vectorizes (built with
+// -fno-trapping-math: kernels/__init__.py).
 template <typename T>
 inline float rounded(float v) {
   return static_cast<float>(T(v));
@@ -204,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const c1
     const T* weight_ptr = weight.data_ptr<T>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        norm_row(x_ptr + r * h, residual_ptr ? residual_ptr + r * h : nullptr, weight_ptr,
-                      static_cast<float>(eps), h, out_ptr + r * h, sum_ptr + r * h);
+        norm_row(x_ptr + r * h, residual_ptr ? residual_ptr + r * h : nullptr, weight_ptr, static_cast<float>(eps),
+                 h, out_ptr + r * h, sum_ptr + r * h);
     });
   });
   return {out, sum};
