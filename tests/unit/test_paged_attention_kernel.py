@@ -7,7 +7,9 @@ import torch
 
 from scalellm.config import EngineConfig
 from scalellm.engine.layers.attention import AttentionMetadata, DECODE_BACKENDS, resolve_decode_backend
-from scalellm.engine.layers.kernels import load_paged_attention, paged_attention_load_error
+from scalellm.cpu import cpu_flags
+from scalellm.engine.layers.kernels import (kernel_load_error, load_paged_attention, load_paged_attention_avx2,
+                                            paged_attention_load_error)
 
 HEAD_DIM = 64
 
@@ -18,6 +20,19 @@ def kernel():
     if op is None:
         pytest.skip(f"the C++ paged attention kernel cannot be built here: {paged_attention_load_error()}")
     return op
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def op(request, kernel):
+    """The op as built for this CPU, and on an AVX-512 CPU its AVX2 path built alone."""
+    if request.param == "native":
+        return kernel
+    flags = cpu_flags()
+    if not {"avx2", "fma"} <= flags or not {"avx512f", "avx512bw"} <= flags:
+        pytest.skip("the native build is the AVX2 path here, or the CPU cannot run it")
+    path = load_paged_attention_avx2()
+    assert path is not None, f"the AVX2 build failed: {kernel_load_error('paged_attention_avx2')}"
+    return path
 
 
 def _random_batch(num_rows: int, num_heads: int, num_kv_heads: int, block_size: int,
@@ -58,22 +73,35 @@ TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(ato
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2)], ids=["mha", "gqa3", "gqa4"])
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("window", [0, 37], ids=["full", "window37"])
-def test_matches_torch_path(kernel, dtype, num_heads, num_kv_heads, block_size, window):
+def test_matches_torch_path(op, dtype, num_heads, num_kv_heads, block_size, window):
+    # One row is split by KV head over the threads; 5 and 33 rows are whole-row tasks on the AVX2 path
+    # with up to two threads, and 33 with up to 16.
     for seed, num_rows in enumerate((1, 5, 33)):
         q, k_cache, v_cache, block_table, context_lens = _random_batch(
             num_rows, num_heads, num_kv_heads, block_size, dtype, seed)
         expected = _torch_reference(q, k_cache, v_cache, block_table, context_lens, block_size, window)
-        out = kernel(q, k_cache, v_cache, block_table, context_lens, block_size, HEAD_DIM ** -0.5, window)
+        out = op(q, k_cache, v_cache, block_table, context_lens, block_size, HEAD_DIM ** -0.5, window)
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("head_dim", [32, 80, 256])
-def test_int32_indices_and_other_head_dims(kernel, head_dim):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (12, 2), (14, 2)], ids=["mha", "gqa6", "gqa7"])
+def test_head_dim_128_and_groups_past_four(op, dtype, num_heads, num_kv_heads):
+    for seed, num_rows in enumerate((1, 33)):
+        q, k_cache, v_cache, block_table, context_lens = _random_batch(
+            num_rows, num_heads, num_kv_heads, 16, dtype, seed, head_dim=128)
+        expected = _torch_reference(q, k_cache, v_cache, block_table, context_lens, 16, 0)
+        out = op(q, k_cache, v_cache, block_table, context_lens, 16, 128 ** -0.5, 0)
+        torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 256])
+def test_int32_indices_and_other_head_dims(op, head_dim):
     q, k_cache, v_cache, block_table, context_lens = _random_batch(
         7, 6, 2, 16, torch.float32, seed=11, head_dim=head_dim)
     expected = _torch_reference(q, k_cache, v_cache, block_table, context_lens, 16, 0)
-    out = kernel(q, k_cache, v_cache, block_table.int(), context_lens.int(), 16, head_dim ** -0.5, 0)
+    out = op(q, k_cache, v_cache, block_table.int(), context_lens.int(), 16, head_dim ** -0.5, 0)
     torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])
 
 

@@ -40,7 +40,7 @@ def _attend(step: SchedulerOutput, backend: str, limit: int, window: int | None,
 
 
 @pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
-@pytest.mark.parametrize("row_limit", [PAGED_ROW_MAX_TOKENS, 12], ids=["all-rows", "one-span"])
+@pytest.mark.parametrize("row_limit", [PAGED_ROW_MAX_TOKENS["avx2"], 12], ids=["all-rows", "one-span"])
 def test_rows_and_spans_attend_alike(window, row_limit):
     gen = torch.Generator().manual_seed(0)
     step = _step(gen)
@@ -62,8 +62,11 @@ def test_rows_and_spans_attend_alike(window, row_limit):
 
 def test_rows_only_where_the_kernel_keeps_the_queries_in_registers(monkeypatch):
     monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
-    assert row_chunk_limit("cpp", 64) == row_chunk_limit("cpp", 128) == PAGED_ROW_MAX_TOKENS
+    assert row_chunk_limit("cpp", 64) == row_chunk_limit("cpp", 128) == PAGED_ROW_MAX_TOKENS["avx512"]
     assert row_chunk_limit("cpp", 256) == 1  # the generic loop: SDPA is faster for prompts there
     assert row_chunk_limit("torch", 64) == 1
     monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert row_chunk_limit("cpp", 64) == 1  # no AVX-512: the kernel has only its generic loop
+    assert row_chunk_limit("cpp", 64) == row_chunk_limit("cpp", 128) == PAGED_ROW_MAX_TOKENS["avx2"]
+    assert row_chunk_limit("cpp", 80) == 1
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"sse4_2"}))
+    assert row_chunk_limit("cpp", 64) == 1  # neither: the kernel has only its generic loop

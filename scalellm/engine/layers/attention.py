@@ -110,26 +110,35 @@ DECODE_BACKENDS = {"torch": _decode_attention, "cpp": _decode_attention_cpp}
 """Decode attention implementations, by AttentionMetadata.decode_backend."""
 
 
-PAGED_ROW_MAX_TOKENS = 512
-"""The longest chunk whose tokens the C++ kernel attends as one-query rows (see row_chunk_limit)."""
+PAGED_ROW_MAX_TOKENS = {"avx512": 512, "avx2": 128}
+"""The longest chunk whose tokens the C++ kernel attends as one-query rows, by its register path (see
+row_chunk_limit)."""
 
 
 def row_chunk_limit(decode_backend: str, head_dim: int) -> int:
     """The longest chunk whose tokens attend as one-query rows of the decode path, each over the keys
     up to its own position (step_inputs.py), rather than as a prefill span through SDPA.
 
-    One token, except with the C++ kernel where it keeps the queries in registers (head_dim 64 or
-    128, on an AVX-512 CPU): there PAGED_ROW_MAX_TOKENS. A row costs its context, so a chunk of n tokens costs about
-    n^2 / 2 key visits; on a 2-core AVX-512 CPU in bfloat16 the kernel took 196 us at 105 tokens and
-    4.3 ms at 512 (SmolLM2: 9 heads over 3 KV heads, head_dim 64) against SDPA's 337 us and 4.6 ms,
-    and 692 us and 9.9 ms against 1,120 us and 10.5 ms (Qwen2.5-1.5B: 12 over 2, head_dim 128). SDPA's
-    blocked loop wins past that, and at once for other head dims (Gemma 3's 256: 726 against 430 us
-    at 105 tokens), where the kernel takes its generic loop. A CPU without AVX-512 has only that loop:
-    there a test serving an 8,000-token prompt of Qwen2.5-0.5B (test_real_models.py) was still in its
-    512-token row chunks after 3.5 minutes, and took 2.9 minutes in all with the chunks through SDPA.
+    One token, except with the C++ kernel on its register paths (head_dim 64 or 128, on a CPU with
+    AVX-512 or AVX2 and FMA): there PAGED_ROW_MAX_TOKENS of the path. A row costs its context, so a
+    chunk of n tokens costs about n^2 / 2 key visits, and SDPA's blocked loop, which reads each key
+    once for many queries, wins past some length. On a 2-core AVX-512 CPU in bfloat16 the kernel took
+    196 us at 105 tokens and 4.3 ms at 512 (SmolLM2: 9 heads over 3 KV heads, head_dim 64) against
+    SDPA's 337 us and 4.6 ms, and 692 us and 9.9 ms against 1,120 us and 10.5 ms (Qwen2.5-1.5B: 12
+    over 2, head_dim 128). On a 2-core AVX2 CPU in float32 (SmolLM2) it took 423 us at 105 tokens
+    against SDPA's 530, 2.1 against 1.8 ms at 256 and 8.1 against 6.5 ms at 512. Other head dims take
+    the generic loop (Gemma 3's 256: 726 against SDPA's 430 us at 105 tokens), where a test serving
+    an 8,000-token prompt of Qwen2.5-0.5B (test_real_models.py) was still in its 512-token row chunks
+    after 3.5 minutes, and took 2.9 minutes in all with the chunks through SDPA.
     """
-    registers = decode_backend == "cpp" and head_dim in (64, 128) and {"avx512f", "avx512bw"} <= cpu_flags()
-    return PAGED_ROW_MAX_TOKENS if registers else 1
+    if decode_backend != "cpp" or head_dim not in (64, 128):
+        return 1
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw"} <= flags:
+        return PAGED_ROW_MAX_TOKENS["avx512"]
+    if {"avx2", "fma"} <= flags:
+        return PAGED_ROW_MAX_TOKENS["avx2"]
+    return 1
 
 
 def resolve_decode_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:

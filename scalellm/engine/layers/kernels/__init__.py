@@ -1,7 +1,8 @@
 """C++ CPU kernels, compiled on first use with torch.utils.cpp_extension.
 
 `load_paged_attention()` returns `paged_decode_attention(q, k_cache, v_cache, block_table,
-context_lens, block_size, scale, sliding_window) -> out`; `load_int8_linear()` returns
+context_lens, block_size, scale, sliding_window) -> out` (`load_paged_attention_avx2()` its AVX2 path
+alone); `load_int8_linear()` returns
 `int8_linear(x, packed, compensation, w_scales, bias, n) -> y` (see int8_linear.cpp;
 `load_int8_linear_path("avx2" | "portable")` one of its paths alone);
 `load_quantized_linear()` the linear op on weights kept in their GGUF codes (quantized_linear.cpp;
@@ -50,7 +51,12 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 KERNELS: dict[str, tuple[str, str, list[str]]] = {
     # name: (source file, op name in torch.ops.scalellm, extra compiler flags)
-    "paged_attention": ("paged_attention.cpp", "paged_decode_attention", []),
+    # Without the two flags GCC leaves the softmax's exponentials scalar (std::nearbyint is a call).
+    "paged_attention": ("paged_attention.cpp", "paged_decode_attention", ["-fno-trapping-math", "-fno-math-errno"]),
+    # Its AVX2 path built on an AVX-512 CPU too, so that tests cover it there.
+    "paged_attention_avx2": ("paged_attention.cpp", "paged_decode_attention_avx2",
+                             ["-fno-trapping-math", "-fno-math-errno", "-mno-avx512f",
+                              "-DSCALELLM_OP=paged_decode_attention_avx2"]),
     # No fused multiply-add contraction: the epilogue must round like the unfused torch path.
     "int8_linear": ("int8_linear.cpp", "int8_linear", ["-ffp-contract=off"]),
     # Its AVX2 and portable paths built alone, so that tests cover each on CPUs that have more.
@@ -77,6 +83,11 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
 def load_paged_attention() -> Callable[..., torch.Tensor] | None:
     """The compiled paged decode-attention op, or None when it cannot be built (warned once)."""
     return _build_kernel("paged_attention")[0]
+
+
+def load_paged_attention_avx2() -> Callable[..., torch.Tensor] | None:
+    """The same op built for AVX2 alone (its register path for CPUs without AVX-512), or None; for tests."""
+    return _build_kernel("paged_attention_avx2")[0]
 
 
 def load_int8_linear() -> Callable[..., torch.Tensor] | None:

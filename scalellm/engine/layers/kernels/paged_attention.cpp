@@ -35,6 +35,17 @@
 
 #include "avx512_bf16.h"
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+// The op's name: a build of this file for its AVX2 path alone (tests) registers it under another.
+#ifndef SCALELLM_OP
+#define SCALELLM_OP paged_decode_attention
+#endif
+#define SCALELLM_STR2(x) #x
+#define SCALELLM_STR(x) SCALELLM_STR2(x)
+
 namespace {
 
 // Row loaders: view head_dim elements of the cache as floats. float rows are used in place;
@@ -222,10 +233,174 @@ bool attend_group_registers(const Problem& p, const T* q, const T* k_cache, cons
   }
   return true;
 }
-#else
+
+constexpr bool kRangeTasks = false;  // a task is one (row, KV head) pair: kv_count is 1
+
 template <typename T, typename Index>
-bool attend_group_registers(const Problem&, const T*, const T*, const T*, const Index*, int64_t, int64_t, T*,
-                            Scratch&) {
+bool attend_registers(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const Index* table_row,
+                      int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
+  for (int64_t i = 0; i < kv_count; ++i) {
+    const int64_t offset = i * p.group * p.head_dim;
+    if (!attend_group_registers(p, q + offset, k_cache, v_cache, table_row, ctx, kv0 + i, out + offset, s))
+      return false;
+  }
+  return true;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// The AVX2 register path for head_dim 64 or 128. With 16 ymm registers a group's queries and
+// outputs cannot stay in registers for the whole walk, and a walk per KV head reads a slot's KV
+// heads as separate strided streams, which left it waiting on memory (5-6 GB/s of a core's 17).
+// So this path takes a range of KV heads (a whole row when there are rows enough for the threads)
+// and walks each slot's heads of the range together, a contiguous run of the cache:
+//   pass 1: per slot, KV head and chunk of up to 4 query heads, each 8-float piece of the key is
+//           loaded once and multiplied into two accumulators per head, the scaled float queries
+//           read from scratch (L1) as memory operands; the chunk's sums are reduced together;
+//   pass 2: per slot, the heads' weights are broadcast and each piece of the value is added into
+//           the heads' float accumulators in scratch (L1), two slots at a time (one load and
+//           store of an accumulator per two multiply-adds).
+// Both walks prefetch the range of the slot kAhead positions on.
+constexpr int64_t kAhead = 8;
+
+inline __m256 load8(const float* src) { return _mm256_loadu_ps(src); }
+
+inline __m256 load8(const at::BFloat16* src) {  // bfloat16 widened exactly
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// The four sums of a, b, c, d's lanes, in that order.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 all = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
+}
+
+template <typename T, typename Index>
+inline const T* slot_row(const Problem& p, const T* cache, const Index* table_row, int64_t t, int64_t offset) {
+  const int64_t slot = static_cast<int64_t>(table_row[t / p.block_size]) * p.block_size + t % p.block_size;
+  return cache + slot * p.slot_stride + offset;
+}
+
+template <typename T, typename Index>
+inline void prefetch_ahead(const Problem& p, const T* cache, const Index* table_row, int64_t t, int64_t ctx,
+                           int64_t offset, int64_t bytes) {
+  if (t + kAhead >= ctx) return;
+  const char* row = reinterpret_cast<const char*>(slot_row(p, cache, table_row, t + kAhead, offset));
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+}
+
+// Scores of H query heads (1-4) against one key: scores[g * n] for g < H.
+template <int D, int H, typename T>
+inline void score_heads(const float* q, const T* key, float* scores, int64_t n) {
+  __m256 acc[4][2];
+  _Pragma("GCC unroll 4") for (int g = 0; g < 4; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+  _Pragma("GCC unroll 16") for (int v = 0; v < D / 8; ++v) {
+    const __m256 row = load8(key + v * 8);
+    _Pragma("GCC unroll 4") for (int g = 0; g < H; ++g)
+      acc[g][v & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + v * 8), row, acc[g][v & 1]);
+  }
+  alignas(16) float four[4];
+  _mm_store_ps(four, hsum4(_mm256_add_ps(acc[0][0], acc[0][1]), _mm256_add_ps(acc[1][0], acc[1][1]),
+                           _mm256_add_ps(acc[2][0], acc[2][1]), _mm256_add_ps(acc[3][0], acc[3][1])));
+  _Pragma("GCC unroll 4") for (int g = 0; g < H; ++g) scores[g * n] = four[g];
+}
+
+// acc[g] += weights[g * n] * value0 + weights[g * n + 1] * value1 for H query heads (1-4);
+// value1 == nullptr adds value0's term alone.
+template <int D, int H, typename T>
+inline void accumulate_heads(const float* weights, int64_t n, const T* value0, const T* value1, float* acc) {
+  __m256 w0[H], w1[H];
+  _Pragma("GCC unroll 4") for (int g = 0; g < H; ++g) {
+    w0[g] = _mm256_broadcast_ss(weights + g * n);
+    w1[g] = value1 ? _mm256_broadcast_ss(weights + g * n + 1) : _mm256_setzero_ps();
+  }
+  _Pragma("GCC unroll 16") for (int v = 0; v < D / 8; ++v) {
+    const __m256 row0 = load8(value0 + v * 8);
+    const __m256 row1 = value1 ? load8(value1 + v * 8) : _mm256_setzero_ps();
+    _Pragma("GCC unroll 4") for (int g = 0; g < H; ++g) {
+      float* a = acc + g * D + v * 8;
+      _mm256_storeu_ps(a, _mm256_fmadd_ps(w1[g], row1, _mm256_fmadd_ps(w0[g], row0, _mm256_loadu_ps(a))));
+    }
+  }
+}
+
+// fn(first head of the chunk, heads in the chunk) over the query heads of KV heads [0, kv_count), 4 at most.
+template <typename Fn>
+inline void for_each_chunk(int64_t kv_count, int64_t group, Fn fn) {
+  for (int64_t kv = 0; kv < kv_count; ++kv)
+    for (int64_t g0 = 0; g0 < group; g0 += 4) fn(kv, kv * group + g0, std::min<int64_t>(4, group - g0));
+}
+
+template <int D, typename T, typename Index>
+void attend_range(const Problem& p, const float* q, const T* k_cache, const T* v_cache, const Index* table_row,
+                  int64_t start, int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
+  const int64_t G = p.group, heads = kv_count * G, n = ctx - start, offset = kv0 * D;
+  const int64_t bytes = kv_count * D * static_cast<int64_t>(sizeof(T));
+  s.scores.resize(heads * n);
+  s.acc.assign(heads * D, 0.f);
+  float* scores = s.scores.data();
+  for (int64_t t = start; t < ctx; ++t) {
+    prefetch_ahead(p, k_cache, table_row, t, ctx, offset, bytes);
+    const T* key = slot_row(p, k_cache, table_row, t, offset);
+    for_each_chunk(kv_count, G, [&](int64_t kv, int64_t h, int64_t count) {
+      const float* qh = q + h * D;
+      float* sh = scores + h * n + t - start;
+      switch (count) {
+        case 4: score_heads<D, 4>(qh, key + kv * D, sh, n); break;
+        case 3: score_heads<D, 3>(qh, key + kv * D, sh, n); break;
+        case 2: score_heads<D, 2>(qh, key + kv * D, sh, n); break;
+        default: score_heads<D, 1>(qh, key + kv * D, sh, n);
+      }
+    });
+  }
+  std::vector<float> inv_sum(heads);
+  for (int64_t h = 0; h < heads; ++h) inv_sum[h] = 1.f / softmax_unnormalized(scores + h * n, n);
+  for (int64_t t = start; t < ctx; t += 2) {
+    prefetch_ahead(p, v_cache, table_row, t, ctx, offset, bytes);
+    prefetch_ahead(p, v_cache, table_row, t + 1, ctx, offset, bytes);
+    const T* value0 = slot_row(p, v_cache, table_row, t, offset);
+    const T* value1 = t + 1 < ctx ? slot_row(p, v_cache, table_row, t + 1, offset) : nullptr;
+    for_each_chunk(kv_count, G, [&](int64_t kv, int64_t h, int64_t count) {
+      const float* wh = scores + h * n + t - start;
+      const T* v0 = value0 + kv * D;
+      const T* v1 = value1 ? value1 + kv * D : nullptr;
+      float* ah = s.acc.data() + h * D;
+      switch (count) {
+        case 4: accumulate_heads<D, 4>(wh, n, v0, v1, ah); break;
+        case 3: accumulate_heads<D, 3>(wh, n, v0, v1, ah); break;
+        case 2: accumulate_heads<D, 2>(wh, n, v0, v1, ah); break;
+        default: accumulate_heads<D, 1>(wh, n, v0, v1, ah);
+      }
+    });
+  }
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(s.acc[h * D + d] * inv_sum[h]);
+}
+
+constexpr bool kRangeTasks = true;
+
+// KV heads [kv0, kv0 + kv_count) of one row (q and out at kv0's first query head); false when D
+// is not 64 or 128.
+template <typename T, typename Index>
+bool attend_registers(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const Index* table_row,
+                      int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
+  const int64_t D = p.head_dim;
+  if (D != 64 && D != 128) return false;
+  const int64_t start = p.window > 0 ? std::max<int64_t>(0, ctx - p.window) : 0;
+  const int64_t values = kv_count * p.group * D;
+  s.query.resize(values);
+  for (int64_t i = 0; i < values; ++i) s.query[i] = static_cast<float>(q[i]) * p.scale;
+  if (D == 64)
+    attend_range<64>(p, s.query.data(), k_cache, v_cache, table_row, start, ctx, kv0, kv_count, out, s);
+  else
+    attend_range<128>(p, s.query.data(), k_cache, v_cache, table_row, start, ctx, kv0, kv_count, out, s);
+  return true;
+}
+#else
+constexpr bool kRangeTasks = false;
+
+template <typename T, typename Index>
+bool attend_registers(const Problem&, const T*, const T*, const T*, const Index*, int64_t, int64_t, int64_t, T*,
+                      Scratch&) {
   return false;
 }
 #endif
@@ -260,16 +435,27 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache, const
   check_table(p, table, lens, q.size(0), k_cache.size(0) / p.block_size);
   const int64_t group_size = p.group * p.head_dim;  // elements of one KV head's queries in a row
   const int64_t row_size = p.num_kv_heads * group_size;
-  at::parallel_for(0, q.size(0) * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // A task is one (row, KV head) pair, or, on the AVX2 path, a whole row once there are two rows a
+  // thread (see its comment). Rows are taken in zigzag order (first, last, second, second last, ...):
+  // the threads get contiguous ranges of tasks, and the rows of a prompt chunk have contexts that
+  // grow one by one, so in row order the thread with the last rows would get most of the work.
+  const int64_t rows = q.size(0);
+  const int64_t kv_per_task = kRangeTasks && rows >= 2 * at::get_num_threads() ? p.num_kv_heads : 1;
+  const int64_t tasks_per_row = p.num_kv_heads / kv_per_task;
+  at::parallel_for(0, rows * tasks_per_row, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / p.num_kv_heads, kv = task % p.num_kv_heads;
-      const int64_t offset = b * row_size + kv * group_size;
+      const int64_t i = task / tasks_per_row, kv0 = task % tasks_per_row * kv_per_task;
+      const int64_t b = i % 2 == 0 ? i / 2 : rows - 1 - i / 2;
+      const int64_t offset = b * row_size + kv0 * group_size;
       const Index* table_row = table + b * p.max_blocks;
       const int64_t ctx = static_cast<int64_t>(lens[b]);
-      if (!attend_group_registers<T, Index>(p, q_ptr + offset, k_ptr, v_ptr, table_row, ctx, kv,
-                                            out_ptr + offset, scratch))
-        attend_group<T, Index>(p, q_ptr + offset, k_ptr, v_ptr, table_row, ctx, kv, out_ptr + offset, scratch);
+      if (attend_registers<T, Index>(p, q_ptr + offset, k_ptr, v_ptr, table_row, ctx, kv0, kv_per_task,
+                                     out_ptr + offset, scratch))
+        continue;
+      for (int64_t i = 0; i < kv_per_task; ++i)
+        attend_group<T, Index>(p, q_ptr + offset + i * group_size, k_ptr, v_ptr, table_row, ctx, kv0 + i,
+                               out_ptr + offset + i * group_size, scratch);
     }
   });
 }
@@ -327,12 +513,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
 
 }  // namespace
 
-TORCH_LIBRARY(scalellm, m) {
-  m.def(
-      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
-      "Tensor context_lens, int block_size, float scale, int sliding_window) -> Tensor");
+TORCH_LIBRARY_FRAGMENT(scalellm, m) {
+  m.def(SCALELLM_STR(SCALELLM_OP) "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor context_lens, int block_size, float scale, int sliding_window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(scalellm, CPU, m) {
-  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl(SCALELLM_STR(SCALELLM_OP), &paged_decode_attention);
 }
