@@ -13,8 +13,8 @@
 //     slot(t) = block_table[b, t / block_size] * block_size + t % block_size
 //     K[t]    = k_cache[slot(t), kv, :]            a contiguous run of head_dim elements
 //
-// Memory access pattern. One task is a (row, kv head) pair; tasks are split over the intra-op
-// thread pool (at::parallel_for). A task walks the row's blocks in order; inside a block the
+// Memory access pattern. One task is a (row, kv head) pair (on the AVX2 path, a whole row when rows
+// are many: see its comment); tasks are split over the intra-op thread pool (at::parallel_for). A task walks the row's blocks in order; inside a block the
 // K vectors of consecutive positions are num_kv_heads * head_dim elements apart (slot stride),
 // each a contiguous head_dim run. Each K vector is loaded once and dotted with all G queries of
 // the group (pass 1); after the softmax, each V vector is loaded once and accumulated into the G
