@@ -76,7 +76,7 @@ def op(request):
 
 @needs_kernel
 @pytest.mark.parametrize("type_name", KERNEL_TYPES)
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 12, 15, 130])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 12, 15, 16, 33, 130])
 def test_kernel_matches_its_contract(op, type_name, m):
     codes = make_tensor(type_name, 101, 512, seed=m).codes()  # 101 outputs: a 64-channel group, a partial one
     x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))

@@ -54,7 +54,9 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <cstddef>
 #include <type_traits>
+#include <vector>
 
 #include "avx512_bf16.h"
 
@@ -197,8 +199,9 @@ inline __m512i dpbusd_broadcast(__m512i sum, __m512i codes, const Int32Alias* x)
 }
 
 // y for tokens [m0, m0 + TOKENS) x channel blocks [b0, b0 + BLOCKS); the tokens lie in one row tile.
+// (The last argument is expand_block's: on VNNI the codes are always rebuilt in registers.)
 template <int BITS, int GROUP, bool MINIMUMS, int TOKENS, int BLOCKS, typename T>
-void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
+void tile(const Problem& p, int64_t m0, int64_t b0, T* y, std::nullptr_t = nullptr) {
   constexpr int kSteps = GROUP / 4;
   const Activations& a = *p.a;
   __m512 out[TOKENS][BLOCKS];
@@ -334,9 +337,29 @@ inline void store8(T* y, __m256 v, int64_t count) {
   for (int64_t i = 0; i < std::min<int64_t>(count, 8); ++i) y[i] = static_cast<T>(values[i]);
 }
 
+// A batch of at least kExpandRows tokens rebuilds each block's codes once (expand_block) rather
+// than in every 4-token tile: the tiles then load ready steps (K * 16 bytes a block, from L1 or
+// L2) in place of the nibble shifts and masks and the high-bit planes.
+constexpr int64_t kExpandRows = 16;
+
+// Block b's codes as load_step gives them, for every group, step and half: [groups, steps, 2].
+template <int BITS, int GROUP>
+const __m256i* expand_block(const Problem& p, int64_t b) {
+  constexpr int kSteps = GROUP / 4;
+  thread_local std::vector<__m256i> steps;
+  steps.resize(p.groups * kSteps * 2);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const uint8_t* src = p.packed + p.unit(b, g) * p.group_bytes;
+    for (int s = 0; s < kSteps; ++s)
+      for (int h = 0; h < 2; ++h) steps[(g * kSteps + s) * 2 + h] = load_step<BITS, kSteps>(src, s, h);
+  }
+  return steps.data();
+}
+
 // y for tokens [m0, m0 + TOKENS) x channel blocks [b0, b0 + BLOCKS); the tokens lie in one row tile.
+// `steps`: block b0's codes from expand_block (BLOCKS 1), or null to rebuild them here.
 template <int BITS, int GROUP, bool MINIMUMS, int TOKENS, int BLOCKS, typename T>
-void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
+void tile(const Problem& p, int64_t m0, int64_t b0, T* y, const __m256i* steps = nullptr) {
   constexpr int kSteps = GROUP / 4;
   const Activations& a = *p.a;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -361,7 +384,9 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y) {
 #pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
           __m256i codes[kFold];
-          for (int f = 0; f < kFold; ++f) codes[f] = load_step<BITS, kSteps>(src, s + f, h);
+          for (int f = 0; f < kFold; ++f)
+            codes[f] = steps ? _mm256_load_si256(steps + (g * kSteps + s + f) * 2 + h)
+                             : load_step<BITS, kSteps>(src, s + f, h);
 #pragma GCC unroll 4
           for (int t = 0; t < TOKENS; ++t) {
             const int32_t* fours = reinterpret_cast<const int32_t*>(x + t * kActBlock);
@@ -443,16 +468,21 @@ template <int BITS, int GROUP, bool MINIMUMS, typename T>
 void channel_tile(const Problem& p, int64_t b0, T* y) {
   if (p.m > 2) {
     for (int64_t b = b0; b < b0 + 4; ++b) {
+#if SCALELLM_AVX2
+      const __m256i* steps = p.m >= kExpandRows ? expand_block<BITS, GROUP>(p, b) : nullptr;
+#else
+      constexpr std::nullptr_t steps = nullptr;
+#endif
       int64_t m0 = 0;
-      for (; m0 + kBatchTile <= p.m; m0 += kBatchTile) tile<BITS, GROUP, MINIMUMS, kBatchTile, 1>(p, m0, b, y);
+      for (; m0 + kBatchTile <= p.m; m0 += kBatchTile) tile<BITS, GROUP, MINIMUMS, kBatchTile, 1>(p, m0, b, y, steps);
       if (kBatchTile > 4 && m0 + 4 <= p.m) {
-        tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y);
+        tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y, steps);
         m0 += 4;
       }
       switch (p.m - m0) {
-        case 3: tile<BITS, GROUP, MINIMUMS, 3, 1>(p, m0, b, y); break;
-        case 2: tile<BITS, GROUP, MINIMUMS, 2, 1>(p, m0, b, y); break;
-        case 1: tile<BITS, GROUP, MINIMUMS, 1, 1>(p, m0, b, y); break;
+        case 3: tile<BITS, GROUP, MINIMUMS, 3, 1>(p, m0, b, y, steps); break;
+        case 2: tile<BITS, GROUP, MINIMUMS, 2, 1>(p, m0, b, y, steps); break;
+        case 1: tile<BITS, GROUP, MINIMUMS, 1, 1>(p, m0, b, y, steps); break;
         default: break;
       }
     }
