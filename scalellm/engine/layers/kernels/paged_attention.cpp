@@ -13,10 +13,11 @@
 //     slot(t) = block_table[b, t / block_size] * block_size + t % block_size
 //     K[t]    = k_cache[slot(t), kv, :]            a contiguous run of head_dim elements
 //
-// Memory access pattern. One task is a (row, kv head) pair (on the AVX2 path, a whole row when rows
-// are many: see its comment); tasks are split over the intra-op thread pool (at::parallel_for). A task walks the row's blocks in order; inside a block the
-// K vectors of consecutive positions are num_kv_heads * head_dim elements apart (slot stride),
-// each a contiguous head_dim run. Each K vector is loaded once and dotted with all G queries of
+// Memory access pattern. One task is a (row, kv head) pair (on the AVX2 path, a whole row when
+// rows are many: see its comment); tasks are split over the intra-op thread pool
+// (at::parallel_for). A task walks the row's blocks in order; inside a block the K vectors of
+// consecutive positions are num_kv_heads * head_dim elements apart (slot stride), each a
+// contiguous head_dim run. Each K vector is loaded once and dotted with all G queries of
 // the group (pass 1); after the softmax, each V vector is loaded once and accumulated into the G
 // outputs (pass 2). Nothing is gathered or copied besides a head_dim float conversion of bf16 rows.
 // Per-thread scratch (scores [G, ctx], accumulators [G, D]) lives on the heap, so contexts of
@@ -323,7 +324,8 @@ inline void accumulate_heads(const float* weights, int64_t n, const T* value0, c
   }
 }
 
-// fn(first head of the chunk, heads in the chunk) over the query heads of KV heads [0, kv_count), 4 at most.
+// fn(KV head, its chunk's first query head, heads in the chunk) over the query heads of KV heads
+// [0, kv_count), in chunks of 4 at most.
 template <typename Fn>
 inline void for_each_chunk(int64_t kv_count, int64_t group, Fn fn) {
   for (int64_t kv = 0; kv < kv_count; ++kv)
