@@ -122,6 +122,11 @@ struct Problem {
   float scale;
 };
 
+// The first key position a row of context length ctx attends to (the sliding window's start).
+inline int64_t first_position(const Problem& p, int64_t ctx) {
+  return p.window > 0 ? std::max<int64_t>(0, ctx - p.window) : 0;
+}
+
 // Per-thread scratch, grown on demand.
 struct Scratch {
   std::vector<float> query;   // [G, D] scaled queries
@@ -129,6 +134,13 @@ struct Scratch {
   std::vector<float> acc;     // [G, D]
   std::vector<float> row;     // [D] a widened K or V row
 };
+
+// s.query = the first `count` query values as floats, times the scale.
+template <typename T>
+inline void scale_queries(const Problem& p, const T* q, int64_t count, Scratch& s) {
+  s.query.resize(count);
+  for (int64_t i = 0; i < count; ++i) s.query[i] = static_cast<float>(q[i]) * p.scale;
+}
 
 // Calls fn(t, slot) for each position t in [start, ctx) of one row, walking its blocks in order.
 template <typename Index, typename Fn>
@@ -147,13 +159,12 @@ template <typename T, typename Index>
 void attend_group(const Problem& p, const T* q, const T* k_cache, const T* v_cache,
                   const Index* table_row, int64_t ctx, int64_t kv, T* out, Scratch& s) {
   const int64_t G = p.group, D = p.head_dim;
-  const int64_t start = p.window > 0 ? std::max<int64_t>(0, ctx - p.window) : 0;
+  const int64_t start = first_position(p, ctx);
   const int64_t n = ctx - start;
-  s.query.resize(G * D);
   s.scores.resize(G * n);
   s.acc.assign(G * D, 0.f);
   s.row.resize(D);
-  for (int64_t i = 0; i < G * D; ++i) s.query[i] = static_cast<float>(q[i]) * p.scale;
+  scale_queries(p, q, G * D, s);
 
   const int64_t head_offset = kv * D;
   for_each_slot(table_row, p.block_size, start, ctx, [&](int64_t t, int64_t slot) {
@@ -220,7 +231,7 @@ bool attend_group_registers(const Problem& p, const T* q, const T* k_cache, cons
                             const Index* table_row, int64_t ctx, int64_t kv, T* out, Scratch& s) {
   const int64_t D = p.head_dim;
   if (D != 64 && D != 128) return false;
-  const int64_t start = p.window > 0 ? std::max<int64_t>(0, ctx - p.window) : 0;
+  const int64_t start = first_position(p, ctx);
   const int heads_per_chunk = D == 64 ? 4 : 2;
   s.scores.resize(heads_per_chunk * (ctx - start));
   for (int64_t g0 = 0; g0 < p.group; g0 += heads_per_chunk) {
@@ -387,10 +398,9 @@ bool attend_registers(const Problem& p, const T* q, const T* k_cache, const T* v
                       int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
   const int64_t D = p.head_dim;
   if (D != 64 && D != 128) return false;
-  const int64_t start = p.window > 0 ? std::max<int64_t>(0, ctx - p.window) : 0;
+  const int64_t start = first_position(p, ctx);
   const int64_t values = kv_count * p.group * D;
-  s.query.resize(values);
-  for (int64_t i = 0; i < values; ++i) s.query[i] = static_cast<float>(q[i]) * p.scale;
+  scale_queries(p, q, values, s);
   if (D == 64)
     attend_range<64>(p, s.query.data(), k_cache, v_cache, table_row, start, ctx, kv0, kv_count, out, s);
   else
@@ -416,7 +426,7 @@ void check_table(const Problem& p, const Index* table, const Index* lens, int64_
     const int64_t ctx = static_cast<int64_t>(lens[b]);
     TORCH_CHECK(ctx >= 1 && ctx <= p.max_blocks * p.block_size, "context_lens[", b, "] = ", ctx,
                 " is outside [1, block_table.size(1) * block_size]");
-    const int64_t first = p.window > 0 ? std::max<int64_t>(0, ctx - p.window) / p.block_size : 0;
+    const int64_t first = first_position(p, ctx) / p.block_size;
     for (int64_t i = first; i < (ctx + p.block_size - 1) / p.block_size; ++i) {
       const int64_t block = static_cast<int64_t>(table[b * p.max_blocks + i]);
       TORCH_CHECK(block >= 0 && block < num_blocks, "block_table[", b, ", ", i, "] = ", block,
@@ -447,8 +457,8 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache, const
   at::parallel_for(0, rows * tasks_per_row, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / tasks_per_row, kv0 = task % tasks_per_row * kv_per_task;
-      const int64_t b = i % 2 == 0 ? i / 2 : rows - 1 - i / 2;
+      const int64_t r = task / tasks_per_row, kv0 = task % tasks_per_row * kv_per_task;
+      const int64_t b = r % 2 == 0 ? r / 2 : rows - 1 - r / 2;
       const int64_t offset = b * row_size + kv0 * group_size;
       const Index* table_row = table + b * p.max_blocks;
       const int64_t ctx = static_cast<int64_t>(lens[b]);
