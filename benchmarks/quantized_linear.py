@@ -7,8 +7,13 @@ op streams per call. The per-step line adds every layer's projections and the LM
 M=1 the quantized op's figure is compared with the time to read its weights once at the measured
 bandwidth (the floor for a memory-bound decode step).
 
+Those rows time one projection over and over, so a matrix smaller than the L3 cache is read from it.
+`--cold` times instead each projection's calls over every layer back to back after the caches are
+flushed, as a decode step reads them (and the head once), and gives the rate its weights were read at.
+
     .venv/bin/python benchmarks/quantized_linear.py --threads 2 --tokens 1,16,64,256
     .venv/bin/python benchmarks/quantized_linear.py --model $(../shared/models/fetch.sh qwen2.5-coder-1.5b)
+    .venv/bin/python benchmarks/quantized_linear.py --model ... --cold --tokens 1
 """
 
 from __future__ import annotations
@@ -51,9 +56,10 @@ def stream_bandwidth_gbs(size_mib: int = 1024) -> float:
     return data.numel() * 4 / best_time_us(lambda: data.sum()) * 1e6 / 1e9
 
 
-def layer_weights(files: GGUFFiles, layer: int) -> dict:
-    """projection -> merged GroupCodes of layer `layer`, and "lm_head" -> the output matrix's."""
-    weights = dict(files.iter_weights(KERNEL_TYPES))
+def layer_weights(files: GGUFFiles, layer: int, weights: dict | None = None) -> dict:
+    """projection -> merged GroupCodes of layer `layer`, and "lm_head" -> the output matrix's.
+    `weights`: the file's weights by name, when the caller has read them already."""
+    weights = weights if weights is not None else dict(files.iter_weights(KERNEL_TYPES))
     prefix = f"model.layers.{layer}."
     out = {name: merge([weights[f"{prefix}{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}.weight"].codes()
                         for p in parts]) for name, parts in PROJECTIONS.items()}
@@ -62,11 +68,42 @@ def layer_weights(files: GGUFFiles, layer: int) -> dict:
     return out
 
 
+def cold_pass(files: GGUFFiles, tokens: list[int], dtype: torch.dtype, quantized, bandwidth: float) -> None:
+    """Per projection, its call in every layer back to back (the head once) after reading 256 MB to flush
+    the caches: the median of 5 passes, and the rate its weights were read at."""
+    weights = dict(files.iter_weights(KERNEL_TYPES))
+    calls: dict[str, list] = {}
+    for layer in range(files.config.num_layers):
+        for name, codes in layer_weights(files, layer, weights).items():
+            if name != "lm_head" or layer == 0:
+                calls.setdefault(name, []).append((codes, pack(codes)))
+    flush = torch.ones(64 << 20)
+    for m in tokens:
+        total_ms = total_mb = 0.0
+        for name, layers in calls.items():
+            x = torch.randn(m, layers[0][0].codes.shape[1], dtype=dtype)
+            mb = sum(p.numel() + 2 * sc.numel() * (2 if mins is not None else 1) for _, (p, sc, mins) in layers) / 1e6
+            times = []
+            for _ in range(5):
+                flush.sum()
+                start = time.perf_counter()
+                for codes, (packed, scales, minimums) in layers:
+                    quantized(x, packed, scales, minimums, None, codes.codes.shape[0], codes.bits, codes.group,
+                              codes.zero_point)
+                times.append(time.perf_counter() - start)
+            ms = 1e3 * sorted(times)[2]
+            total_ms, total_mb = total_ms + ms, total_mb + mb
+            print(f"M={m:4d} {name:8s} x{len(layers):3d} cold  {ms:7.2f} ms  {mb:7.1f} MB  {mb / ms:5.1f} GB/s")
+        print(f"M={m:4d} all cold: {total_ms:.2f} ms for {total_mb:.0f} MB ({total_mb / total_ms:.1f} GB/s; "
+              f"streaming read {bandwidth:.1f} GB/s: {total_mb / bandwidth:.2f} ms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M Q4_1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", default="1,16,64,256", help="comma-separated M values")
+    parser.add_argument("--cold", action="store_true", help="every layer's calls back to back, caches flushed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quantized, int8 = kernel_op(), load_int8_linear()
@@ -77,6 +114,8 @@ def main() -> None:
     files = GGUFFiles(args.model or default_model_path())
     bandwidth = stream_bandwidth_gbs()
     print(f"streaming read: {bandwidth:.1f} GB/s")
+    if args.cold:
+        return cold_pass(files, [int(t) for t in args.tokens.split(",")], dtype, quantized, bandwidth)
     num_layers = files.config.num_layers
     shapes = {}
     for name, codes in layer_weights(files, 0).items():
