@@ -56,40 +56,52 @@ def stream_bandwidth_gbs(size_mib: int = 1024) -> float:
     return data.numel() * 4 / best_time_us(lambda: data.sum()) * 1e6 / 1e9
 
 
-def layer_weights(files: GGUFFiles, layer: int, weights: dict | None = None) -> dict:
-    """projection -> merged GroupCodes of layer `layer`, and "lm_head" -> the output matrix's.
-    `weights`: the file's weights by name, when the caller has read them already."""
-    weights = weights if weights is not None else dict(files.iter_weights(KERNEL_TYPES))
+def layer_weights(weights: dict, layer: int) -> dict:
+    """projection -> merged GroupCodes of layer `layer`; `weights`: the file's weights by name."""
     prefix = f"model.layers.{layer}."
-    out = {name: merge([weights[f"{prefix}{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}.weight"].codes()
-                        for p in parts]) for name, parts in PROJECTIONS.items()}
-    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    out["lm_head"] = head.codes()
-    return out
+    return {name: merge([weights[f"{prefix}{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}.weight"].codes()
+                         for p in parts]) for name, parts in PROJECTIONS.items()}
 
 
-def cold_pass(files: GGUFFiles, tokens: list[int], dtype: torch.dtype, quantized, bandwidth: float) -> None:
+def head_codes(weights: dict):
+    """The output matrix's GroupCodes (the tied embedding's where the file has no lm_head)."""
+    return weights.get("lm_head.weight", weights["model.embed_tokens.weight"]).codes()
+
+
+def packed_bytes(packs: tuple) -> int:
+    """Bytes the quantized op reads for one call on pack()'s (packed, scales, minimums)."""
+    packed, scales, minimums = packs
+    return packed.numel() + 2 * scales.numel() * (2 if minimums is not None else 1)
+
+
+def gguf_linear(op, x: torch.Tensor, codes, packs: tuple) -> torch.Tensor:
+    """The quantized op on x and one matrix's pack()ed codes."""
+    packed, scales, minimums = packs
+    return op(x, packed, scales, minimums, None, codes.codes.shape[0], codes.bits, codes.group, codes.zero_point)
+
+
+def cold_pass(weights: dict, num_layers: int, tokens: list[int], dtype: torch.dtype, quantized,
+              bandwidth: float) -> None:
     """Per projection, its call in every layer back to back (the head once) after reading 256 MB to flush
     the caches: the median of 5 passes, and the rate its weights were read at."""
-    weights = dict(files.iter_weights(KERNEL_TYPES))
     calls: dict[str, list] = {}
-    for layer in range(files.config.num_layers):
-        for name, codes in layer_weights(files, layer, weights).items():
-            if name != "lm_head" or layer == 0:
-                calls.setdefault(name, []).append((codes, pack(codes)))
+    for layer in range(num_layers):
+        for name, codes in layer_weights(weights, layer).items():
+            calls.setdefault(name, []).append((codes, pack(codes)))
+    head = head_codes(weights)
+    calls["lm_head"] = [(head, pack(head))]
     flush = torch.ones(64 << 20)
     for m in tokens:
         total_ms = total_mb = 0.0
         for name, layers in calls.items():
             x = torch.randn(m, layers[0][0].codes.shape[1], dtype=dtype)
-            mb = sum(p.numel() + 2 * sc.numel() * (2 if mins is not None else 1) for _, (p, sc, mins) in layers) / 1e6
+            mb = sum(packed_bytes(packs) for _, packs in layers) / 1e6
             times = []
             for _ in range(5):
                 flush.sum()
                 start = time.perf_counter()
-                for codes, (packed, scales, minimums) in layers:
-                    quantized(x, packed, scales, minimums, None, codes.codes.shape[0], codes.bits, codes.group,
-                              codes.zero_point)
+                for codes, packs in layers:
+                    gguf_linear(quantized, x, codes, packs)
                 times.append(time.perf_counter() - start)
             ms = 1e3 * sorted(times)[2]
             total_ms, total_mb = total_ms + ms, total_mb + mb
@@ -114,29 +126,29 @@ def main() -> None:
     files = GGUFFiles(args.model or default_model_path())
     bandwidth = stream_bandwidth_gbs()
     print(f"streaming read: {bandwidth:.1f} GB/s")
-    if args.cold:
-        return cold_pass(files, [int(t) for t in args.tokens.split(",")], dtype, quantized, bandwidth)
+    weights = dict(files.iter_weights(KERNEL_TYPES))
     num_layers = files.config.num_layers
+    if args.cold:
+        return cold_pass(weights, num_layers, [int(t) for t in args.tokens.split(",")], dtype, quantized, bandwidth)
     shapes = {}
-    for name, codes in layer_weights(files, 0).items():
-        packed, scales, minimums = pack(codes)
-        weight_q, w_scales = quantize_rows(torch.from_numpy(codes.dequantize()))
+    for name, codes in {**layer_weights(weights, 0), "lm_head": head_codes(weights)}.items():
+        packs = pack(codes)
+        weight = torch.from_numpy(codes.dequantize())
+        weight_q, w_scales = quantize_rows(weight)
         packed8, compensation = pack_for_vnni(weight_q)
-        nbytes = packed.numel() + 2 * scales.numel() * (2 if minimums is not None else 1)
-        dense = torch.from_numpy(codes.dequantize()).to(dtype)
-        shapes[name] = (codes, (packed, scales, minimums), (packed8, compensation, w_scales), dense, nbytes)
+        dense = weight.to(dtype)
+        shapes[name] = (codes, packs, (packed8, compensation, w_scales), dense, packed_bytes(packs))
     for m in (int(t) for t in args.tokens.split(",")):
         totals = {"gguf": 0.0, "int8": 0.0, "dense": 0.0}
         weight_bytes = 0
-        for name, (codes, (packed, scales, minimums), (packed8, compensation, w_scales), dense, nbytes) in shapes.items():
+        for name, (codes, packs, (packed8, compensation, w_scales), dense, nbytes) in shapes.items():
             if name == "lm_head" and m > 16:
                 continue  # the head sees the last token of each request only
             n, k = codes.codes.shape
             x = torch.randn(m, k, dtype=dtype)
             calls = 1 if name == "lm_head" else num_layers
             weight_bytes += nbytes * calls
-            gguf_us = best_time_us(lambda: quantized(x, packed, scales, minimums, None, n, codes.bits, codes.group,
-                                                     codes.zero_point))
+            gguf_us = best_time_us(lambda: gguf_linear(quantized, x, codes, packs))
             int8_us = best_time_us(lambda: int8(x, packed8, compensation, w_scales, None, n))
             dense_us = best_time_us(lambda: torch.nn.functional.linear(x, dense))
             totals["gguf"] += gguf_us * calls
