@@ -88,6 +88,20 @@ def test_kernel_matches_its_contract(op, type_name, m):
 
 
 @needs_kernel
+def test_activation_rounding_ties_and_zero_blocks(op):
+    """Blocks whose scaled values fall halfway round half to even, and an all-zero block (d = 0) adds 0."""
+    codes = make_tensor("Q4_1", 64, 256, seed=3).codes()
+    x = torch.zeros(3, 256)
+    x[0, :6] = torch.tensor([127.0, 2.5, -3.5, 0.5, 1.5, -0.5])  # d = 1: ties at every value but the first
+    x[0, 32:40] = torch.arange(8) * 0.5 - 1.75
+    x[2, 200] = -1.0  # row 2: one value in its seventh block, the other blocks zero
+    out = run_kernel(op, x, codes)
+    expected = reference(x, codes)
+    assert not out[1].any()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@needs_kernel
 def test_mixed_shards_merge_to_one_layout(op):
     """A fused q | k | v of Q4_K, Q4_K, Q6_K (Qwen2.5's layout) and of Q5_0, Q8_0 computes each part."""
     for types in (["Q4_K", "Q4_K", "Q6_K"], ["Q5_0", "Q8_0"], ["Q4_1", "Q8_0"], ["Q5_K", "Q6_K"], ["Q5_0", "Q4_0"]):

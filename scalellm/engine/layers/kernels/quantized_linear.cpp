@@ -272,21 +272,42 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y, std::nullptr_t = nullp
 
 #endif  // SCALELLM_VNNI
 #if SCALELLM_AVX2
-// round_block as on VNNI, in scalar code (the compiler vectorizes the block's maximum): the same
-// rounding (nearbyint under the default mode rounds half to even, as vcvtps2dq does).
+// Eight values from src as floats (bfloat16 widened, which is exact).
+template <typename T>
+inline __m256 load8(const T* src) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(src);
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline int32_t sum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// round_block as on VNNI: the same maximum, scale and rounding (vcvtps2dq rounds half to even).
 template <typename T>
 inline float round_block(const T* src, int8_t* dst, int32_t* half_sums) {
-  float v[kActBlock], amax = 0.f;
-  for (int i = 0; i < kActBlock; ++i) {
-    v[i] = static_cast<float>(src[i]);
-    amax = std::max(amax, std::fabs(v[i]));
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = load8(src + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
   }
-  const float d = amax / 127.0f, inv = d > 0.f ? 1.0f / d : 0.f;
-  half_sums[0] = half_sums[1] = 0;
-  for (int i = 0; i < kActBlock; ++i) {
-    dst[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
-    half_sums[i / 16] += dst[i];
-  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f;
+  const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.0f / d : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+  // The packs work within 128-bit lanes: 4-byte pieces come out as q0 q1 q2 q3 (first halves), then
+  // the second halves; the permutation puts them in order.
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  half_sums[0] = sum8(_mm256_add_epi32(q[0], q[1]));
+  half_sums[1] = sum8(_mm256_add_epi32(q[2], q[3]));
   return d;
 }
 
