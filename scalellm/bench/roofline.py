@@ -63,9 +63,9 @@ class ModelFacts:
     @classmethod
     def from_gguf(cls, path) -> "ModelFacts":
         """Read the facts from a GGUF file's metadata and tensor table."""
-        from gguf import GGUFReader
+        from scalellm.engine.loader.gguf_header import read_gguf_header
 
-        reader = GGUFReader(str(path))
+        reader = read_gguf_header(str(path))
         arch = _field(reader, "general.architecture")
         num_heads = int(_field(reader, f"{arch}.attention.head_count"))
         hidden = int(_field(reader, f"{arch}.embedding_length"))
@@ -105,12 +105,10 @@ class ModelFacts:
 
 
 def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        if default is None:
-            raise ValueError(f"the GGUF has no {key}")
-        return default
-    return field.contents()
+    value = reader.fields.get(key, default)
+    if value is None:
+        raise ValueError(f"the GGUF has no {key}")
+    return value
 
 
 def triangle(n: int) -> int:

@@ -7,10 +7,9 @@ head interleaved for its rotary kernel; `_unpermute` restores Hugging Face's lay
     hf rows of one head:    [x0 x1 ... | y0 y1 ...] (halves)
 
 A broken or hostile file is a `ModelLoadError`, never a crash or a large allocation: every count and
-length in the header is checked against the file's size before the reader parses it (gguf_bounds.py;
-the reader itself reads past the end as empty), metadata values are checked for type and sign, and
-each tensor's claimed size is checked against the bytes the file holds before anything is copied or
-dequantized.
+length in the header is checked against the file's size as it is read (gguf_header.py), metadata
+values are checked for type and sign, and each tensor's claimed size is checked against the bytes the
+file holds before anything is copied or dequantized.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from scalellm.engine.loader.base import ModelFiles
-from scalellm.engine.loader.gguf_bounds import check_gguf_bounds
+from scalellm.engine.loader.gguf_header import read_gguf_header
 from scalellm.engine.loader.model_config import ModelConfig, ModelLoadError
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -61,15 +60,9 @@ class GGUFFiles(ModelFiles):
     """A single .gguf file holding weights, tokenizer and chat template."""
 
     def __init__(self, path: str, name: str | None = None) -> None:
-        from gguf import GGUFReader
-
         self.path = path
         self.name = name or os.path.splitext(os.path.basename(path))[0]
-        check_gguf_bounds(path)
-        try:
-            self.reader = GGUFReader(path)
-        except Exception as exc:  # the reader raises ValueError, struct errors, IndexError on broken files
-            raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
+        self.header = read_gguf_header(path)
         try:
             self.config = self._read_config()
         except ModelLoadError:
@@ -78,18 +71,15 @@ class GGUFFiles(ModelFiles):
             raise ModelLoadError(f"{path} has invalid GGUF metadata: {exc}") from None
 
     def _field(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self.header.fields.get(key, default)
 
     def _read_config(self) -> ModelConfig:
         arch = self._field("general.architecture")
         if arch not in ARCHITECTURES:
             raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
-        if any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
+        if any(t.name == "rope_freqs.weight" for t in self.header.tensors):
             raise ModelLoadError("GGUF rope frequency factors (Llama 3.1+ rope scaling) are not supported yet")
-        for t in self.reader.tensors:
+        for t in self.header.tensors:
             if t.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
                 raise ModelLoadError(f"tensor {t.name} has unsupported GGUF type {t.tensor_type.name}")
 
@@ -104,7 +94,7 @@ class GGUFFiles(ModelFiles):
         tokens = self._field("tokenizer.ggml.tokens")
         if tokens is None:
             raise ModelLoadError("GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
-        names = {t.name for t in self.reader.tensors}
+        names = {t.name for t in self.header.tensors}
         scaling_type = self._field(f"{arch}.rope.scaling.type", "none")
         rope_scaling = {"rope_type": "default"}
         if scaling_type == "linear":
@@ -135,7 +125,7 @@ class GGUFFiles(ModelFiles):
     def iter_weights(self, keep_quantized: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
         """keep_quantized: GGUF types (quantization/gguf_blocks.py's KERNEL_TYPES) whose matrices come as
         GGUFTensor, undecoded; everything else is dequantized."""
-        for tensor in self.reader.tensors:
+        for tensor in self.header.tensors:
             name = _hf_name(tensor.name, _GEMMA3_LAYER_NAMES if self.config.architecture == "gemma3" else _LAYER_NAMES)
             if name is None:
                 continue

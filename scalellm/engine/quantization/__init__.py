@@ -49,7 +49,7 @@ def resolve_quantization(name: str | None, files, device: torch.device, tensor_p
 
 def _quantized_gguf(files) -> bool:
     """True for a GGUF file whose layer-0 q projection is of a type the quantized kernel reads."""
-    reader = getattr(files, "reader", None)
-    if reader is None:
+    header = getattr(files, "header", None)  # GGUFFiles' (loader/gguf_header.py)
+    if header is None:
         return False
-    return any(t.name == "blk.0.attn_q.weight" and t.tensor_type.name in KERNEL_TYPES for t in reader.tensors)
+    return any(t.name == "blk.0.attn_q.weight" and t.tensor_type.name in KERNEL_TYPES for t in header.tensors)
