@@ -14,7 +14,7 @@ file cannot hold is a ModelLoadError before anything is built (the `gguf` packag
 its memory map without checking the end: an array claiming 2**40 items is read as 2**40 empty ones,
 which takes minutes). It also makes a Python object per array item and per value, which for a
 151k-entry vocabulary took seconds per load: here an array of numbers is one `frombuffer`, and the
-tensors are views of one memory map.
+tensors are views of the one memory map the header is read from (it stays open while they live).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from scalellm.engine.loader.model_config import ModelLoadError
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 """GGUF value type -> struct format: uint8, int8, uint16, int16, uint32, int32, float32, bool, uint64,
 int64, float64."""
-_STRING, _ARRAY = 8, 9
+_U32, _STRING, _ARRAY, _U64 = 4, 8, 9, 10
 _VERSIONS = (2, 3)
 _MAX_DIMS = 8
 _MAX_DEPTH = 3
@@ -76,7 +76,7 @@ class _Cursor:
         return struct.unpack_from(fmt, self.data, self.take(struct.calcsize(fmt), what))[0]
 
     def string(self, what: str) -> str:
-        size = self.scalar(10, what)
+        size = self.scalar(_U64, what)
         start = self.take(size, what)
         try:
             return bytes(self.data[start:start + size]).decode("utf-8")
@@ -95,24 +95,24 @@ def read_gguf_header(path: str) -> GGUFHeader:
     if bytes(data[:4]) != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file (no GGUF magic)")
     cursor.take(4, "the magic")
-    version = cursor.scalar(4, "the version")
+    version = cursor.scalar(_U32, "the version")
     if version not in _VERSIONS:
         raise ModelLoadError(f"{path}: GGUF version {version} is not supported (only {_VERSIONS}, little-endian)")
-    num_tensors, num_fields = cursor.scalar(10, "the tensor count"), cursor.scalar(10, "the metadata count")
+    num_tensors, num_fields = cursor.scalar(_U64, "the tensor count"), cursor.scalar(_U64, "the metadata count")
     fields: dict[str, object] = {}
     for _ in range(num_fields):
         key = cursor.string("a metadata key")
         if key in fields:
             raise ModelLoadError(f"{path}: metadata key {key!r} appears twice")
-        fields[key] = _value(cursor, cursor.scalar(4, "a metadata type"), depth=0)
+        fields[key] = _value(cursor, cursor.scalar(_U32, "a metadata type"), depth=0)
     table = [_tensor_entry(cursor) for _ in range(num_tensors)]
+    if len({entry[0] for entry in table}) != len(table):
+        raise ModelLoadError(f"{path}: a tensor name appears twice in the tensor table")
     alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
     if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise ModelLoadError(f"{path}: general.alignment must be a power of two, got {alignment!r}")
     start = -(-cursor.offset // alignment) * alignment
-    file_map = np.memmap(path, mode="r") if len(data) else None
-    data.close()
-    return GGUFHeader(fields, [_tensor(file_map, path, start, *entry) for entry in _unique(table, path)])
+    return GGUFHeader(fields, [_tensor(data, start, *entry) for entry in table])
 
 
 def _value(cursor: _Cursor, value_type: int, depth: int):
@@ -121,7 +121,7 @@ def _value(cursor: _Cursor, value_type: int, depth: int):
     if value_type == _STRING:
         return cursor.string("a metadata string")
     if value_type == _ARRAY and depth < _MAX_DEPTH:
-        item_type, count = cursor.scalar(4, "an array's item type"), cursor.scalar(10, "an array's length")
+        item_type, count = cursor.scalar(_U32, "an array's item type"), cursor.scalar(_U64, "an array's length")
         if item_type in _SCALARS:
             size = struct.calcsize(_SCALARS[item_type])
             start = cursor.take(count * size, "an array")
@@ -136,21 +136,14 @@ def _value(cursor: _Cursor, value_type: int, depth: int):
 
 def _tensor_entry(cursor: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
     name = cursor.string("a tensor name")
-    dims = cursor.scalar(4, "a tensor's dimension count")
+    dims = cursor.scalar(_U32, "a tensor's dimension count")
     if dims > _MAX_DIMS:
         raise ModelLoadError(f"{cursor.path}: tensor {name} claims {dims} dimensions")
-    shape = tuple(cursor.scalar(10, "a tensor's shape") for _ in range(dims))
-    return name, shape, cursor.scalar(4, "a tensor's type"), cursor.scalar(10, "a tensor's offset")
+    shape = tuple(cursor.scalar(_U64, "a tensor's shape") for _ in range(dims))
+    return name, shape, cursor.scalar(_U32, "a tensor's type"), cursor.scalar(_U64, "a tensor's offset")
 
 
-def _unique(table: list, path: str) -> list:
-    names = [entry[0] for entry in table]
-    if len(set(names)) != len(names):
-        raise ModelLoadError(f"{path}: a tensor name appears twice in the tensor table")
-    return table
-
-
-def _tensor(file_map, path: str, start: int, name: str, shape: tuple[int, ...], type_id: int,
+def _tensor(data: mmap.mmap, start: int, name: str, shape: tuple[int, ...], type_id: int,
             offset: int) -> GGUFTensorInfo:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -159,17 +152,17 @@ def _tensor(file_map, path: str, start: int, name: str, shape: tuple[int, ...], 
     except ValueError:
         raise ModelLoadError(f"tensor {name} has unknown GGUF type {type_id}") from None
     block_size, type_size = GGML_QUANT_SIZES[tensor_type]
-    n_elements = int(np.prod(shape, dtype=object)) if shape else 1
     rows = tuple(reversed(shape))
     if not rows or rows[-1] % block_size:
         raise ModelLoadError(f"tensor {name} of shape {rows} is not whole blocks of its type {tensor_type.name}")
+    n_elements = int(np.prod(shape, dtype=object))
     n_bytes = n_elements // block_size * type_size
     begin = start + offset
-    if file_map is None or begin + n_bytes > len(file_map):
+    if begin + n_bytes > len(data):
         raise ModelLoadError(f"tensor {name} of shape {rows} needs {n_bytes} bytes at byte {begin} but the file "
                              f"ends before: the file is truncated or corrupt")
     dtype = _PLAIN_DTYPES.get(tensor_type.name)
     if dtype is None:
         dtype, rows = np.uint8, (*rows[:-1], rows[-1] // block_size * type_size)
-    data = file_map[begin:begin + n_bytes].view(dtype).reshape(rows)
-    return GGUFTensorInfo(name, tensor_type, shape, n_elements, n_bytes, data)
+    view = np.frombuffer(data, np.uint8, n_bytes, begin).view(dtype).reshape(rows)
+    return GGUFTensorInfo(name, tensor_type, shape, n_elements, n_bytes, view)
