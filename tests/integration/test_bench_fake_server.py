@@ -206,9 +206,10 @@ def test_role_chunk_is_not_the_first_token_and_e2e_ends_at_the_last_choice(serve
     _, role_first = measure(server, model="role-first", num_requests=3)
     assert role_first["median_ttft_ms"] == pytest.approx(TTFT_S * 1000, abs=TOLERANCE_S * 1000)
     results, slow_done = measure(server, model="slow-done", num_requests=3)
-    assert slow_done["median_e2el_ms"] == pytest.approx(E2E_S * 1000, abs=TOLERANCE_S * 1000)
-    # E2E stops at the last choice, not at [DONE] SLOW_DONE_S later (half of it: a late read of the
-    # last chunk on a loaded machine shortens the gap, but never to nothing).
+    # E2E stops at the last choice, not at [DONE] SLOW_DONE_S later: the bound is halfway between the
+    # two, since a loaded machine delays the last chunk's read by more than TOLERANCE_S at times (8 ms
+    # seen), and the gap to [DONE] is shortened by a late read of the last chunk, but never to nothing.
+    assert E2E_S - TOLERANCE_S <= slow_done["median_e2el_ms"] / 1000 < E2E_S + SLOW_DONE_S / 2
     assert all(r.stream_end - r.latency >= SLOW_DONE_S / 2 for r in results)
 
 
