@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -124,23 +125,40 @@ class GGUFFiles(ModelFiles):
 
     def iter_weights(self, keep_quantized: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
         """keep_quantized: GGUF types (quantization/gguf_blocks.py's KERNEL_TYPES) whose matrices come as
-        GGUFTensor, undecoded; everything else is dequantized."""
+        GGUFTensor, undecoded; everything else is dequantized, the next such tensor on a worker thread
+        while the caller copies the current one in (numpy leaves the GIL while it computes)."""
+        layer_names = _GEMMA3_LAYER_NAMES if self.config.architecture == "gemma3" else _LAYER_NAMES
+        items = []  # (HF name, tensor, kept in its codes)
         for tensor in self.header.tensors:
-            name = _hf_name(tensor.name, _GEMMA3_LAYER_NAMES if self.config.architecture == "gemma3" else _LAYER_NAMES)
-            if name is None:
-                continue
-            if tensor.tensor_type.name in keep_quantized and name.endswith(".weight") and len(tensor.shape) == 2:
-                yield name, self._quantized(tensor, name)
-                continue
-            weight = torch.from_numpy(_dequantize(tensor))
-            if self.config.architecture == "gemma3" and name.endswith("norm.weight"):
-                weight = weight - 1
-            if self.config.architecture in ("llama", "mistral"):
-                if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-                    weight = _unpermute(weight, self.config.num_heads)
-                elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-                    weight = _unpermute(weight, self.config.num_kv_heads)
-            yield name, weight
+            name = _hf_name(tensor.name, layer_names)
+            if name is not None:
+                kept = tensor.tensor_type.name in keep_quantized and name.endswith(".weight") and len(tensor.shape) == 2
+                items.append((name, tensor, kept))
+        to_dequantize = iter([tensor for _, tensor, kept in items if not kept])
+        with ThreadPoolExecutor(1, thread_name_prefix="gguf-dequantize") as pool:
+            def start_next():
+                tensor = next(to_dequantize, None)
+                return None if tensor is None else pool.submit(_dequantize, tensor)
+
+            pending = start_next()  # always the next tensor to dequantize, one at a time
+            for name, tensor, kept in items:
+                if kept:
+                    yield name, self._quantized(tensor, name)
+                    continue
+                array = pending.result()
+                pending = start_next()
+                yield name, self._float_weight(name, torch.from_numpy(array))
+
+    def _float_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """A dequantized tensor as the model's checkpoint names expect it."""
+        if self.config.architecture == "gemma3" and name.endswith("norm.weight"):
+            weight = weight - 1
+        if self.config.architecture in ("llama", "mistral"):
+            if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+                weight = _unpermute(weight, self.config.num_heads)
+            elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+                weight = _unpermute(weight, self.config.num_kv_heads)
+        return weight
 
     def _quantized(self, tensor, name: str):
         """The tensor's rows as a GGUFTensor (q and k rows of Llama-style files unpermuted)."""
@@ -207,10 +225,11 @@ def _dequantize(tensor) -> np.ndarray:
         raise ModelLoadError(f"tensor {tensor.name} of shape {shape} needs {claimed} bytes but the file holds "
                              f"{tensor.data.nbytes} for it: the file is truncated or corrupt")
     try:
-        data = quants.dequantize(tensor.data, tensor.tensor_type)
-        return np.array(data, dtype=np.float32, copy=True).reshape(shape)
+        data = quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
     except (ValueError, NotImplementedError) as exc:
         raise ModelLoadError(f"cannot dequantize tensor {tensor.name}: {exc}") from None
+    # float32 tensors come back as views of the read-only file map: those alone need a copy
+    return data if data.flags.writeable and data.dtype == np.float32 else np.array(data, dtype=np.float32)
 
 
 def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
