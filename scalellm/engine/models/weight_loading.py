@@ -13,6 +13,7 @@ skipped. Every tensor a module declares must be loaded exactly (a missing one is
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import torch
@@ -45,9 +46,12 @@ def load_model_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             raise ModelLoadError(f"weight {name}: {exc}") from None
         loaded.add(f"{module_name}.{kind}.{shard}")
     _check_complete(modules, loaded)
-    for module in list(model.modules()):
-        if hasattr(module, "process_weights_after_loading"):
-            module.process_weights_after_loading()
+    # Each module repacks only its own tensors, mostly in numpy, which leaves the GIL while it computes:
+    # the modules go to the intra-op threads' number of workers.
+    processed = [m for m in model.modules() if hasattr(m, "process_weights_after_loading")]
+    with ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="weights") as pool:
+        for _ in pool.map(lambda module: module.process_weights_after_loading(), processed):
+            pass
 
 
 def _route(name: str, fused: dict[str, tuple[str, str | None]],

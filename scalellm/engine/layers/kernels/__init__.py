@@ -31,12 +31,12 @@ on PATH but the `ninja` package is installed, its bin directory is appended to P
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -154,8 +154,20 @@ def paged_attention_load_error() -> str | None:
     return kernel_load_error("paged_attention")
 
 
-@functools.cache
+_BUILT: dict[str, tuple[Callable[..., torch.Tensor] | None, str | None]] = {}
+_BUILD_LOCK = threading.Lock()
+
+
 def _build_kernel(name: str) -> tuple[Callable[..., torch.Tensor] | None, str | None]:
+    """The op and None, or None and why; built and loaded once per process, whichever thread asks
+    first (the model's layers are processed on several threads at load)."""
+    with _BUILD_LOCK:
+        if name not in _BUILT:
+            _BUILT[name] = _build(name)
+        return _BUILT[name]
+
+
+def _build(name: str) -> tuple[Callable[..., torch.Tensor] | None, str | None]:
     source, op_name, flags = KERNELS[name]
     try:
         _compile_and_load(f"scalellm_{name}", _DIR / source, flags)
