@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from scalellm.engine.sampling.filters import apply_min_p, apply_top_k, apply_top_p
@@ -56,8 +57,12 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 
 def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
-    """The most likely token per row [B]; max(dim) is vectorized on CPU where argmax is not (1.5 vs 2.6 ms
-    for [32, 49152]). Ties resolve to the first maximal index, as argmax does."""
+    """The most likely token per row [B]; ties (and NaN) resolve to the first such index.
+
+    float32 logits on the CPU go through numpy's argmax, which is vectorized where torch's reductions
+    over a row are not: 13 against 130 us for a row of 49,152, 0.16 against 1.7 ms for 32 rows."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(np.argmax(logits.numpy(), axis=-1))
     return logits.max(dim=-1).indices
 
 

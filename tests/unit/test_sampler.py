@@ -41,6 +41,31 @@ def test_greedy_is_argmax(dtype):
     assert output.logprobs == [None] * 7
 
 
+def _first_max(row: list[float]) -> int:
+    """The first index of the row's largest value, or of its first NaN (as torch and numpy reduce)."""
+    best = 0
+    for i, value in enumerate(row):
+        if value != value:
+            return i
+        if value > row[best]:
+            best = i
+    return best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ties_nan_and_a_strided_view_take_the_first_index(dtype):
+    wide = torch.zeros(4, VOCAB + 8)
+    wide[0, [5, 9, VOCAB + 2]] = 3.0  # a tie at 5 and 9; the larger value past VOCAB is not in the view
+    wide[1, [20, 40]] = float("nan")
+    wide[1, 3] = 7.0
+    wide[2] = -1.0  # every index ties
+    wide[3, VOCAB - 1] = 0.5
+    logits = wide.to(dtype)[:, :VOCAB]  # a non-contiguous view, as the logits head gives
+    expected = [_first_max(row) for row in logits.float().tolist()]
+    assert expected == [5, 20, 0, VOCAB - 1]
+    assert Sampler()(logits, _rows(SamplingParams(temperature=0), 4)).token_ids == expected
+
+
 def test_greedy_rows_in_a_mixed_batch_are_argmax():
     logits = _logits(6)
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0)] * 3
