@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
+import threading
 
 import pytest
 
@@ -89,6 +91,30 @@ def test_repeat_compile_is_cached(engine):
     spec = StructuredOutput("json_schema", json.dumps({**SCHEMA, "title": "cached"}))
     first = cache.compile_blocking(spec)
     assert cache.compile_blocking(spec) is first
+
+
+def test_a_compile_done_before_its_callback_is_attached_does_not_deadlock(engine):
+    """The pool may finish a compile before the submitting thread attaches its done callback, which
+    then runs at once in that thread: a pool that runs the compile inline makes that race certain."""
+    cache = engine.grammars.get()
+
+    class InlinePool:
+        def submit(self, fn, *args):
+            future = concurrent.futures.Future()
+            future.set_result(fn(*args))
+            return future
+
+    pool, cache._pool = cache._pool, InlinePool()
+    try:
+        spec = StructuredOutput("regex", r"[a-c]{2,5}-inline")
+        result = []
+        worker = threading.Thread(target=lambda: result.append(cache.compile_blocking(spec)), daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        assert result, "compile_blocking did not return: the done callback deadlocked on the cache's lock"
+        assert cache.compile_blocking(spec) is result[0]  # stored by the callback
+    finally:
+        cache._pool = pool
 
 
 @pytest.fixture(scope="module")

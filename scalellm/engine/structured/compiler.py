@@ -76,11 +76,14 @@ class GrammarCache:
                 done.set_result(self._entries[key])
                 return done
             future = self._pending.get(key)
-            if future is None:
-                future = self._pool.submit(self._compile_now, structured)
-                self._pending[key] = future
-                future.add_done_callback(lambda finished: self._store(key, finished))
-            return future
+            if future is not None:
+                return future
+            future = self._pool.submit(self._compile_now, structured)
+            self._pending[key] = future
+        # Outside the lock: a compile that has already finished runs the callback here, at once, and
+        # _store takes the lock (under it, that was a deadlock whenever the compile won the race).
+        future.add_done_callback(lambda finished: self._store(key, finished))
+        return future
 
     def _store(self, key: str, future: concurrent.futures.Future) -> None:
         with self._lock:
