@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "cpp", "torch")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class EngineConfig:
     kv_cache_gib: float = 1.0
     """Memory for the paged KV cache, in GiB per rank; it fixes the number of blocks. Each rank holds only
     its own KV heads, so with tensor parallelism the same budget holds more blocks."""
+    kv_cache_dtype: str = "auto"
+    """"auto": bfloat16 under float32 activations on the CPU when the weights are quantized (GGUF codes
+    or int8), else `dtype`; "bfloat16" under float32 asks for that cache everywhere on the CPU."""
     block_size: int = 16
     """Tokens per KV block."""
     max_model_len: int | None = None
@@ -67,6 +71,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be > 0")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

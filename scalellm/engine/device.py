@@ -29,3 +29,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+
+def resolve_kv_dtype(name: str, dtype: torch.dtype, quantization: str, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype. "auto": bfloat16 under float32 activations on the CPU when the weights are
+    quantized (the file's GGUF codes or int8: their activations are rounded to 8 bits already, and a
+    16-bit cache halves what decode attention reads), else the activations' dtype. An explicit
+    "bfloat16" under float32 needs the CPU (the C++ attention kernel or the torch path)."""
+    if name == "auto":
+        quantized = quantization not in ("none", None)
+        return torch.bfloat16 if dtype == torch.float32 and quantized and device.type == "cpu" else dtype
+    kv_dtype = _DTYPES[name]
+    if kv_dtype not in (dtype, torch.bfloat16) or (kv_dtype != dtype and dtype != torch.float32):
+        raise ValueError(f"kv_cache_dtype {name} with {str(dtype).removeprefix('torch.')} activations: the cache "
+                         f"is in the activations' dtype or bfloat16 under float32")
+    return kv_dtype

@@ -48,7 +48,7 @@ class EngineCore:
         groups = kv_groups(self.files.config)
         self.scheduler = Scheduler(config, self.executor.num_blocks, tuple(g.sliding_window for g in groups))
         capacity = self.scheduler.kv_cache_manager.max_tokens_per_request(config.max_num_batched_tokens)
-        _check_kv_holds(config, self.files.config, groups, self.dtype, capacity)
+        _check_kv_holds(config, self.files.config, groups, self.executor.kv_dtype, capacity)
         self.max_model_len = min(self.max_model_len, capacity)
         self.last_step_time = time.monotonic()
         self._threads = torch.get_num_threads()

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from scalellm.config import EngineConfig
+from scalellm.engine.device import resolve_kv_dtype
 from scalellm.engine.loader.base import ModelFiles
 from scalellm.engine.layers.attention import resolve_decode_backend, row_chunk_limit
 from scalellm.engine.layers.options import LayerOptions
@@ -42,7 +43,9 @@ class ModelRunner:
         self.num_kv_heads = partition_heads(c.num_heads, c.num_kv_heads, self.group.world_size,
                                             self.group.rank).kv.size
         self.quantization = resolve_quantization(config.quantization, files, device, self.group.world_size, dtype)
-        self.weights = f"quantization {self.quantization}, dtype {str(dtype).removeprefix('torch.')}"
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype, self.quantization, device)
+        self.weights = (f"quantization {self.quantization}, dtype {str(dtype).removeprefix('torch.')}, "
+                        f"kv cache {str(self.kv_dtype).removeprefix('torch.')}")
         quant = get_quantization_method(self.quantization)
         options = LayerOptions(dtype, quant, self.group, config.enable_expert_parallel)
         with torch.device(device):
@@ -62,7 +65,7 @@ class ModelRunner:
         """On the rank with the most KV heads: every rank then fits the same number of blocks."""
         c = self.model_config
         num_kv_heads = max_local_kv_heads(c.num_heads, c.num_kv_heads, self.group.world_size)
-        return block_bytes(self.kv_groups, self.block_size, num_kv_heads, c.head_dim, self.dtype)
+        return block_bytes(self.kv_groups, self.block_size, num_kv_heads, c.head_dim, self.kv_dtype)
 
     def _num_blocks(self, kv_cache_gib: float) -> int:
         num_blocks = int(kv_cache_gib * (1 << 30)) // self._bytes_per_block()
@@ -80,8 +83,8 @@ class ModelRunner:
         c = self.model_config
         shape = (num_blocks * self.block_size, self.num_kv_heads, c.head_dim)  # [slots, KH on this rank, D]
         allocate = torch.empty if self.decode_backend == "cpp" else torch.zeros
-        pairs = [(allocate(shape, dtype=self.dtype, device=self.device),
-                  allocate(shape, dtype=self.dtype, device=self.device)) for _ in self.kv_groups[0].layers]
+        pairs = [(allocate(shape, dtype=self.kv_dtype, device=self.device),
+                  allocate(shape, dtype=self.kv_dtype, device=self.device)) for _ in self.kv_groups[0].layers]
         _, pair_of = layer_slots(self.kv_groups)  # layers of different groups share a pair, in different blocks
         return [pairs[pair_of[layer]] for layer in range(c.num_layers)]
 
@@ -124,15 +127,16 @@ class ModelRunner:
         """log p(t_i | t_<i) for i = 1..n-1 [n-1], from one forward pass over a private KV cache
         (None on ranks other than 0).
 
-        For quality checks (perplexity); the engine's own cache and scheduler are not touched.
+        For quality checks (perplexity), with a cache of the engine's KV dtype; the engine's own cache and
+        scheduler are not touched.
         """
         num = len(token_ids)
         if num < 2:
             raise ValueError("scoring needs at least 2 tokens")
         c = self.model_config
         shape = (num, self.num_kv_heads, c.head_dim)
-        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                   torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+        caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(c.num_layers)]
         slots = torch.arange(num, device=self.device)
         # one prefill chunk over a private cache of block size 1: slot i holds position i
         tokens_only = SimpleNamespace(all_token_ids=token_ids, num_tokens=num)

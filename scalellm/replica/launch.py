@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import sys
 
-from scalellm.config import ATTENTION_BACKENDS, DTYPES, EngineConfig
+from scalellm.config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, EngineConfig
 from scalellm.engine.client import EngineClient
 from scalellm.flags import add_config_flags, config_from_flags, from_json, to_flags
 from scalellm.replica.config import MockEngineConfig, ReplicaConfig
@@ -26,7 +26,7 @@ ENGINE_FLAGS = {
     "exclude": LENDING_FIELDS,
     "positional": ("model",),
     "aliases": {"tensor_parallel_size": ("-tp",)},
-    "choices": {"dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS},
+    "choices": {"dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS, "kv_cache_dtype": KV_CACHE_DTYPES},
 }
 """How EngineConfig's fields become flags (scalellm/flags.py)."""
 

@@ -58,16 +58,19 @@ def run(model_dir: str, quantization: str | None, fused: bool, dtype: str = "bfl
     return [results[str(i)] for i in range(len(prompts()))], calls
 
 
-@pytest.mark.parametrize("kind,quantization,dtype", [
-    ("llama", None, "bfloat16"), ("llama", "int8", "bfloat16"), ("llama", None, "float32"),
-    ("qwen2", None, "bfloat16"), ("qwen2", "int8", "bfloat16"), ("qwen2", "int8", "float32"),
-    ("llama3-rope", None, "bfloat16"), ("llama3-rope", "int8", "bfloat16"), ("llama3-rope", None, "float32"),
+@pytest.mark.parametrize("kind,quantization,dtype,kv_cache_dtype", [
+    ("llama", None, "bfloat16", "auto"), ("llama", "int8", "bfloat16", "auto"), ("llama", None, "float32", "auto"),
+    ("llama", None, "float32", "bfloat16"),  # a bfloat16 cache under float32: K and V rounded as they are stored
+    ("qwen2", None, "bfloat16", "auto"), ("qwen2", "int8", "bfloat16", "auto"),
+    ("qwen2", "int8", "float32", "auto"),  # int8 weights under float32: a bfloat16 cache by default
+    ("llama3-rope", None, "bfloat16", "auto"), ("llama3-rope", "int8", "bfloat16", "auto"),
+    ("llama3-rope", None, "float32", "auto"),
 ])
-def test_fused_decode_equals_the_python_layers(kind, quantization, dtype, tmp_path, tokenizer_dir):
+def test_fused_decode_equals_the_python_layers(kind, quantization, dtype, kv_cache_dtype, tmp_path, tokenizer_dir):
     model_dir = str(tmp_path / kind)
     make_tiny_model(kind, model_dir, tokenizer_dir)
-    expected, _ = run(model_dir, quantization, fused=False, dtype=dtype)
-    got, calls = run(model_dir, quantization, fused=True, dtype=dtype)
+    expected, _ = run(model_dir, quantization, fused=False, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+    got, calls = run(model_dir, quantization, fused=True, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
     assert calls > 10, "decode-only steps should have run through the fused op"
     for want, have in zip(expected, got):
         assert have[0] == want[0]
@@ -96,3 +99,15 @@ def test_fused_decode_does_not_apply_where_the_op_cannot_run(tmp_path, tokenizer
     make_tiny_model("mixtral", moe_dir, tokenizer_dir)
     engine = LLMEngine(EngineConfig(model=moe_dir, dtype="bfloat16", kv_cache_gib=0.01))
     assert engine.core.executor.runner.model.fused_decode is None
+
+
+def test_the_kv_cache_dtype_follows_the_weights(tmp_path, tokenizer_dir):
+    model_dir = str(tmp_path / "llama")
+    make_tiny_model("llama", model_dir, tokenizer_dir)
+    for quantization, kv_cache_dtype, expected in (("int8", "auto", "bfloat16"), (None, "auto", "float32"),
+                                                   ("int8", "float32", "float32")):
+        engine = LLMEngine(EngineConfig(model=model_dir, dtype="float32", quantization=quantization,
+                                        kv_cache_dtype=kv_cache_dtype, kv_cache_gib=0.01))
+        runner = engine.core.executor.runner
+        assert {str(k.dtype) for k, _ in runner.kv_caches} == {f"torch.{expected}"}
+        assert runner.weights.endswith(f"kv cache {expected}")

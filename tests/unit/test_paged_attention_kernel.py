@@ -105,6 +105,30 @@ def test_int32_indices_and_other_head_dims(op, head_dim):
     torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+def test_bfloat16_cache_under_float32_queries_is_read_widened(op, head_dim):
+    """A bfloat16 cache under float32 queries gives bit for bit what the same values widened to a float32
+    cache give (widening is exact; the arithmetic is the float32 path's), on the register paths and the
+    generic one (head_dim 80)."""
+    for seed, num_rows in enumerate((1, 5, 33)):
+        q, k_cache, v_cache, block_table, context_lens = _random_batch(
+            num_rows, 6, 2, 16, torch.float32, seed, head_dim=head_dim)
+        k16, v16 = k_cache.bfloat16(), v_cache.bfloat16()
+        out = op(q, k16, v16, block_table, context_lens, 16, head_dim ** -0.5, 0)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, op(q, k16.float(), v16.float(), block_table, context_lens, 16, head_dim ** -0.5, 0))
+
+
+def test_cache_dtypes_other_than_the_queries_or_bfloat16_under_float32_are_rejected(kernel):
+    q, k_cache, v_cache, block_table, context_lens = _random_batch(3, 4, 2, 4, torch.float32, seed=3)
+    for q_dtype, cache_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float16)):
+        with pytest.raises(RuntimeError, match="dtype"):
+            kernel(q.to(q_dtype), k_cache.to(cache_dtype), v_cache.to(cache_dtype), block_table, context_lens, 4,
+                   0.125, 0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        kernel(q, k_cache.bfloat16(), v_cache, block_table, context_lens, 4, 0.125, 0)
+
+
 def test_rejects_out_of_range_inputs(kernel):
     q, k_cache, v_cache, block_table, context_lens = _random_batch(3, 4, 2, 4, torch.float32, seed=3)
     too_long = context_lens.clone()

@@ -2,7 +2,8 @@
 one-token queries on the CPU a fused C++ kernel that reads the blocks in place (kernels/).
 
 The KV cache of one layer is two tensors [num_slots, num_kv_heads, head_dim]; slot = block_id *
-block_size + offset. A step's tokens are laid out as
+block_size + offset. It is in the activations' dtype, or narrower (device.resolve_kv_dtype): the new
+K/V are rounded to it as they are written, and read back widened. A step's tokens are laid out as
 
     [ d0 d1 ... d(B-1) | p0 p0 p0 ... | p1 p1 ... ]
       one-token queries   prefill chunks (several tokens each)
@@ -63,9 +64,9 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store the step's K/V [T, KH, D] at their slots."""
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    """Store the step's K/V [T, KH, D] at their slots (rounded to the cache's dtype where it is narrower)."""
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -90,8 +91,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     # Whole blocks are gathered (contiguous copies of block_size * KH * D), not single slots.
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    keys = _gather_blocks(k_cache, meta.decode_block_table, meta.block_size)  # [B, KH, L, D]
-    values = _gather_blocks(v_cache, meta.decode_block_table, meta.block_size)
+    keys = _gather_blocks(k_cache, meta.decode_block_table, meta.block_size).to(q.dtype)  # [B, KH, L, D]
+    values = _gather_blocks(v_cache, meta.decode_block_table, meta.block_size).to(q.dtype)
     q = q.view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, KH, G, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.decode_mask)
     return out.reshape(num_tokens, num_heads, head_dim)
@@ -172,8 +173,8 @@ def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, block_size: i
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        span: PrefillSpan) -> torch.Tensor:
-    keys = k_cache[span.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, KH, L, D]
-    values = v_cache[span.kv_slots].transpose(0, 1).unsqueeze(0)
+    keys = k_cache[span.kv_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, KH, L, D]
+    values = v_cache[span.kv_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
     q = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=span.mask,
                                          is_causal=span.mask is None, enable_gqa=True)

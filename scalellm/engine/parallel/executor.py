@@ -34,7 +34,9 @@ class Executor(ABC):
     num_blocks: int
     """KV cache blocks, the same on every rank: the scheduler's block ids index all of them."""
     weights: str
-    """How the model runs, e.g. "quantization gguf, dtype bfloat16" (what "auto" resolved to)."""
+    """How the model runs, e.g. "quantization gguf, dtype bfloat16, kv cache bfloat16" (what "auto" resolved to)."""
+    kv_dtype: torch.dtype
+    """The KV cache's dtype (device.resolve_kv_dtype)."""
 
     @abstractmethod
     def execute(self, scheduled: SchedulerOutput, between_layers: Callable[[], None] | None = None
@@ -65,7 +67,7 @@ class LocalExecutor(Executor):
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.num_blocks = runner.num_blocks
-        self.weights = runner.weights
+        self.weights, self.kv_dtype = runner.weights, runner.kv_dtype
 
     def execute(self, scheduled: SchedulerOutput, between_layers: Callable[[], None] | None = None
                 ) -> ModelRunnerOutput:

@@ -93,7 +93,7 @@ class MultiprocExecutor(Executor):
             self._kill_workers()
             raise
         self.num_blocks = self.runner.num_blocks
-        self.weights = self.runner.weights
+        self.weights, self.kv_dtype = self.runner.weights, self.runner.kv_dtype
         self.encoder = DiffEncoder()
         me = weakref.ref(self)
         for worker in self.workers:

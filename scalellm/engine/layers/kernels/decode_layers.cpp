@@ -26,7 +26,8 @@
 // an empty tensor, an empty tensor: the operands of int8_linear), GGUF-quantized (packed uint8 codes,
 // float16 scales, float16 minimums or empty, float32 bias or empty, int64 [n, bits, group, zero_point]:
 // the operands of quantized_linear) or plain (weight [N, K] in x's dtype, bias or an empty tensor,
-// three empty tensors: at::linear). Caches are [slots, KH, D] per layer.
+// three empty tensors: at::linear). Caches are [slots, KH, D] per layer, in x's dtype or bfloat16 under
+// float32 (the new K and V rounded as they are stored, as the Python layers' cast rounds them).
 //
 // What it saves is the Python work around some 15 small ops per layer: the ops themselves are the
 // scalellm ops the layers call (found in the dispatcher, so their libraries must be loaded first).
@@ -99,19 +100,32 @@ at::Tensor project(const at::Tensor& x, const at::Tensor* w) {
   return at::linear(x, w[0], optional(w[1]));
 }
 
+// Row `row` of `elements` values from qkv's dtype into the cache's: a copy, or float32 rounded to
+// bfloat16 (to nearest even, as torch's .to(torch.bfloat16) rounds).
+void store_row(const char* source, char* target, int64_t elements, bool to_bfloat16, int64_t element) {
+  if (!to_bfloat16) {
+    std::memcpy(target, source, elements * element);
+    return;
+  }
+  const auto* from = reinterpret_cast<const float*>(source);
+  auto* to = reinterpret_cast<at::BFloat16*>(target);
+  for (int64_t i = 0; i < elements; ++i) to[i] = at::BFloat16(from[i]);
+}
+
 // The step's new K and V [B, KH, D] (rows of qkv) into their slots of the layer's caches.
 void write_kv(const at::Tensor& qkv, int64_t k_offset, int64_t v_offset, const at::Tensor& slots,
               at::Tensor& k_cache, at::Tensor& v_cache) {
   const int64_t rows = qkv.size(0), row_elems = k_cache.stride(0);
-  const int64_t element = qkv.element_size(), row_stride = qkv.stride(0);
+  const int64_t element = qkv.element_size(), row_stride = qkv.stride(0), cache_element = k_cache.element_size();
+  const bool to_bfloat16 = k_cache.scalar_type() != qkv.scalar_type();
   const auto* source = static_cast<const char*>(qkv.data_ptr());
   auto* k_base = static_cast<char*>(k_cache.data_ptr());
   auto* v_base = static_cast<char*>(v_cache.data_ptr());
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t b = 0; b < rows; ++b) {
     const char* row = source + b * row_stride * element;
-    std::memcpy(k_base + slot[b] * row_elems * element, row + k_offset * element, row_elems * element);
-    std::memcpy(v_base + slot[b] * row_elems * element, row + v_offset * element, row_elems * element);
+    store_row(row + k_offset * element, k_base + slot[b] * row_elems * cache_element, row_elems, to_bfloat16, element);
+    store_row(row + v_offset * element, v_base + slot[b] * row_elems * cache_element, row_elems, to_bfloat16, element);
   }
 }
 
@@ -148,8 +162,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
   for (int64_t l = 0; l < num_layers; ++l) {
     const at::Tensor* w = weights.data() + l * kTensorsPerLayer;
     at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == x.scalar_type(),
-                "caches must be contiguous and in x's dtype");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                    (k_cache.scalar_type() == x.scalar_type() ||
+                     (x.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16)),
+                "caches must be contiguous and in x's dtype, or bfloat16 under float32");
     auto [h, sum] = ops().add_rms_norm.call(x, residual, w[0], eps);
     residual = sum;
     at::Tensor qkv = project(h, w + 1);

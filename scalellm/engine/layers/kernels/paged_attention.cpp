@@ -1,5 +1,8 @@
 // Fused paged decode attention for the CPU.
 //
+// q (and the output) are float32 or bfloat16; the cache is in q's dtype, or bfloat16 under float32
+// queries (a 16-bit cache halves the bytes a step reads; its rows are widened exactly as they load).
+//
 // What it computes, for every decode row b (one query token) and query head h:
 //
 //     ctx   = context_lens[b]                      keys at positions [start, ctx)
@@ -155,8 +158,8 @@ inline void for_each_slot(const Index* table_row, int64_t block_size, int64_t st
 }
 
 // One (row, kv head) task: out[b, kv*G : (kv+1)*G, :] from q and the row's cache blocks.
-template <typename T, typename Index>
-void attend_group(const Problem& p, const T* q, const T* k_cache, const T* v_cache,
+template <typename T, typename C, typename Index>
+void attend_group(const Problem& p, const T* q, const C* k_cache, const C* v_cache,
                   const Index* table_row, int64_t ctx, int64_t kv, T* out, Scratch& s) {
   const int64_t G = p.group, D = p.head_dim;
   const int64_t start = first_position(p, ctx);
@@ -190,8 +193,8 @@ void attend_group(const Problem& p, const T* q, const T* k_cache, const T* v_cac
 using scalellm_avx512::load16;
 using scalellm_avx512::store16;
 
-template <int D, int HEADS, typename T, typename Index>
-void attend_heads(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const Index* table_row,
+template <int D, int HEADS, typename T, typename C, typename Index>
+void attend_heads(const Problem& p, const T* q, const C* k_cache, const C* v_cache, const Index* table_row,
                   int64_t start, int64_t ctx, int64_t head_offset, int heads, T* out, float* scores) {
   constexpr int V = D / 16;
   const int64_t n = ctx - start;
@@ -199,7 +202,7 @@ void attend_heads(const Problem& p, const T* q, const T* k_cache, const T* v_cac
   for (int g = 0; g < heads; ++g)
     for (int v = 0; v < V; ++v) reg[g][v] = _mm512_mul_ps(load16(q + g * D + v * 16), _mm512_set1_ps(p.scale));
   for_each_slot(table_row, p.block_size, start, ctx, [&](int64_t t, int64_t slot) {
-    const T* k = k_cache + slot * p.slot_stride + head_offset;
+    const C* k = k_cache + slot * p.slot_stride + head_offset;
     __m512 row[V];
     for (int v = 0; v < V; ++v) row[v] = load16(k + v * 16);
     for (int g = 0; g < heads; ++g) {
@@ -213,7 +216,7 @@ void attend_heads(const Problem& p, const T* q, const T* k_cache, const T* v_cac
   for (int g = 0; g < heads; ++g)
     for (int v = 0; v < V; ++v) reg[g][v] = _mm512_setzero_ps();
   for_each_slot(table_row, p.block_size, start, ctx, [&](int64_t t, int64_t slot) {
-    const T* vrow = v_cache + slot * p.slot_stride + head_offset;
+    const C* vrow = v_cache + slot * p.slot_stride + head_offset;
     __m512 row[V];
     for (int v = 0; v < V; ++v) row[v] = load16(vrow + v * 16);
     for (int g = 0; g < heads; ++g) {
@@ -226,8 +229,8 @@ void attend_heads(const Problem& p, const T* q, const T* k_cache, const T* v_cac
 }
 
 // The whole group of one (row, kv head) task in chunks of HEADS heads; false when D is not 64 or 128.
-template <typename T, typename Index>
-bool attend_group_registers(const Problem& p, const T* q, const T* k_cache, const T* v_cache,
+template <typename T, typename C, typename Index>
+bool attend_group_registers(const Problem& p, const T* q, const C* k_cache, const C* v_cache,
                             const Index* table_row, int64_t ctx, int64_t kv, T* out, Scratch& s) {
   const int64_t D = p.head_dim;
   if (D != 64 && D != 128) return false;
@@ -248,8 +251,8 @@ bool attend_group_registers(const Problem& p, const T* q, const T* k_cache, cons
 
 constexpr bool kRangeTasks = false;  // a task is one (row, KV head) pair: kv_count is 1
 
-template <typename T, typename Index>
-bool attend_registers(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const Index* table_row,
+template <typename T, typename C, typename Index>
+bool attend_registers(const Problem& p, const T* q, const C* k_cache, const C* v_cache, const Index* table_row,
                       int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
   for (int64_t i = 0; i < kv_count; ++i) {
     const int64_t offset = i * p.group * p.head_dim;
@@ -343,17 +346,17 @@ inline void for_each_chunk(int64_t kv_count, int64_t group, Fn fn) {
     for (int64_t g0 = 0; g0 < group; g0 += 4) fn(kv, kv * group + g0, std::min<int64_t>(4, group - g0));
 }
 
-template <int D, typename T, typename Index>
-void attend_range(const Problem& p, const float* q, const T* k_cache, const T* v_cache, const Index* table_row,
+template <int D, typename T, typename C, typename Index>
+void attend_range(const Problem& p, const float* q, const C* k_cache, const C* v_cache, const Index* table_row,
                   int64_t start, int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
   const int64_t G = p.group, heads = kv_count * G, n = ctx - start, offset = kv0 * D;
-  const int64_t bytes = kv_count * D * static_cast<int64_t>(sizeof(T));
+  const int64_t bytes = kv_count * D * static_cast<int64_t>(sizeof(C));
   s.scores.resize(heads * n);
   s.acc.assign(heads * D, 0.f);
   float* scores = s.scores.data();
   for (int64_t t = start; t < ctx; ++t) {
     prefetch_ahead(p, k_cache, table_row, t, ctx, offset, bytes);
-    const T* key = slot_row(p, k_cache, table_row, t, offset);
+    const C* key = slot_row(p, k_cache, table_row, t, offset);
     for_each_chunk(kv_count, G, [&](int64_t kv, int64_t h, int64_t count) {
       const float* qh = q + h * D;
       float* sh = scores + h * n + t - start;
@@ -370,12 +373,12 @@ void attend_range(const Problem& p, const float* q, const T* k_cache, const T* v
   for (int64_t t = start; t < ctx; t += 2) {
     prefetch_ahead(p, v_cache, table_row, t, ctx, offset, bytes);
     prefetch_ahead(p, v_cache, table_row, t + 1, ctx, offset, bytes);
-    const T* value0 = slot_row(p, v_cache, table_row, t, offset);
-    const T* value1 = t + 1 < ctx ? slot_row(p, v_cache, table_row, t + 1, offset) : nullptr;
+    const C* value0 = slot_row(p, v_cache, table_row, t, offset);
+    const C* value1 = t + 1 < ctx ? slot_row(p, v_cache, table_row, t + 1, offset) : nullptr;
     for_each_chunk(kv_count, G, [&](int64_t kv, int64_t h, int64_t count) {
       const float* wh = scores + h * n + t - start;
-      const T* v0 = value0 + kv * D;
-      const T* v1 = value1 ? value1 + kv * D : nullptr;
+      const C* v0 = value0 + kv * D;
+      const C* v1 = value1 ? value1 + kv * D : nullptr;
       float* ah = s.acc.data() + h * D;
       switch (count) {
         case 4: accumulate_heads<D, 4>(wh, n, v0, v1, ah); break;
@@ -393,8 +396,8 @@ constexpr bool kRangeTasks = true;
 
 // KV heads [kv0, kv0 + kv_count) of one row (q and out at kv0's first query head); false when D
 // is not 64 or 128.
-template <typename T, typename Index>
-bool attend_registers(const Problem& p, const T* q, const T* k_cache, const T* v_cache, const Index* table_row,
+template <typename T, typename C, typename Index>
+bool attend_registers(const Problem& p, const T* q, const C* k_cache, const C* v_cache, const Index* table_row,
                       int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
   const int64_t D = p.head_dim;
   if (D != 64 && D != 128) return false;
@@ -410,8 +413,8 @@ bool attend_registers(const Problem& p, const T* q, const T* k_cache, const T* v
 #else
 constexpr bool kRangeTasks = false;
 
-template <typename T, typename Index>
-bool attend_registers(const Problem&, const T*, const T*, const T*, const Index*, int64_t, int64_t, int64_t, T*,
+template <typename T, typename C, typename Index>
+bool attend_registers(const Problem&, const T*, const C*, const C*, const Index*, int64_t, int64_t, int64_t, T*,
                       Scratch&) {
   return false;
 }
@@ -435,12 +438,12 @@ void check_table(const Problem& p, const Index* table, const Index* lens, int64_
   }
 }
 
-template <typename T, typename Index>
+template <typename T, typename C, typename Index>
 void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
          const at::Tensor& block_table, const at::Tensor& context_lens, at::Tensor& out) {
   const T* q_ptr = q.data_ptr<T>();
-  const T* k_ptr = k_cache.data_ptr<T>();
-  const T* v_ptr = v_cache.data_ptr<T>();
+  const C* k_ptr = k_cache.data_ptr<C>();
+  const C* v_ptr = v_cache.data_ptr<C>();
   const Index* table = block_table.data_ptr<Index>();
   const Index* lens = context_lens.data_ptr<Index>();
   T* out_ptr = out.data_ptr<T>();
@@ -462,11 +465,11 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache, const
       const int64_t offset = b * row_size + kv0 * group_size;
       const Index* table_row = table + b * p.max_blocks;
       const int64_t ctx = static_cast<int64_t>(lens[b]);
-      if (attend_registers<T, Index>(p, q_ptr + offset, k_ptr, v_ptr, table_row, ctx, kv0, kv_per_task,
+      if (attend_registers<T, C, Index>(p, q_ptr + offset, k_ptr, v_ptr, table_row, ctx, kv0, kv_per_task,
                                      out_ptr + offset, scratch))
         continue;
       for (int64_t i = 0; i < kv_per_task; ++i)
-        attend_group<T, Index>(p, q_ptr + offset + i * group_size, k_ptr, v_ptr, table_row, ctx, kv0 + i,
+        attend_group<T, C, Index>(p, q_ptr + offset + i * group_size, k_ptr, v_ptr, table_row, ctx, kv0 + i,
                                out_ptr + offset + i * group_size, scratch);
     }
   });
@@ -478,8 +481,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               "paged_decode_attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3, "q must be [B, H, D] and k_cache [slots, KH, D]");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() ||
+                  (q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16),
+              "the cache must be in q's dtype, or bfloat16 under float32 queries");
   TORCH_CHECK(q.size(2) == k_cache.size(2), "q and the cache must share head_dim");
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV cache must be contiguous");
@@ -505,19 +510,22 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   Problem p{num_kv_heads, q.size(1) / num_kv_heads, head_dim, block_size, sliding_window,
             max_blocks, num_kv_heads * head_dim, static_cast<float>(scale)};
   at::Tensor out = at::empty_like(q);
-  auto dispatch_index = [&](auto scalar_tag) {
+  auto dispatch_index = [&](auto scalar_tag, auto cache_tag) {
     using T = decltype(scalar_tag);
+    using C = decltype(cache_tag);
     if (block_table.scalar_type() == at::kInt)
-      run<T, int32_t>(p, q, k_cache, v_cache, block_table, context_lens, out);
+      run<T, C, int32_t>(p, q, k_cache, v_cache, block_table, context_lens, out);
     else if (block_table.scalar_type() == at::kLong)
-      run<T, int64_t>(p, q, k_cache, v_cache, block_table, context_lens, out);
+      run<T, C, int64_t>(p, q, k_cache, v_cache, block_table, context_lens, out);
     else
       TORCH_CHECK(false, "block_table and context_lens must be int32 or int64");
   };
-  if (q.scalar_type() == at::kFloat)
-    dispatch_index(float{});
+  if (q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16)
+    dispatch_index(float{}, at::BFloat16{});
+  else if (q.scalar_type() == at::kFloat)
+    dispatch_index(float{}, float{});
   else if (q.scalar_type() == at::kBFloat16)
-    dispatch_index(at::BFloat16{});
+    dispatch_index(at::BFloat16{}, at::BFloat16{});
   else
     TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, got ", q.scalar_type());
   return out;
