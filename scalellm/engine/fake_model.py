@@ -86,6 +86,7 @@ class FakeExecutor(Executor):
     def __init__(self, num_blocks: int, tpot_ms: float, ttft_ms: float = 0.0) -> None:
         self.num_blocks = num_blocks
         self.weights = "fake model, no weights"
+        self.kv_dtype = torch.float32  # sizes the error message of a max_model_len past the blocks
         self._tpot_s = tpot_ms / 1000.0
         self._ttft_s = ttft_ms / 1000.0
         self._epoch = time.monotonic()
