@@ -54,7 +54,7 @@ def server():
     if "ScaleLLM serving" not in banner:
         process.kill()
         raise AssertionError(f"serve did not start (exit code {process.wait()}): {banner!r}")
-    assert re.search(r"; quantization (gguf|none), dtype \w+\)$", banner.strip()), banner  # what auto picked
+    assert re.search(r"; quantization (gguf|none), dtype \w+, kv cache \w+\)$", banner.strip()), banner  # what auto picked
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
     yield client, port, client.models.list().data[0].id
     process.send_signal(signal.SIGTERM)
