@@ -7,7 +7,9 @@ from transformers' own GGUF tokenizer conversion), so the comparison is of the m
 tokenizer conventions (BOS as the file says) are checked on their own.
 
 Models come from the shared fetch script (../shared/models/fetch.sh, instant when cached). Each
-model is loaded once per module: transformers first (its tokens computed, then freed), then ours.
+model is loaded once per module: transformers first (its tokens computed, then freed), then ours;
+transformers' tokens are read from transformers_reference.json instead when it was recorded from the
+same file, transformers version and prompt ids (transformers_reference.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import os
 import subprocess
 
 import pytest
-import torch
 
 from scalellm import LLM
 from scalellm.engine.input_processor import InputProcessor
 from scalellm.engine.loader.gguf_tokenizer import load_gguf_tokenizer
 from scalellm.protocol.types import ChatPrompt, SamplingParams
+from tests.engine.transformers_reference import reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -48,27 +50,13 @@ def fetch(name: str) -> str:
     return subprocess.run([FETCH, name], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def hf_greedy_batch(path: str, prompts: list[list[int]], num_tokens: int, chats: list[list[int]] = (),
-                    eos_token_id: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
-    """transformers' greedy continuations (fp32, the GGUF dequantized by transformers), one prompt at a
-    time: exactly num_tokens for `prompts`; up to num_tokens, stopping at eos_token_id (the file's EOS,
-    where the engine stops), for `chats`."""
-    from transformers import AutoModelForCausalLM
-
-    directory, name = os.path.split(path)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-
-    def generate(ids: list[int], force: bool) -> list[int]:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=num_tokens, do_sample=False, pad_token_id=0,
-                                 min_new_tokens=num_tokens if force else None,
-                                 eos_token_id=None if force else eos_token_id)
-        return out[0, len(ids):].tolist()
-
-    outputs = [generate(ids, True) for ids in prompts], [generate(ids, False) for ids in chats]
-    del model
-    gc.collect()
-    return outputs
+def model_inputs(name: str):
+    """(path, prompt ids, chat prompt ids, the file's EOS) of a model's parity tests."""
+    path = fetch(name)
+    tokenizer = load_gguf_tokenizer(path, None)  # the file's template comes with transformers' conversion
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    chats = [chat_ids(tokenizer, q) for q in CHAT_QUESTIONS] if name == SERVED else []
+    return path, prompts, chats, tokenizer.eos_token_id
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -76,13 +64,10 @@ def real(request):
     """(name, our LLM, prompt ids, transformers' tokens per prompt); for the model served in
     test_serve_chat_matches_transformers, CHAT_REFERENCE gets transformers' chat replies."""
     name = request.param
-    path = fetch(name)
-    tokenizer = load_gguf_tokenizer(path, None)  # the file's template comes with transformers' conversion
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    chats = [chat_ids(tokenizer, q) for q in CHAT_QUESTIONS] if name == SERVED else []
-    expected, chat_replies = hf_greedy_batch(path, prompts, NUM_TOKENS, chats, tokenizer.eos_token_id)
+    path, prompts, chats, eos = model_inputs(name)
+    expected, chat_replies = reference(name, path, prompts, NUM_TOKENS, chats, eos)
     if name == SERVED:
-        CHAT_REFERENCE.update(path=path, ids=chats, replies=chat_replies, tokenizer=tokenizer)
+        CHAT_REFERENCE.update(path=path, ids=chats, replies=chat_replies, tokenizer=load_gguf_tokenizer(path, None))
     # quantization="none": the reference runs on dequantized fp32 weights ("auto" keeps GGUF codes)
     llm = LLM(path, dtype="float32", kv_cache_gib=0.25, max_model_len=4096, quantization="none")
     yield name, llm, prompts, expected
