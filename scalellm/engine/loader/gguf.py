@@ -14,6 +14,7 @@ file holds before anything is copied or dequantized.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -135,18 +136,22 @@ class GGUFFiles(ModelFiles):
                 kept = tensor.tensor_type.name in keep_quantized and name.endswith(".weight") and len(tensor.shape) == 2
                 items.append((name, tensor, kept))
         to_dequantize = iter([tensor for _, tensor, kept in items if not kept])
-        with ThreadPoolExecutor(1, thread_name_prefix="gguf-dequantize") as pool:
+        with ThreadPoolExecutor(_DEQUANTIZE_AHEAD, thread_name_prefix="gguf-dequantize") as pool:
+            pending = collections.deque()  # the next tensors to dequantize, in order
+
             def start_next():
                 tensor = next(to_dequantize, None)
-                return None if tensor is None else pool.submit(_dequantize, tensor)
+                if tensor is not None:
+                    pending.append(pool.submit(_dequantize, tensor))
 
-            pending = start_next()  # always the next tensor to dequantize, one at a time
+            for _ in range(_DEQUANTIZE_AHEAD):
+                start_next()
             for name, tensor, kept in items:
                 if kept:
                     yield name, self._quantized(tensor, name)
                     continue
-                array = pending.result()
-                pending = start_next()
+                array = pending.popleft().result()
+                start_next()
                 yield name, self._float_weight(name, torch.from_numpy(array))
 
     def _float_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -213,6 +218,12 @@ def _gemma3_fields(field, arch: str, num_layers: int) -> dict:
                 query_pre_attn_scalar=float(head_dim), final_logit_softcapping=field(f"{arch}.final_logit_softcapping"))
 
 
+_DEQUANTIZE_AHEAD = 2
+"""Tensors dequantized at once on worker threads while the caller copies the current one in."""
+_DEQUANTIZE_ROWS = 64
+"""Rows dequantized at a time (a few hundred KB of float32 for the usual widths)."""
+
+
 def _dequantize(tensor) -> np.ndarray:
     from gguf import quants
     from gguf.constants import GGML_QUANT_SIZES
@@ -224,12 +235,15 @@ def _dequantize(tensor) -> np.ndarray:
     if num_elements > (1 << 34) or num_elements % block_size or claimed != tensor.data.nbytes:
         raise ModelLoadError(f"tensor {tensor.name} of shape {shape} needs {claimed} bytes but the file holds "
                              f"{tensor.data.nbytes} for it: the file is truncated or corrupt")
-    try:
-        data = quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    rows = tensor.data.reshape(shape[0] if len(shape) > 1 else 1, -1)  # a tensor's rows are whole blocks
+    out = np.empty((rows.shape[0], num_elements // rows.shape[0]), dtype=np.float32)
+    try:  # a few rows at a time into the result: gguf-py's own loop keeps every group's output, then joins them
+        for start in range(0, rows.shape[0], _DEQUANTIZE_ROWS):
+            out[start:start + _DEQUANTIZE_ROWS] = quants.dequantize(rows[start:start + _DEQUANTIZE_ROWS],
+                                                                    tensor.tensor_type)
     except (ValueError, NotImplementedError) as exc:
         raise ModelLoadError(f"cannot dequantize tensor {tensor.name}: {exc}") from None
-    # float32 tensors come back as views of the read-only file map: those alone need a copy
-    return data if data.flags.writeable and data.dtype == np.float32 else np.array(data, dtype=np.float32)
+    return out.reshape(shape)
 
 
 def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
