@@ -344,7 +344,8 @@ def test_abort_in_flight_fails_requests_as_retriable_until_output_arrived():
         await asyncio.sleep(0)
         assert client.abort_in_flight() == 2
         with pytest.raises(ReplicaError) as info:
-            await stream.__anext__()
+            async for _ in stream:  # an output that arrived before the abort still comes first
+                pass
         assert not isinstance(info.value, ReplicaUnavailable) and "stopped responding" in info.value.message
         with pytest.raises(ReplicaUnavailable):
             await waiting
