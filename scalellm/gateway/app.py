@@ -116,7 +116,9 @@ class GatewayApp:
             self.model.max_model_len = max_model_len
 
     async def start(self) -> None:
-        """Listen, and start probing the replicas."""
+        """Probe the replicas once, then listen and keep probing them. The first round comes before the
+        first request: it learns the model's name, which /v1/models lists and requests must name."""
+        await self.monitor.probe_all()
         config = self.config
         limits = HttpLimits(config.max_body_bytes, config.max_connections, config.header_timeout_s,
                             config.body_timeout_s, config.keep_alive_timeout_s)

@@ -71,7 +71,8 @@ class HealthMonitor:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        """Start the probe loop on the running event loop."""
+        """Probe every replica each interval from now on, on the running event loop (the first round
+        one interval from now: the caller probes once itself, `probe_all()`, before it serves)."""
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
@@ -82,8 +83,8 @@ class HealthMonitor:
 
     async def _run(self) -> None:
         while True:
-            await self.probe_all()
             await asyncio.sleep(self._interval_s)
+            await self.probe_all()
 
     async def probe_all(self) -> None:
         """Probe all replicas concurrently once."""

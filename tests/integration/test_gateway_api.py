@@ -10,6 +10,7 @@ import pytest
 from gateway_fakes import FAKE_MODEL, FakeReplica, GatewayThread
 
 from scalellm.gateway.config import GatewayConfig
+from scalellm.rpc.client import ReplicaUnavailable
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
@@ -78,15 +79,36 @@ def test_models_health_metrics(gateway, client):
         assert name in text, name
 
 
-def test_health_waits_for_the_model_name():
-    """/health says ready only once /v1/models can list the model: a client (a load balancer, the
-    bench) that saw 200 may ask for it at once."""
+def test_the_first_request_finds_the_model_listed():
+    """The gateway probes its replicas once before it listens: the first /v1/models lists the model
+    even when the replica takes a while to say what it serves."""
     class SlowInfo(FakeReplica):
         async def info(self, timeout_s=2.0):
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.3)
             return await super().info(timeout_s)
 
     with GatewayThread(GatewayConfig(port=0), [SlowInfo("r0")]) as gw:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.app.port, timeout=5)
+        conn.request("GET", "/v1/models")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert [m["id"] for m in orjson.loads(response.read())["data"]] == [FAKE_MODEL]
+
+
+def test_health_waits_for_the_model_name():
+    """/health says ready only once /v1/models can list the model: a client (a load balancer, the
+    bench) that saw 200 may ask for it at once. Here the replica cannot say what it serves at the
+    gateway's first probe, only at a later one."""
+    class LateInfo(FakeReplica):
+        num_calls = 0
+
+        async def info(self, timeout_s=2.0):
+            self.num_calls += 1
+            if self.num_calls == 1:
+                raise ReplicaUnavailable("not yet")
+            return await super().info(timeout_s)
+
+    with GatewayThread(GatewayConfig(port=0, health_interval_s=0.5), [LateInfo("r0")]) as gw:
         conn = http.client.HTTPConnection("127.0.0.1", gw.app.port, timeout=5)
         statuses = []
         deadline = time.monotonic() + 10
