@@ -160,10 +160,12 @@ class ReplicaClient:
             code = _STATUS_BY_NUMBER.get(item.code, grpc.StatusCode.UNKNOWN)
             return self._status_error(code, item.message, retriable=not received)
         error = item.error  # _SessionEnded
-        if isinstance(error, grpc.aio.AioRpcError) and not item.aborted:
+        if isinstance(error, grpc.aio.AioRpcError) and not item.aborted and error.code() in _HTTP_STATUS:
             return self._error(error, retriable=not received)
+        # Any other status (UNKNOWN "Stream removed", INTERNAL "RST_STREAM" when the replica was killed)
+        # is the connection lost, as when the call just ends: not this request's fault.
         message = f"replica {self.address} stopped responding" if item.aborted else \
-            f"replica {self.address} ended the session"
+            f"replica {self.address} ended the session" + (f": {error.details()}" if error is not None else "")
         return ReplicaUnavailable(message) if not received else ReplicaError(message, 503)
 
     async def _call(self, method: convert.RpcMethod, timeout_s: float):
