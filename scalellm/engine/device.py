@@ -41,7 +41,7 @@ def resolve_kv_dtype(name: str, dtype: torch.dtype, quantization: str, device: t
         quantized = quantization not in ("none", None)
         return torch.bfloat16 if dtype == torch.float32 and quantized and device.type == "cpu" else dtype
     kv_dtype = _DTYPES[name]
-    if kv_dtype not in (dtype, torch.bfloat16) or (kv_dtype != dtype and dtype != torch.float32):
+    if kv_dtype != dtype and (kv_dtype, dtype) != (torch.bfloat16, torch.float32):
         raise ValueError(f"kv_cache_dtype {name} with {str(dtype).removeprefix('torch.')} activations: the cache "
                          f"is in the activations' dtype or bfloat16 under float32")
     return kv_dtype

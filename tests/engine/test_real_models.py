@@ -51,12 +51,12 @@ def fetch(name: str) -> str:
 
 
 def model_inputs(name: str):
-    """(path, prompt ids, chat prompt ids, the file's EOS) of a model's parity tests."""
+    """(path, tokenizer, prompt ids, chat prompt ids) of a model's parity tests."""
     path = fetch(name)
     tokenizer = load_gguf_tokenizer(path, None)  # the file's template comes with transformers' conversion
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     chats = [chat_ids(tokenizer, q) for q in CHAT_QUESTIONS] if name == SERVED else []
-    return path, prompts, chats, tokenizer.eos_token_id
+    return path, tokenizer, prompts, chats
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -64,10 +64,10 @@ def real(request):
     """(name, our LLM, prompt ids, transformers' tokens per prompt); for the model served in
     test_serve_chat_matches_transformers, CHAT_REFERENCE gets transformers' chat replies."""
     name = request.param
-    path, prompts, chats, eos = model_inputs(name)
-    expected, chat_replies = reference(name, path, prompts, NUM_TOKENS, chats, eos)
+    path, tokenizer, prompts, chats = model_inputs(name)
+    expected, chat_replies = reference(name, path, prompts, NUM_TOKENS, chats, tokenizer.eos_token_id)
     if name == SERVED:
-        CHAT_REFERENCE.update(path=path, ids=chats, replies=chat_replies, tokenizer=load_gguf_tokenizer(path, None))
+        CHAT_REFERENCE.update(path=path, ids=chats, replies=chat_replies, tokenizer=tokenizer)
     # quantization="none": the reference runs on dequantized fp32 weights ("auto" keeps GGUF codes)
     llm = LLM(path, dtype="float32", kv_cache_gib=0.25, max_model_len=4096, quantization="none")
     yield name, llm, prompts, expected

@@ -84,7 +84,8 @@ def record_all() -> None:
 
     records = {}
     for name in sorted(MODELS):
-        path, prompts, chats, eos = model_inputs(name)
+        path, tokenizer, prompts, chats = model_inputs(name)
+        eos = tokenizer.eos_token_id
         tokens, chat_replies = hf_greedy_batch(path, prompts, NUM_TOKENS, chats, eos)
         records[name] = {"inputs": inputs_key(path, prompts, chats, NUM_TOKENS, eos), "tokens": tokens,
                          "chat_replies": chat_replies}
