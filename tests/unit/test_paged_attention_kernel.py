@@ -36,11 +36,11 @@ def op(request, kernel):
 
 
 def _random_batch(num_rows: int, num_heads: int, num_kv_heads: int, block_size: int,
-                  dtype: torch.dtype, seed: int, head_dim: int = HEAD_DIM):
+                  dtype: torch.dtype, seed: int, head_dim: int = HEAD_DIM, first_context: int = 1):
     """q [B, H, D], caches [slots, KH, D], a shuffled block table [B, NB] and context lengths [B]."""
     gen = torch.Generator().manual_seed(seed)
     context_lens = torch.randint(1, 301, (num_rows,), generator=gen)
-    context_lens[0] = 1  # the shortest context always occurs
+    context_lens[0] = first_context  # by default the shortest context always occurs
     max_blocks = (int(context_lens.max()) + block_size - 1) // block_size
     num_cache_blocks = num_rows * max_blocks + 3
     # Every row gets distinct, non-contiguous blocks; padding entries point at block 0.
@@ -83,6 +83,26 @@ def test_matches_torch_path(op, dtype, num_heads, num_kv_heads, block_size, wind
         out = op(q, k_cache, v_cache, block_table, context_lens, block_size, HEAD_DIM ** -0.5, window)
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("window", [0, 37], ids=["full", "window37"])
+def test_rows_split_over_the_threads_merge_to_one_softmax(op, threads, window):
+    """With fewer rows than two a thread, the AVX2 path splits each row's context over the threads and
+    merges the parts' softmax sums; parts may be empty (a context of 1 or 2 positions in 3 parts)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for first_context in (1, 2, 5, 64, 300, 1000):
+            for seed, num_rows in enumerate((1, 2, 3)):
+                for dtype in (torch.float32, torch.bfloat16):
+                    q, k_cache, v_cache, block_table, context_lens = _random_batch(
+                        num_rows, 9, 3, 16, dtype, seed, first_context=first_context)
+                    expected = _torch_reference(q, k_cache, v_cache, block_table, context_lens, 16, window)
+                    out = op(q, k_cache, v_cache, block_table, context_lens, 16, HEAD_DIM ** -0.5, window)
+                    torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

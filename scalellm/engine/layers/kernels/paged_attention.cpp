@@ -16,9 +16,9 @@
 //     slot(t) = block_table[b, t / block_size] * block_size + t % block_size
 //     K[t]    = k_cache[slot(t), kv, :]            a contiguous run of head_dim elements
 //
-// Memory access pattern. One task is a (row, kv head) pair (on the AVX2 path, a whole row when
-// rows are many: see its comment); tasks are split over the intra-op thread pool
-// (at::parallel_for). A task walks the row's blocks in order; inside a block the K vectors of
+// Memory access pattern. One task is a (row, kv head) pair (on the AVX2 path, a whole row, or an
+// equal part of a row's positions when rows are fewer than two a thread: see run()); tasks are split
+// over the intra-op thread pool (at::parallel_for). A task walks the row's blocks in order; inside a block the K vectors of
 // consecutive positions are num_kv_heads * head_dim elements apart (slot stride), each a
 // contiguous head_dim run. Each K vector is loaded once and dotted with all G queries of
 // the group (pass 1); after the softmax, each V vector is loaded once and accumulated into the G
@@ -35,6 +35,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
+#include <utility>
 #include <vector>
 
 #include "avx512_bf16.h"
@@ -104,11 +106,13 @@ inline float exp_nonpositive(float x) {
   return underflow ? 0.f : p * scale;
 }
 
-// Softmax of scores[0, n) in place, unnormalized; returns the sum of the exponentials (>= 1).
-inline float softmax_unnormalized(float* scores, int64_t n) {
+// Softmax of scores[0, n) in place, unnormalized; returns the sum of the exponentials (>= 1, 0 when
+// n = 0) and, in *max_out if given, the maximum subtracted (-inf when n = 0).
+inline float softmax_unnormalized(float* scores, int64_t n, float* max_out = nullptr) {
   float max_score = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : max_score)
   for (int64_t i = 0; i < n; ++i) max_score = std::max(max_score, scores[i]);
+  if (max_out != nullptr) *max_out = max_score;
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
@@ -128,6 +132,22 @@ struct Problem {
 // The first key position a row of context length ctx attends to (the sliding window's start).
 inline int64_t first_position(const Problem& p, int64_t ctx) {
   return p.window > 0 ? std::max<int64_t>(0, ctx - p.window) : 0;
+}
+
+// A task's share of its row's context: part `index` of `count` equal ranges of the positions the row
+// attends to. A task of a row split in several parts leaves, for each of its query heads, the
+// range's maximum score, its sum of exponentials and its head_dim unnormalized weighted values in
+// `state` (kStateExtra + head_dim floats a head); run() merges the parts (merge_parts).
+struct Part {
+  int64_t index = 0, count = 1;
+  float* state = nullptr;  // null for a whole row: the task writes its normalized output
+};
+constexpr int64_t kStateExtra = 2;
+
+// Positions [begin, end) of part `part` of a row of context length ctx.
+inline std::pair<int64_t, int64_t> part_range(const Problem& p, int64_t ctx, const Part& part) {
+  const int64_t start = first_position(p, ctx), n = ctx - start;
+  return {start + n * part.index / part.count, start + n * (part.index + 1) / part.count};
 }
 
 // Per-thread scratch, grown on demand.
@@ -253,7 +273,7 @@ constexpr bool kRangeTasks = false;  // a task is one (row, KV head) pair: kv_co
 
 template <typename T, typename C, typename Index>
 bool attend_registers(const Problem& p, const T* q, const C* k_cache, const C* v_cache, const Index* table_row,
-                      int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
+                      int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s, const Part& /*whole*/) {
   for (int64_t i = 0; i < kv_count; ++i) {
     const int64_t offset = i * p.group * p.head_dim;
     if (!attend_group_registers(p, q + offset, k_cache, v_cache, table_row, ctx, kv0 + i, out + offset, s))
@@ -265,8 +285,8 @@ bool attend_registers(const Problem& p, const T* q, const C* k_cache, const C* v
 // The AVX2 register path for head_dim 64 or 128. With 16 ymm registers a group's queries and
 // outputs cannot stay in registers for the whole walk, and a walk per KV head reads a slot's KV
 // heads as separate strided streams, which left it waiting on memory (5-6 GB/s of a core's 17).
-// So this path takes a range of KV heads (a whole row when there are rows enough for the threads)
-// and walks each slot's heads of the range together, a contiguous run of the cache:
+// So this path takes every KV head of a row (or of a part of its positions: see run()) and walks
+// each slot's heads together, a contiguous run of the cache:
 //   pass 1: per slot, KV head and chunk of up to 4 query heads, each 8-float piece of the key is
 //           loaded once and multiplied into two accumulators per head, the scaled float queries
 //           read from scratch (L1) as memory operands; the chunk's sums are reduced together;
@@ -346,9 +366,11 @@ inline void for_each_chunk(int64_t kv_count, int64_t group, Fn fn) {
     for (int64_t g0 = 0; g0 < group; g0 += 4) fn(kv, kv * group + g0, std::min<int64_t>(4, group - g0));
 }
 
+// Positions [start, ctx) of KV heads [kv0, kv0 + kv_count): the normalized output into `out`, or with
+// `state`, each head's maximum, sum of exponentials and unnormalized values (see Part).
 template <int D, typename T, typename C, typename Index>
 void attend_range(const Problem& p, const float* q, const C* k_cache, const C* v_cache, const Index* table_row,
-                  int64_t start, int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
+                  int64_t start, int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s, float* state) {
   const int64_t G = p.group, heads = kv_count * G, n = ctx - start, offset = kv0 * D;
   const int64_t bytes = kv_count * D * static_cast<int64_t>(sizeof(C));
   s.scores.resize(heads * n);
@@ -368,8 +390,8 @@ void attend_range(const Problem& p, const float* q, const C* k_cache, const C* v
       }
     });
   }
-  std::vector<float> inv_sum(heads);
-  for (int64_t h = 0; h < heads; ++h) inv_sum[h] = 1.f / softmax_unnormalized(scores + h * n, n);
+  std::vector<float> sums(heads), maxima(heads);
+  for (int64_t h = 0; h < heads; ++h) sums[h] = softmax_unnormalized(scores + h * n, n, &maxima[h]);
   for (int64_t t = start; t < ctx; t += 2) {
     prefetch_ahead(p, v_cache, table_row, t, ctx, offset, bytes);
     prefetch_ahead(p, v_cache, table_row, t + 1, ctx, offset, bytes);
@@ -388,8 +410,17 @@ void attend_range(const Problem& p, const float* q, const C* k_cache, const C* v
       }
     });
   }
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(s.acc[h * D + d] * inv_sum[h]);
+  for (int64_t h = 0; h < heads; ++h) {
+    if (state != nullptr) {
+      float* head = state + h * (kStateExtra + D);
+      head[0] = maxima[h];
+      head[1] = sums[h];
+      std::copy(s.acc.data() + h * D, s.acc.data() + (h + 1) * D, head + kStateExtra);
+      continue;
+    }
+    const float inv_sum = 1.f / sums[h];
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(s.acc[h * D + d] * inv_sum);
+  }
 }
 
 constexpr bool kRangeTasks = true;
@@ -398,16 +429,16 @@ constexpr bool kRangeTasks = true;
 // is not 64 or 128.
 template <typename T, typename C, typename Index>
 bool attend_registers(const Problem& p, const T* q, const C* k_cache, const C* v_cache, const Index* table_row,
-                      int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s) {
+                      int64_t ctx, int64_t kv0, int64_t kv_count, T* out, Scratch& s, const Part& part) {
   const int64_t D = p.head_dim;
   if (D != 64 && D != 128) return false;
-  const int64_t start = first_position(p, ctx);
+  const auto [begin, end] = part_range(p, ctx, part);
   const int64_t values = kv_count * p.group * D;
   scale_queries(p, q, values, s);
   if (D == 64)
-    attend_range<64>(p, s.query.data(), k_cache, v_cache, table_row, start, ctx, kv0, kv_count, out, s);
+    attend_range<64>(p, s.query.data(), k_cache, v_cache, table_row, begin, end, kv0, kv_count, out, s, part.state);
   else
-    attend_range<128>(p, s.query.data(), k_cache, v_cache, table_row, start, ctx, kv0, kv_count, out, s);
+    attend_range<128>(p, s.query.data(), k_cache, v_cache, table_row, begin, end, kv0, kv_count, out, s, part.state);
   return true;
 }
 #else
@@ -415,10 +446,40 @@ constexpr bool kRangeTasks = false;
 
 template <typename T, typename C, typename Index>
 bool attend_registers(const Problem&, const T*, const C*, const C*, const Index*, int64_t, int64_t, int64_t, T*,
-                      Scratch&) {
+                      Scratch&, const Part&) {
   return false;
 }
 #endif
+
+// out[b, h] from the `parts` states of each row b (see Part): the parts' sums rescaled to the largest
+// maximum, as one softmax over the whole range would have them. Empty parts (sum 0) count for nothing.
+template <typename T>
+void merge_parts(const Problem& p, const float* states, int64_t rows, int64_t parts, int64_t heads, T* out) {
+  const int64_t D = p.head_dim, head_size = kStateExtra + D, state_size = heads * head_size;
+  std::vector<float> acc(D);
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* row = states + b * parts * state_size;
+    for (int64_t h = 0; h < heads; ++h) {
+      float max_score = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < parts; ++i) {
+        const float* head = row + i * state_size + h * head_size;
+        if (head[1] > 0.f) max_score = std::max(max_score, head[0]);
+      }
+      float sum = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = 0; i < parts; ++i) {
+        const float* head = row + i * state_size + h * head_size;
+        if (head[1] == 0.f) continue;
+        const float weight = exp_nonpositive(head[0] - max_score);
+        sum += weight * head[1];
+        for (int64_t d = 0; d < D; ++d) acc[d] += weight * head[kStateExtra + d];
+      }
+      T* target = out + (b * heads + h) * D;
+      const float inv_sum = 1.f / sum;
+      for (int64_t d = 0; d < D; ++d) target[d] = static_cast<T>(acc[d] * inv_sum);
+    }
+  }
+}
 
 // Every context length in [1, NB * block_size] and every block it uses inside the cache, so the
 // tasks never read out of bounds.
@@ -450,29 +511,37 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache, const
   check_table(p, table, lens, q.size(0), k_cache.size(0) / p.block_size);
   const int64_t group_size = p.group * p.head_dim;  // elements of one KV head's queries in a row
   const int64_t row_size = p.num_kv_heads * group_size;
-  // A task is one (row, KV head) pair, or, on the AVX2 path, a whole row once there are two rows a
-  // thread (see its comment). Rows are taken in zigzag order (first, last, second, second last, ...):
-  // the threads get contiguous ranges of tasks, and the rows of a prompt chunk have contexts that
-  // grow one by one, so in row order the thread with the last rows would get most of the work.
-  const int64_t rows = q.size(0);
-  const int64_t kv_per_task = kRangeTasks && rows >= 2 * at::get_num_threads() ? p.num_kv_heads : 1;
-  const int64_t tasks_per_row = p.num_kv_heads / kv_per_task;
+  // A task is one (row, KV head) pair, or, on the AVX2 path, a whole row or a part of one (see its
+  // comment): with fewer rows than two a thread, each row's context is split in `parts` equal ranges
+  // so that every thread has the same number of tasks, and the parts are merged after (merge_parts).
+  // Rows are taken in zigzag order (first, last, second, second last, ...): the threads get
+  // contiguous ranges of tasks, and the rows of a prompt chunk have contexts that grow one by one, so
+  // in row order the thread with the last rows would get most of the work.
+  const int64_t rows = q.size(0), threads = at::get_num_threads();
+  const bool registers = p.head_dim == 64 || p.head_dim == 128;
+  const int64_t kv_per_task = kRangeTasks && registers ? p.num_kv_heads : 1;
+  const int64_t parts = kRangeTasks && registers && rows < 2 * threads ? threads / std::gcd(rows, threads) : 1;
+  const int64_t tasks_per_row = p.num_kv_heads / kv_per_task * parts;
+  const int64_t state_size = row_size / p.head_dim * (kStateExtra + p.head_dim);  // a part's, every head
+  std::vector<float> states(parts > 1 ? rows * parts * state_size : 0);
   at::parallel_for(0, rows * tasks_per_row, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / tasks_per_row, kv0 = task % tasks_per_row * kv_per_task;
+      const int64_t r = task / tasks_per_row, kv0 = task % tasks_per_row / parts * kv_per_task;
       const int64_t b = r % 2 == 0 ? r / 2 : rows - 1 - r / 2;
       const int64_t offset = b * row_size + kv0 * group_size;
       const Index* table_row = table + b * p.max_blocks;
       const int64_t ctx = static_cast<int64_t>(lens[b]);
+      const Part part{task % parts, parts, parts > 1 ? states.data() + (b * parts + task % parts) * state_size : nullptr};
       if (attend_registers<T, C, Index>(p, q_ptr + offset, k_ptr, v_ptr, table_row, ctx, kv0, kv_per_task,
-                                     out_ptr + offset, scratch))
+                                        out_ptr + offset, scratch, part))
         continue;
       for (int64_t i = 0; i < kv_per_task; ++i)
         attend_group<T, C, Index>(p, q_ptr + offset + i * group_size, k_ptr, v_ptr, table_row, ctx, kv0 + i,
-                               out_ptr + offset + i * group_size, scratch);
+                                  out_ptr + offset + i * group_size, scratch);
     }
   });
+  if (parts > 1) merge_parts(p, states.data(), rows, parts, row_size / p.head_dim, out_ptr);
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
