@@ -73,8 +73,10 @@ KERNELS: dict[str, tuple[str, str, list[str]]] = {
     # other two flags changes a result; without them GCC leaves the float32 rows' loops scalar.
     "norm_rotary": ("norm_rotary.cpp", "add_rms_norm", ["-ffp-contract=off", "-fno-trapping-math",
                                                         "-fno-math-errno"]),
-    # Calls the three above through the dispatcher: load them first (load_decode_layers does).
-    "decode_layers": ("decode_layers.cpp", "decode_layers", []),
+    # Calls paged_attention and the linear kernels through the dispatcher: load them first
+    # (load_decode_layers does). Runs norm_rotary's row functions (rows.h) itself: built with its flags.
+    "decode_layers": ("decode_layers.cpp", "decode_layers", ["-ffp-contract=off", "-fno-trapping-math",
+                                                            "-fno-math-errno"]),
     # Grammar bitmasks onto logits (structured outputs), AVX-512 or scalar.
     "token_bitmask": ("token_bitmask.cpp", "apply_token_bitmask_", []),
 }
@@ -139,7 +141,7 @@ def load_decode_layers() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | N
     """The compiled op that runs every decoder layer of a step of one-query rows, or None when it or one
     of the kernels it calls cannot be built (see decode_layers.cpp). Its first argument is a
     torch.classes.scalellm.DecodeLayers holding the model's tensors and caches, made once."""
-    if load_paged_attention() is None or load_int8_linear() is None or load_norm_rotary() is None:
+    if load_paged_attention() is None or load_int8_linear() is None:
         return None
     return _build_kernel("decode_layers")[0]
 

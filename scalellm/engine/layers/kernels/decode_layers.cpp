@@ -29,16 +29,22 @@
 // three empty tensors: at::linear). Caches are [slots, KH, D] per layer, in x's dtype or bfloat16 under
 // float32 (the new K and V rounded as they are stored, as the Python layers' cast rounds them).
 //
-// What it saves is the Python work around some 15 small ops per layer: the ops themselves are the
-// scalellm ops the layers call (found in the dispatcher, so their libraries must be loaded first).
+// What it saves is the Python work around some 15 small ops per layer. The projections and the
+// attention are the scalellm ops the layers call (found in the dispatcher, so their libraries must be
+// loaded first); the norms, the rotary embedding and silu_and_mul run the row functions of those ops
+// (rows.h, built with the same flags) on buffers made once per call, without a dispatch or an
+// allocation each: for one token those three took some 20 us a layer through the dispatcher.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
+
+#include "rows.h"
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -53,10 +59,6 @@ using Int8LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::
 using QuantizedLinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t,
                                      int64_t, int64_t, int64_t);
-using AddRmsNormFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                        const at::Tensor&, double);
-using RotaryFn = at::Tensor(at::Tensor, const at::Tensor&, const at::Tensor&);
-using SiluAndMulFn = at::Tensor(const at::Tensor&);
 using AttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, int64_t, double, int64_t);
 
@@ -73,9 +75,6 @@ struct Ops {
     static const auto handle = find_op<QuantizedLinearFn>("scalellm::quantized_linear");
     return handle;
   }
-  c10::TypedOperatorHandle<AddRmsNormFn> add_rms_norm = find_op<AddRmsNormFn>("scalellm::add_rms_norm");
-  c10::TypedOperatorHandle<RotaryFn> rotary = find_op<RotaryFn>("scalellm::rotary_");
-  c10::TypedOperatorHandle<SiluAndMulFn> silu_and_mul = find_op<SiluAndMulFn>("scalellm::silu_and_mul");
   c10::TypedOperatorHandle<AttentionFn> attention = find_op<AttentionFn>("scalellm::paged_decode_attention");
 };
 
@@ -129,6 +128,58 @@ void write_kv(const at::Tensor& qkv, int64_t k_offset, int64_t v_offset, const a
   }
 }
 
+// add_rms_norm's two results into buffers: h = the norm of x + residual, residual = x + residual
+// (`first`: no residual yet, so residual = x), row by row.
+void add_rms_norm_into(const at::Tensor& x, at::Tensor& residual, bool first, const at::Tensor& weight, double eps,
+                       at::Tensor& h) {
+  const int64_t hidden = x.size(1);
+  scalellm_rows::on_dtype(x.scalar_type(), "x", [&](auto zero) {
+    using T = decltype(zero);
+    const T* source = x.data_ptr<T>();
+    const T* w = weight.data_ptr<T>();
+    T* sum = residual.data_ptr<T>();
+    T* out = h.data_ptr<T>();
+    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* row_sum = sum + r * hidden;
+        if (first) std::memcpy(row_sum, source + r * hidden, hidden * sizeof(T));
+        scalellm_rows::norm_row(first ? row_sum : source + r * hidden, first ? nullptr : row_sum, w,
+                                static_cast<float>(eps), hidden, out + r * hidden, row_sum);
+      }
+    });
+  });
+}
+
+// rotary_ on the first `heads` heads of each row of qkv [B, heads_total * D]; cos, sin [B, D].
+void rotary_into(at::Tensor& qkv, int64_t heads, int64_t head_dim, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t stride = qkv.size(1);
+  scalellm_rows::on_dtype(qkv.scalar_type(), "x", [&](auto zero) {
+    using T = decltype(zero);
+    T* base = qkv.data_ptr<T>();
+    const T* cos_ptr = cos.data_ptr<T>();
+    const T* sin_ptr = sin.data_ptr<T>();
+    at::parallel_for(0, qkv.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < heads; ++h)
+          scalellm_rows::rotate_row(base + t * stride + h * head_dim, cos_ptr + t * head_dim, sin_ptr + t * head_dim,
+                                    head_dim / 2);
+    });
+  });
+}
+
+// silu_and_mul of gate_up [B, 2I] into out [B, I].
+void silu_and_mul_into(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t n = out.size(1);
+  scalellm_rows::on_dtype(gate_up.scalar_type(), "x", [&](auto zero) {
+    using T = decltype(zero);
+    const T* x = gate_up.data_ptr<T>();
+    T* y = out.data_ptr<T>();
+    at::parallel_for(0, gate_up.size(0), 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) scalellm_rows::silu_mul_row(x + r * 2 * n, x + r * 2 * n + n, n, y + r * n);
+    });
+  });
+}
+
 // The tensors of every layer, in the order the top of this file gives, and each layer's K and V cache.
 struct DecodeLayers : torch::CustomClassHolder {
   std::vector<at::Tensor> weights, k_caches, v_caches;
@@ -156,9 +207,16 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
   TORCH_CHECK(slots.numel() == rows, "one slot per token");
   const double scale = std::pow(static_cast<double>(head_dim), -0.5);
   const int64_t q_heads_and_k = num_heads + num_kv_heads;
+  TORCH_CHECK(cos.scalar_type() == x_in.scalar_type() && sin.scalar_type() == x_in.scalar_type(),
+              "cos/sin must be in x's dtype");
+  const at::Tensor cos_rows = cos.reshape({rows, head_dim}).contiguous();
+  const at::Tensor sin_rows = sin.reshape({rows, head_dim}).contiguous();
 
-  at::Tensor x = x_in;
-  c10::optional<at::Tensor> residual;
+  // Made once, written by every layer in turn: the normed hidden states, the residual stream, and
+  // silu_and_mul's output (its width from the first layer's gate_up, 2 I wide).
+  at::Tensor x = x_in.contiguous();
+  at::Tensor h = at::empty_like(x), residual = at::empty_like(x);
+  at::Tensor act;
   for (int64_t l = 0; l < num_layers; ++l) {
     const at::Tensor* w = weights.data() + l * kTensorsPerLayer;
     at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
@@ -166,21 +224,22 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
                     (k_cache.scalar_type() == x.scalar_type() ||
                      (x.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16)),
                 "caches must be contiguous and in x's dtype, or bfloat16 under float32");
-    auto [h, sum] = ops().add_rms_norm.call(x, residual, w[0], eps);
-    residual = sum;
+    add_rms_norm_into(x, residual, l == 0, w[0], eps, h);
     at::Tensor qkv = project(h, w + 1);
-    at::Tensor heads = qkv.view({rows, num_heads + 2 * num_kv_heads, head_dim});
-    ops().rotary.call(heads.narrow(1, 0, q_heads_and_k), cos, sin);
+    rotary_into(qkv, q_heads_and_k, head_dim, cos_rows, sin_rows);
     write_kv(qkv, num_heads * head_dim, q_heads_and_k * head_dim, slots, k_cache, v_cache);
+    at::Tensor heads = qkv.view({rows, num_heads + 2 * num_kv_heads, head_dim});
     at::Tensor attn = ops().attention.call(heads.narrow(1, 0, num_heads), k_cache, v_cache, block_table,
                                            context_lens, block_size, scale, sliding_window);
     at::Tensor o = project(attn.reshape({rows, -1}), w + 1 + kTensorsPerProjection);
-    std::tie(h, sum) = ops().add_rms_norm.call(o, residual, w[1 + 2 * kTensorsPerProjection], eps);
-    residual = sum;
+    add_rms_norm_into(o, residual, false, w[1 + 2 * kTensorsPerProjection], eps, h);
     const at::Tensor* mlp = w + 2 + 2 * kTensorsPerProjection;
-    x = project(ops().silu_and_mul.call(project(h, mlp)), mlp + kTensorsPerProjection);
+    at::Tensor gate_up = project(h, mlp);
+    if (!act.defined()) act = at::empty({rows, gate_up.size(1) / 2}, x.options());
+    silu_and_mul_into(gate_up, act);
+    x = project(act, mlp + kTensorsPerProjection);
   }
-  return {x, *residual};
+  return {x, residual};
 }
 
 }  // namespace
