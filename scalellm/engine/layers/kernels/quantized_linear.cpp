@@ -482,42 +482,46 @@ Activations quantize(const T* x, int64_t m, int64_t k, int64_t group) {
 // Tokens per batch tile: 8 on AVX512-VNNI, 4 on AVX2 (16 ymm registers hold fewer accumulators).
 constexpr int64_t kBatchTile = SCALELLM_VNNI ? 8 : 4;
 
-// A task: every token of the problem for the four channel blocks [b0, b0 + 4) (one group of 64
-// channels in the layout): batch tiles a block at a time for batches, 1-2 tokens across the four
-// blocks for decodes (more blocks in flight hide the multiply-adds' latency).
+// Every token of the problem for channel block b: batch tiles, one block at a time.
 template <int BITS, int GROUP, bool MINIMUMS, typename T>
-void channel_tile(const Problem& p, int64_t b0, T* y) {
-  if (p.m > 2) {
-    for (int64_t b = b0; b < b0 + 4; ++b) {
+void batch_block(const Problem& p, int64_t b, T* y) {
 #if SCALELLM_AVX2
-      const __m256i* steps = p.m >= kExpandRows ? expand_block<BITS, GROUP>(p, b) : nullptr;
+  const __m256i* steps = p.m >= kExpandRows ? expand_block<BITS, GROUP>(p, b) : nullptr;
 #else
-      constexpr std::nullptr_t steps = nullptr;
+  constexpr std::nullptr_t steps = nullptr;
 #endif
-      int64_t m0 = 0;
-      for (; m0 + kBatchTile <= p.m; m0 += kBatchTile) tile<BITS, GROUP, MINIMUMS, kBatchTile, 1>(p, m0, b, y, steps);
-      if (kBatchTile > 4 && m0 + 4 <= p.m) {
-        tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y, steps);
-        m0 += 4;
-      }
-      switch (p.m - m0) {
-        case 3: tile<BITS, GROUP, MINIMUMS, 3, 1>(p, m0, b, y, steps); break;
-        case 2: tile<BITS, GROUP, MINIMUMS, 2, 1>(p, m0, b, y, steps); break;
-        case 1: tile<BITS, GROUP, MINIMUMS, 1, 1>(p, m0, b, y, steps); break;
-        default: break;
-      }
-    }
-    return;
+  int64_t m0 = 0;
+  for (; m0 + kBatchTile <= p.m; m0 += kBatchTile) tile<BITS, GROUP, MINIMUMS, kBatchTile, 1>(p, m0, b, y, steps);
+  if (kBatchTile > 4 && m0 + 4 <= p.m) {
+    tile<BITS, GROUP, MINIMUMS, 4, 1>(p, m0, b, y, steps);
+    m0 += 4;
   }
-  if (p.m == 2) tile<BITS, GROUP, MINIMUMS, 2, 4>(p, 0, b0, y);
-  else tile<BITS, GROUP, MINIMUMS, 1, 4>(p, 0, b0, y);
+  switch (p.m - m0) {
+    case 3: tile<BITS, GROUP, MINIMUMS, 3, 1>(p, m0, b, y, steps); break;
+    case 2: tile<BITS, GROUP, MINIMUMS, 2, 1>(p, m0, b, y, steps); break;
+    case 1: tile<BITS, GROUP, MINIMUMS, 1, 1>(p, m0, b, y, steps); break;
+    default: break;
+  }
 }
 
+// Tasks over the intra-op threads. Batches (more than 2 tokens) take a channel block a task: their
+// tiles walk the blocks one at a time anyway, and with four blocks a task a projection of 576
+// channels made 9 tasks, 5 and 4 on two threads. Decodes take the four blocks [4t, 4t + 4) a task
+// (one group of 64 channels in the layout): 1-2 tokens across the four blocks, whose accumulators
+// in flight together hide the multiply-adds' latency. num_blocks is a multiple of 4 (the padding).
 template <int BITS, int GROUP, bool MINIMUMS, typename T>
 void run_all(const Problem& p, int64_t num_blocks, T* y) {
-  // num_blocks is a multiple of 4 (the layout's padding); tasks of four blocks over the intra-op threads.
+  if (p.m > 2) {
+    at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) batch_block<BITS, GROUP, MINIMUMS>(p, b, y);
+    });
+    return;
+  }
   at::parallel_for(0, num_blocks / 4, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) channel_tile<BITS, GROUP, MINIMUMS>(p, 4 * t, y);
+    for (int64_t t = begin; t < end; ++t) {
+      if (p.m == 2) tile<BITS, GROUP, MINIMUMS, 2, 4>(p, 0, 4 * t, y);
+      else tile<BITS, GROUP, MINIMUMS, 1, 4>(p, 0, 4 * t, y);
+    }
   });
 }
 
