@@ -43,11 +43,11 @@
 
 #include <cmath>
 #include <cstring>
-
-#include "rows.h"
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "rows.h"
 
 namespace {
 
@@ -129,54 +129,15 @@ void write_kv(const at::Tensor& qkv, int64_t k_offset, int64_t v_offset, const a
 }
 
 // add_rms_norm's two results into buffers: h = the norm of x + residual, residual = x + residual
-// (`first`: no residual yet, so residual = x), row by row.
+// (`first`: no residual yet, so residual = x and h = the norm of x).
 void add_rms_norm_into(const at::Tensor& x, at::Tensor& residual, bool first, const at::Tensor& weight, double eps,
                        at::Tensor& h) {
-  const int64_t hidden = x.size(1);
+  if (first) residual.copy_(x);
   scalellm_rows::on_dtype(x.scalar_type(), "x", [&](auto zero) {
     using T = decltype(zero);
-    const T* source = x.data_ptr<T>();
-    const T* w = weight.data_ptr<T>();
-    T* sum = residual.data_ptr<T>();
-    T* out = h.data_ptr<T>();
-    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        T* row_sum = sum + r * hidden;
-        if (first) std::memcpy(row_sum, source + r * hidden, hidden * sizeof(T));
-        scalellm_rows::norm_row(first ? row_sum : source + r * hidden, first ? nullptr : row_sum, w,
-                                static_cast<float>(eps), hidden, out + r * hidden, row_sum);
-      }
-    });
-  });
-}
-
-// rotary_ on the first `heads` heads of each row of qkv [B, heads_total * D]; cos, sin [B, D].
-void rotary_into(at::Tensor& qkv, int64_t heads, int64_t head_dim, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t stride = qkv.size(1);
-  scalellm_rows::on_dtype(qkv.scalar_type(), "x", [&](auto zero) {
-    using T = decltype(zero);
-    T* base = qkv.data_ptr<T>();
-    const T* cos_ptr = cos.data_ptr<T>();
-    const T* sin_ptr = sin.data_ptr<T>();
-    at::parallel_for(0, qkv.size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t h = 0; h < heads; ++h)
-          scalellm_rows::rotate_row(base + t * stride + h * head_dim, cos_ptr + t * head_dim, sin_ptr + t * head_dim,
-                                    head_dim / 2);
-    });
-  });
-}
-
-// silu_and_mul of gate_up [B, 2I] into out [B, I].
-void silu_and_mul_into(const at::Tensor& gate_up, at::Tensor& out) {
-  const int64_t n = out.size(1);
-  scalellm_rows::on_dtype(gate_up.scalar_type(), "x", [&](auto zero) {
-    using T = decltype(zero);
-    const T* x = gate_up.data_ptr<T>();
-    T* y = out.data_ptr<T>();
-    at::parallel_for(0, gate_up.size(0), 8, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) scalellm_rows::silu_mul_row(x + r * 2 * n, x + r * 2 * n + n, n, y + r * n);
-    });
+    scalellm_rows::add_rms_norm_rows(x.data_ptr<T>(), first ? nullptr : residual.data_ptr<T>(), weight.data_ptr<T>(),
+                                     static_cast<float>(eps), x.size(0), x.size(1), h.data_ptr<T>(),
+                                     residual.data_ptr<T>());
   });
 }
 
@@ -226,7 +187,11 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
                 "caches must be contiguous and in x's dtype, or bfloat16 under float32");
     add_rms_norm_into(x, residual, l == 0, w[0], eps, h);
     at::Tensor qkv = project(h, w + 1);
-    rotary_into(qkv, q_heads_and_k, head_dim, cos_rows, sin_rows);
+    scalellm_rows::on_dtype(qkv.scalar_type(), "x", [&](auto zero) {  // q and k of every row, in place
+      using T = decltype(zero);
+      scalellm_rows::rotary_rows(qkv.data_ptr<T>(), rows, q_heads_and_k, qkv.size(1), head_dim,
+                                 cos_rows.data_ptr<T>(), sin_rows.data_ptr<T>(), head_dim);
+    });
     write_kv(qkv, num_heads * head_dim, q_heads_and_k * head_dim, slots, k_cache, v_cache);
     at::Tensor heads = qkv.view({rows, num_heads + 2 * num_kv_heads, head_dim});
     at::Tensor attn = ops().attention.call(heads.narrow(1, 0, num_heads), k_cache, v_cache, block_table,
@@ -236,7 +201,10 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     const at::Tensor* mlp = w + 2 + 2 * kTensorsPerProjection;
     at::Tensor gate_up = project(h, mlp);
     if (!act.defined()) act = at::empty({rows, gate_up.size(1) / 2}, x.options());
-    silu_and_mul_into(gate_up, act);
+    scalellm_rows::on_dtype(x.scalar_type(), "x", [&](auto zero) {
+      using T = decltype(zero);
+      scalellm_rows::silu_and_mul_rows(gate_up.data_ptr<T>(), rows, act.size(1), act.data_ptr<T>());
+    });
     x = project(act, mlp + kTensorsPerProjection);
   }
   return {x, residual};

@@ -18,17 +18,14 @@
 //       differ from torch's by one bfloat16 ulp when the float value lies at a rounding boundary
 //       (in float32, by a few ulps).
 //
-// Rows are split over the intra-op thread pool. The row functions are in rows.h (decode_layers.cpp
-// calls them too): bfloat16 rows use AVX-512 where the CPU has it (avx512_bf16.h); every other row
-// is portable C++ the compiler vectorizes for the CPU.
+// Rows are split over the intra-op thread pool. The row functions and their loops are in rows.h
+// (decode_layers.cpp calls them too): bfloat16 rows use AVX-512 where the CPU has it (avx512_bf16.h);
+// every other row is portable C++ the compiler vectorizes for the CPU.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <tuple>
 
 #include "rows.h"
@@ -58,14 +55,10 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const c1
     using T = decltype(zero);
     const T* x_ptr = x.data_ptr<T>();
     const T* residual_ptr = residual.defined() ? residual.data_ptr<T>() : nullptr;
-    T* sum_ptr = sum.data_ptr<T>();
-    T* out_ptr = out.data_ptr<T>();
     const T* weight_ptr = weight.data_ptr<T>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        norm_row(x_ptr + r * h, residual_ptr ? residual_ptr + r * h : nullptr, weight_ptr, static_cast<float>(eps),
-                 h, out_ptr + r * h, sum_ptr + r * h);
-    });
+    T* out_ptr = out.data_ptr<T>();
+    T* sum_ptr = sum.data_ptr<T>();
+    add_rms_norm_rows(x_ptr, residual_ptr, weight_ptr, static_cast<float>(eps), rows, h, out_ptr, sum_ptr);
   });
   return {out, sum};
 }
@@ -78,17 +71,9 @@ at::Tensor rotary_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin
   const at::Tensor cos = cos_in.reshape({tokens, dim}).contiguous(), sin = sin_in.reshape({tokens, dim}).contiguous();
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
               "cos/sin must be in x's dtype");
-  const int64_t token_stride = x.stride(0), head_stride = x.stride(1);
   on_dtype(x.scalar_type(), "x", [&](auto zero) {
     using T = decltype(zero);
-    T* base = x.data_ptr<T>();
-    const T* cos_ptr = cos.data_ptr<T>();
-    const T* sin_ptr = sin.data_ptr<T>();
-    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t h = 0; h < heads; ++h)
-          rotate_row(base + t * token_stride + h * head_stride, cos_ptr + t * dim, sin_ptr + t * dim, dim / 2);
-    });
+    rotary_rows(x.data_ptr<T>(), tokens, heads, x.stride(0), x.stride(1), cos.data_ptr<T>(), sin.data_ptr<T>(), dim);
   });
   return x;
 }
@@ -101,12 +86,7 @@ at::Tensor silu_and_mul(const at::Tensor& x_in) {
   at::Tensor out = at::empty({rows, n}, x.options());
   on_dtype(x.scalar_type(), "x", [&](auto zero) {
     using T = decltype(zero);
-    const T* x_ptr = x.data_ptr<T>();
-    T* out_ptr = out.data_ptr<T>();
-    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        silu_mul_row(x_ptr + r * 2 * n, x_ptr + r * 2 * n + n, n, out_ptr + r * n);
-    });
+    silu_and_mul_rows(x.data_ptr<T>(), rows, n, out.data_ptr<T>());
   });
   return out;
 }

@@ -8,10 +8,18 @@
 //   rotate_row(x, cos, sin, half)                          one head of rotary_, in place
 //   silu_mul_row(gate, up, n, out)                         one row of silu_and_mul
 //   on_dtype(dtype, what, body)                            body(T{}) for float32 or bfloat16
+//
+// and the ops' row loops over the intra-op thread pool, on buffers the caller owns (the ops allocate
+// theirs; the fused layers make theirs once per call):
+//
+//   add_rms_norm_rows(x, residual, weight, eps, rows, h, out, sum)   sum unused without a residual
+//   rotary_rows(x, tokens, heads, token_stride, head_stride, cos, sin, dim)      cos/sin [tokens, dim]
+//   silu_and_mul_rows(x, rows, n, out)                                x [rows, 2n], out [rows, n]
 
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
@@ -155,6 +163,34 @@ void rotate_row(T* x, const T* cos, const T* sin, int64_t half) {
     x[i] = T(first);
     x[half + i] = T(second);
   }
+}
+
+// The row loops: unqualified calls, so a bfloat16 row takes the AVX-512 overload where it is built.
+template <typename T>
+void add_rms_norm_rows(const T* x, const T* residual, const T* weight, float eps, int64_t rows, int64_t h, T* out,
+                       T* sum) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      norm_row(x + r * h, residual != nullptr ? residual + r * h : nullptr, weight, eps, h, out + r * h,
+               residual != nullptr ? sum + r * h : nullptr);
+  });
+}
+
+template <typename T>
+void rotary_rows(T* x, int64_t tokens, int64_t heads, int64_t token_stride, int64_t head_stride, const T* cos,
+                 const T* sin, int64_t dim) {
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < heads; ++h)
+        rotate_row(x + t * token_stride + h * head_stride, cos + t * dim, sin + t * dim, dim / 2);
+  });
+}
+
+template <typename T>
+void silu_and_mul_rows(const T* x, int64_t rows, int64_t n, T* out) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(x + r * 2 * n, x + r * 2 * n + n, n, out + r * n);
+  });
 }
 
 // Calls body(T{}) with T the C++ type of `dtype`: float32 or bfloat16, else an error naming `what`.
