@@ -111,7 +111,7 @@ inline float exp_nonpositive(float x) {
 inline float softmax_unnormalized(float* scores, int64_t n, float* max_out = nullptr) {
   float max_score = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : max_score)
-  for (int64_t i = 0; i < n; ++i) max_score = std::max(max_score, scores[i]);
+  for (int64_t i = 0; i < n; ++i) max_score = scores[i] > max_score ? scores[i] : max_score;  // std::max stays scalar
   if (max_out != nullptr) *max_out = max_score;
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
