@@ -3,6 +3,7 @@ same arithmetic in float64, and the layer's kernel path against its dequantized 
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -85,6 +86,23 @@ def test_kernel_matches_its_contract(op, type_name, m):
     expected = reference(x, codes, bias)
     scale = expected.abs().max().item()
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("type_name", KERNEL_TYPES)
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_largest_codes_against_largest_activations(op, type_name, m):
+    """Every code at its largest against activations of +127 and -127 (and a row alternating them): the
+    steps whose products the AVX2 path sums in int16 before widening (four under 6 bits) stay exact."""
+    codes = make_tensor(type_name, 64, 512, seed=7).codes()
+    largest = dataclasses.replace(codes, codes=np.full_like(codes.codes, (1 << codes.bits) - 1))
+    signs = torch.tensor([1.0, -1.0, 1.0])[torch.arange(m) % 3]
+    x = torch.ones(m, 512) * signs[:, None]
+    if m > 2:
+        x[2] = torch.tensor([1.0, -1.0]).repeat(256)
+    out = run_kernel(op, x, largest)
+    expected = reference(x, largest)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 @needs_kernel
