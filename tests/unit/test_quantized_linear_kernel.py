@@ -93,7 +93,8 @@ def test_kernel_matches_its_contract(op, type_name, m):
 @pytest.mark.parametrize("m", [1, 2, 16])
 def test_largest_codes_against_largest_activations(op, type_name, m):
     """Every code at its largest against activations of +127 and -127 (and a row alternating them): the
-    steps whose products the AVX2 path sums in int16 before widening (four under 6 bits) stay exact."""
+    steps whose products the AVX2 path sums in int16 before widening (two under 8 bits) stay exact; with
+    four, 6-bit codes overflow here."""
     codes = make_tensor(type_name, 64, 512, seed=7).codes()
     largest = dataclasses.replace(codes, codes=np.full_like(codes.codes, (1 << codes.bits) - 1))
     signs = torch.tensor([1.0, -1.0, 1.0])[torch.arange(m) % 3]

@@ -41,9 +41,8 @@
 //
 // The AVX2 path reads the same layout, a 64-byte step as two 32-byte halves (channels 0-7, 8-15 of the
 // block). It has no vpdpbusd: vpmaddubsw multiplies unsigned codes by the signed activation bytes and
-// adds pairs into int16 (at most 2 * 31 * 127 for codes of 4-5 bits, so four steps' pairs summed stay
-// below 2^15; 2 * 63 * 127 for 6 bits, two steps'), then vpmaddwd by ones widens and adds pairs into
-// int32 once per four (two) steps: exact, as on VNNI. 8-bit
+// adds pairs into int16 (at most 2 * 63 * 127 for codes under 8 bits, and two steps' pairs summed
+// stay below 2^15), then vpmaddwd by ones widens and adds pairs into int32: exact, as on VNNI. 8-bit
 // codes are made signed (code - 128) and multiplied as |w| by x with w's sign (vpsignb), at most
 // 2 * 128 * 127 per pair; the sum then starts from (128 - zero_point) * s.
 
@@ -399,8 +398,8 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y, const __m256i* steps =
       __m256i acc[TOKENS][2];
       for (int t = 0; t < TOKENS; ++t)  // the sum starts from -zero_point * s (8 bits: codes less 128)
         acc[t][0] = acc[t][1] = _mm256_set1_epi32(((BITS == 8 ? 128 : 0) - p.zero_point) * sums[t]);
-      // Steps' pairs summed in int16 before widening (see the header): four under 6 bits, two for 6.
-      constexpr int kFold = BITS == 8 ? 1 : (BITS <= 5 ? 4 : 2);
+      // Two steps' pairs summed in int16 under 8 bits (see the header), one at a time for 8 bits.
+      constexpr int kFold = BITS == 8 ? 1 : 2;
 #pragma GCC unroll 8
       for (int s = 0; s < kSteps; s += kFold) {
 #pragma GCC unroll 2
@@ -413,8 +412,8 @@ void tile(const Problem& p, int64_t m0, int64_t b0, T* y, const __m256i* steps =
           for (int t = 0; t < TOKENS; ++t) {
             const int32_t* fours = reinterpret_cast<const int32_t*>(x + t * kActBlock);
             __m256i pairs = step_pairs<BITS>(codes[0], _mm256_set1_epi32(fours[s]));
-            for (int f = 1; f < kFold; ++f)
-              pairs = _mm256_add_epi16(pairs, step_pairs<BITS>(codes[f], _mm256_set1_epi32(fours[s + f])));
+            if constexpr (kFold == 2)
+              pairs = _mm256_add_epi16(pairs, step_pairs<BITS>(codes[1], _mm256_set1_epi32(fours[s + 1])));
             acc[t][h] = _mm256_add_epi32(acc[t][h], _mm256_madd_epi16(pairs, ones));
           }
         }
