@@ -4,6 +4,7 @@ same arithmetic in float64, and the layer's kernel path against its dequantized 
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch

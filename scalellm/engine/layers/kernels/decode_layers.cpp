@@ -141,6 +141,23 @@ void add_rms_norm_into(const at::Tensor& x, at::Tensor& residual, bool first, co
   });
 }
 
+// rotary_ on the first `heads` heads of each row of qkv [B, heads_total * D], in place; cos, sin [B, D].
+void rotary_into(at::Tensor& qkv, int64_t heads, int64_t head_dim, const at::Tensor& cos, const at::Tensor& sin) {
+  scalellm_rows::on_dtype(qkv.scalar_type(), "x", [&](auto zero) {
+    using T = decltype(zero);
+    scalellm_rows::rotary_rows(qkv.data_ptr<T>(), qkv.size(0), heads, qkv.size(1), head_dim, cos.data_ptr<T>(),
+                               sin.data_ptr<T>(), head_dim);
+  });
+}
+
+// silu_and_mul of gate_up [B, 2I] into out [B, I].
+void silu_and_mul_into(const at::Tensor& gate_up, at::Tensor& out) {
+  scalellm_rows::on_dtype(gate_up.scalar_type(), "x", [&](auto zero) {
+    using T = decltype(zero);
+    scalellm_rows::silu_and_mul_rows(gate_up.data_ptr<T>(), gate_up.size(0), out.size(1), out.data_ptr<T>());
+  });
+}
+
 // The tensors of every layer, in the order the top of this file gives, and each layer's K and V cache.
 struct DecodeLayers : torch::CustomClassHolder {
   std::vector<at::Tensor> weights, k_caches, v_caches;
@@ -187,11 +204,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
                 "caches must be contiguous and in x's dtype, or bfloat16 under float32");
     add_rms_norm_into(x, residual, l == 0, w[0], eps, h);
     at::Tensor qkv = project(h, w + 1);
-    scalellm_rows::on_dtype(qkv.scalar_type(), "x", [&](auto zero) {  // q and k of every row, in place
-      using T = decltype(zero);
-      scalellm_rows::rotary_rows(qkv.data_ptr<T>(), rows, q_heads_and_k, qkv.size(1), head_dim,
-                                 cos_rows.data_ptr<T>(), sin_rows.data_ptr<T>(), head_dim);
-    });
+    rotary_into(qkv, q_heads_and_k, head_dim, cos_rows, sin_rows);
     write_kv(qkv, num_heads * head_dim, q_heads_and_k * head_dim, slots, k_cache, v_cache);
     at::Tensor heads = qkv.view({rows, num_heads + 2 * num_kv_heads, head_dim});
     at::Tensor attn = ops().attention.call(heads.narrow(1, 0, num_heads), k_cache, v_cache, block_table,
@@ -201,10 +214,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     const at::Tensor* mlp = w + 2 + 2 * kTensorsPerProjection;
     at::Tensor gate_up = project(h, mlp);
     if (!act.defined()) act = at::empty({rows, gate_up.size(1) / 2}, x.options());
-    scalellm_rows::on_dtype(x.scalar_type(), "x", [&](auto zero) {
-      using T = decltype(zero);
-      scalellm_rows::silu_and_mul_rows(gate_up.data_ptr<T>(), rows, act.size(1), act.data_ptr<T>());
-    });
+    silu_and_mul_into(gate_up, act);
     x = project(act, mlp + kTensorsPerProjection);
   }
   return {x, residual};
